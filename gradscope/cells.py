@@ -1,0 +1,150 @@
+"""Recurrent cells as step functions over an explicit state, in PyTorch's conventions.
+
+Every cell holds ``weight_ih (G*H, D)``, ``weight_hh (G*H, H)``, ``bias_ih (G*H,)`` and
+``bias_hh (G*H,)`` with the gate blocks in PyTorch's order (LSTM: i, f, g, o; GRU: r, z, n), so
+its weights copy one to one into torch.nn.RNN / LSTM / GRU (``torch_module``), which the tests use
+to prove that the step functions compute the same thing.
+
+The input projection ``W_ih x + b_ih`` does not depend on the state, so it is computed for all
+steps at once (``project``) and the step function takes it as ``xp``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .activations import ACTIVATIONS
+from .errors import ConfigError
+from .registry import Registry
+
+State = tuple[Tensor, ...]  # (h,) or (h, c), each (B, H)
+
+
+class Cell(nn.Module):
+    parts: tuple[str, ...] = ("h",)  # names of the state tensors, in order
+    gates: tuple[str, ...] = ("",)  # names of the G gate blocks, in PyTorch's order
+    keep_gate: str | None = None  # the gate whose bias sets how much old state survives
+    takes_activation = False  # whether --activation means anything for this cell
+
+    def __init__(self, input_size: int, hidden: int, activation: str | None = None) -> None:
+        super().__init__()
+        if activation is not None and not self.takes_activation:
+            raise ConfigError(
+                f"--activation {activation} does not apply to the {self.name} cell (its gates "
+                "fix their own nonlinearities); leave --activation out or use --cell rnn"
+            )
+        self.input_size = input_size
+        self.hidden = hidden
+        g = len(self.gates)
+        self.weight_ih = nn.Parameter(torch.empty(g * hidden, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(g * hidden, hidden))
+        self.bias_ih = nn.Parameter(torch.zeros(g * hidden))
+        self.bias_hh = nn.Parameter(torch.zeros(g * hidden))
+        # PyTorch's default, so that a cell is usable before any initialisation scheme runs.
+        bound = 1.0 / math.sqrt(hidden)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    name = "cell"
+
+    def gate_slice(self, gate: str) -> slice:
+        k = self.gates.index(gate)
+        return slice(k * self.hidden, (k + 1) * self.hidden)
+
+    def project(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., G*H): the input drive W_ih x + b_ih of every step at once."""
+        return x @ self.weight_ih.T + self.bias_ih
+
+    def initial_state(self, batch: int) -> State:
+        w = self.weight_hh
+        return tuple(w.new_zeros(batch, self.hidden) for _ in self.parts)
+
+    def step(self, xp: Tensor, state: State) -> State:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """Plain unrolled loop: x (T, B, D) -> (h_1..h_T (T, B, H), final state)."""
+        state = self.initial_state(x.shape[1]) if state is None else state
+        xps = self.project(x)
+        hs = []
+        for t in range(x.shape[0]):
+            state = self.step(xps[t], state)
+            hs.append(state[0])
+        return torch.stack(hs), state
+
+    def torch_module(self) -> nn.RNNBase:
+        """The torch.nn module (one layer, batch_first=False) with this cell's weights."""
+        raise NotImplementedError
+
+    def _copy_into(self, module: nn.RNNBase) -> nn.RNNBase:
+        module = module.to(self.weight_hh.dtype)
+        with torch.no_grad():
+            module.weight_ih_l0.copy_(self.weight_ih)
+            module.weight_hh_l0.copy_(self.weight_hh)
+            module.bias_ih_l0.copy_(self.bias_ih)
+            module.bias_hh_l0.copy_(self.bias_hh)
+        return module
+
+
+CELLS: Registry[type[Cell]] = Registry("cell", "--cell")
+
+
+@CELLS.register("rnn", "vanilla RNN: h' = phi(W_ih x + b_ih + W_hh h + b_hh); see --activation")
+class RNNCell(Cell):
+    name = "rnn"
+    takes_activation = True
+
+    def __init__(self, input_size: int, hidden: int, activation: str | None = None) -> None:
+        super().__init__(input_size, hidden, activation)
+        self.activation = activation or "tanh"
+        self.phi = ACTIVATIONS.get(self.activation).fn
+
+    def step(self, xp: Tensor, state: State) -> State:
+        (h,) = state
+        return (self.phi(xp + h @ self.weight_hh.T + self.bias_hh),)
+
+    def torch_module(self) -> nn.RNN:
+        if self.activation not in ("tanh", "relu"):
+            raise ValueError(f"torch.nn.RNN has no {self.activation} nonlinearity")
+        return self._copy_into(nn.RNN(self.input_size, self.hidden, nonlinearity=self.activation))
+
+
+@CELLS.register("lstm", "LSTM (gates i, f, g, o); state (h, c); the cell-state path is probed too")
+class LSTMCell(Cell):
+    name = "lstm"
+    parts = ("h", "c")
+    gates = ("i", "f", "g", "o")
+    keep_gate = "f"
+
+    def step(self, xp: Tensor, state: State) -> State:
+        h, c = state
+        a = xp + h @ self.weight_hh.T + self.bias_hh  # (B, 4H)
+        i, f, g, o = a.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c
+
+    def torch_module(self) -> nn.LSTM:
+        return self._copy_into(nn.LSTM(self.input_size, self.hidden))
+
+
+@CELLS.register("gru", "GRU (gates r, z, n): h' = (1 - z) n + z h")
+class GRUCell(Cell):
+    name = "gru"
+    gates = ("r", "z", "n")
+    keep_gate = "z"
+
+    def step(self, xp: Tensor, state: State) -> State:
+        (h,) = state
+        xr, xz, xn = xp.chunk(3, dim=-1)
+        hr, hz, hn = (h @ self.weight_hh.T + self.bias_hh).chunk(3, dim=-1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return ((1 - z) * n + z * h,)
+
+    def torch_module(self) -> nn.GRU:
+        return self._copy_into(nn.GRU(self.input_size, self.hidden))

@@ -1,0 +1,147 @@
+"""The command line: parse options, call the API, print with rich. No torch code here."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import api
+from .config import RunConfig
+from .errors import ConfigError
+from .results import RunResult
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Measure how gradients vanish or explode with time distance in recurrent networks.",
+)
+out_console = Console()
+err_console = Console(stderr=True, highlight=False)
+
+DEFAULTS = RunConfig()
+
+
+@app.command("run")
+def run_command(
+    cell: str = typer.Option(DEFAULTS.cell, help="rnn | lstm | gru (see `gradscope list`)."),
+    activation: str = typer.Option(None, help="rnn only: tanh | relu | sigmoid | linear | ... "
+                                   "[default: tanh]"),
+    init: str = typer.Option(DEFAULTS.init, help="Recurrent-matrix initialisation."),
+    gain: float = typer.Option(DEFAULTS.gain, help="Scale g of the recurrent initialisation."),
+    input_init: str = typer.Option(DEFAULTS.input_init, help="Input-matrix initialisation."),
+    forget_bias: float = typer.Option(None, help="Effective keep-gate bias (LSTM f, GRU z)."),
+    gate_init: str = typer.Option(DEFAULTS.gate_init, help="none | chrono (LSTM and GRU)."),
+    chrono_tmax: int = typer.Option(None, help="Chrono's T_max [default: the sequence length]."),
+    task: str = typer.Option(DEFAULTS.task, help="adding | copy | temporal-order | recall | ..."),
+    seq_len: int = typer.Option(DEFAULTS.seq_len, help="The task's length T."),
+    hidden: int = typer.Option(DEFAULTS.hidden, help="Hidden size H."),
+    batch: int = typer.Option(DEFAULTS.batch, help="Sequences measured at once."),
+    seed: int = typer.Option(DEFAULTS.seed, help="Seeds weights and data."),
+    dtype: str = typer.Option(DEFAULTS.dtype, help="float64 | float32."),
+    device: str = typer.Option(DEFAULTS.device, help="auto | cpu | cuda."),
+    probes: str = typer.Option(None, help="Comma list of probes [default: all the cell has]."),
+    horizon_drop: float = typer.Option(DEFAULTS.horizon_drop,
+                                       help="Decades of fall that define the horizon."),
+    stable_tol: float = typer.Option(DEFAULTS.stable_tol,
+                                     help="|slope| (log10/step) at or below which it is stable."),
+    out: Path = typer.Option(None, help="Result folder [default: runs/<cell>-<init>-<task>-T<T>]."),
+) -> None:
+    """Measure one configuration: per-step gradient magnitudes against time distance.
+
+    Writes result.json and profile.png into --out and prints slope, half-life, horizon and
+    verdict per probe.
+
+    Example:
+
+        gradscope run --cell rnn --activation tanh --init pytorch --task adding --seq-len 1000
+    """
+    config = RunConfig(
+        cell=cell, activation=activation, init=init, gain=gain, input_init=input_init,
+        forget_bias=forget_bias, gate_init=gate_init, chrono_tmax=chrono_tmax, task=task,
+        seq_len=seq_len, hidden=hidden, batch=batch, seed=seed, dtype=dtype, device=device,
+        probes=_comma_list(probes), horizon_drop=horizon_drop, stable_tol=stable_tol,
+    )
+    out = out if out is not None else Path("runs") / _default_name(config)
+    result = api.run(config, out=out, command=_command_line())
+    print_result(result)
+    out_console.print(f"wrote {out / 'result.json'} and {out / 'profile.png'}")
+
+
+@app.command("list")
+def list_command() -> None:
+    """Print every registry: cells, activations, initialisations, gate schemes, tasks, probes.
+
+    Example:
+
+        gradscope list
+    """
+    for kind, entries in api.registries().items():
+        table = Table(title=f"{kind}s", title_justify="left", show_header=False, box=None)
+        for name, help_text in entries:
+            table.add_row(f"[bold]{name}[/]", help_text)
+        out_console.print(table)
+        out_console.print()
+
+
+def print_result(result: RunResult) -> None:
+    c = result.config
+    what = f"{c.cell}/{c.activation or 'tanh'}" if c.cell == "rnn" else c.cell
+    table = Table(title=f"{what}, init {c.init} (gain {c.gain:g}), task {c.task}, "
+                        f"T={result.task['seq_len']}, H={c.hidden}, B={c.batch}")
+    for col in ("probe", "slope (log10/step)", "half-life (steps)", "horizon (steps)",
+                "last log10", "verdict"):
+        table.add_column(col, justify="left" if col in ("probe", "verdict") else "right")
+    colour = {"vanishing": "red", "stable": "green", "exploding": "magenta"}
+    for name, s in result.summary.items():
+        horizon = str(s.horizon) if s.horizon is not None else f"> {len(result.profiles[name])}"
+        table.add_row(name, _fmt(s.slope, "+.4f"), _fmt(s.half_life, ".1f", "inf"), horizon,
+                      _fmt(s.end, ".1f", "-inf (exact 0)"),
+                      f"[{colour[s.verdict]}]{s.verdict}[/]")
+    out_console.print(table)
+    if result.nonfinite:
+        out_console.print(f"[magenta]the forward pass left float range ({result.nonfinite['where']}"
+                          f" not finite) at step {result.nonfinite['step']}; later steps are not "
+                          "computed[/]")
+
+
+def _fmt(v: float | None, spec: str, none: str = "-") -> str:
+    if v is None or (isinstance(v, float) and math.isinf(v)):
+        return none
+    return format(v, spec)
+
+
+def _comma_list(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _default_name(c: RunConfig) -> str:
+    cell = f"{c.cell}-{c.activation}" if c.activation else c.cell
+    return f"{cell}-{c.init}-{c.task}-T{c.seq_len}-s{c.seed}"
+
+
+def _command_line() -> str:
+    return " ".join(["gradscope", *sys.argv[1:]])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: usage and configuration errors are one line on stderr and exit code 2."""
+    try:
+        code = app(args=argv, prog_name="gradscope", standalone_mode=False)
+    except (ConfigError, typer.TyperException) as e:
+        message = e.format_message() if isinstance(e, typer.TyperException) else str(e)
+        if not message:  # `gradscope` alone: the help was printed, nothing to add
+            sys.exit(2)
+        err_console.print(f"gradscope: error: {message}", markup=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("gradscope: interrupted", markup=False)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

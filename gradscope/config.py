@@ -1,0 +1,102 @@
+"""Run configuration: one frozen dataclass, with a comment on every field, and the checks that
+need no registry (sizes, dtypes, devices). Names are checked against the registries when the
+model and task are built (``model.build``); both raise ConfigError with the line a user sees.
+
+No torch here: this is the lowest layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from .errors import ConfigError
+
+DTYPES = ("float64", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    cell: str = "rnn"  # cell registry name: rnn | lstm | gru
+    activation: str | None = None  # rnn only; None means tanh
+    init: str = "pytorch"  # recurrent-matrix initialisation (applied per gate block)
+    gain: float = 1.0  # scale g of the recurrent initialisation (g*Q, g*I, N(0, g^2/H), ...)
+    input_init: str = "pytorch"  # initialisation of the input matrix W_ih
+    forget_bias: float | None = None  # effective bias of the keep gate (LSTM f, GRU z); None: scheme
+    gate_init: str = "none"  # gate-bias scheme: none | chrono (LSTM and GRU only)
+    chrono_tmax: int | None = None  # chrono's T_max; None means the task's sequence length
+    task: str = "adding"  # task registry name
+    seq_len: int = 100  # the task's length parameter T (copy: the delay; inputs are T+20 long)
+    hidden: int = 64  # hidden size H
+    batch: int = 32  # sequences per measurement
+    seed: int = 0  # seeds the weights and the task data
+    dtype: str = "float64"  # arithmetic of the model and the probes (log-scales are float64)
+    device: str = "auto"  # auto picks cuda when available
+    probes: tuple[str, ...] | None = None  # probe names to measure; None: all the cell supports
+    horizon_drop: float = 6.0  # horizon = first step where a profile has fallen this many decades
+    stable_tol: float = 1e-3  # |slope| <= this (log10 per step) is "stable"
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "hidden", "batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r} for --dtype; choose from: "
+                              + ", ".join(DTYPES))
+        if self.device not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r} for --device; choose from: "
+                              + ", ".join(DEVICES))
+        _finite("gain", self.gain)
+        if self.gain <= 0:
+            raise ConfigError(f"--gain must be positive, got {self.gain!r}")
+        if self.forget_bias is not None:
+            _finite("forget_bias", self.forget_bias)
+        if self.chrono_tmax is not None and (
+            not isinstance(self.chrono_tmax, int) or self.chrono_tmax < 3
+        ):
+            raise ConfigError(f"--chrono-tmax must be an integer >= 3, got {self.chrono_tmax!r}")
+        _finite("horizon_drop", self.horizon_drop)
+        if self.horizon_drop <= 0:
+            raise ConfigError(f"--horizon-drop must be positive, got {self.horizon_drop!r}")
+        _finite("stable_tol", self.stable_tol)
+        if self.stable_tol < 0:
+            raise ConfigError(f"--stable-tol must be >= 0, got {self.stable_tol!r}")
+        if self.probes is not None:
+            if isinstance(self.probes, str):
+                object.__setattr__(self, "probes", (self.probes,))
+            if len(self.probes) == 0:
+                raise ConfigError("--probes must name at least one probe")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.probes is not None:
+            d["probes"] = list(self.probes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown run option(s) {', '.join(unknown)}; allowed: "
+                              + ", ".join(sorted(known)))
+        d = dict(d)
+        if d.get("probes") is not None:
+            d["probes"] = tuple(d["probes"])
+        return cls(**d)
+
+    def replace(self, **changes) -> RunConfig:
+        return replace(self, **changes)
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _finite(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{_flag(name)} must be a finite number, got {value!r}")

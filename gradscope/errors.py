@@ -1,0 +1,12 @@
+"""Errors that reach users. Each carries one line that says what was wrong and what is allowed."""
+
+from __future__ import annotations
+
+
+class GradscopeError(Exception):
+    """Base class of every error gradscope raises on purpose."""
+
+
+class ConfigError(GradscopeError, ValueError):
+    """Bad input from a user: an unknown name, an impossible size, a combination that makes no
+    sense. The CLI prints the message as one line and exits with code 2."""

@@ -1,0 +1,133 @@
+"""A model for a task: input encoder -> recurrent cell -> linear readout, built from a RunConfig,
+and its ``unroll`` into the engine's flat-state recurrence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cells import CELLS, Cell
+from .config import RunConfig
+from .engine import Unrolled
+from .inits import initialise
+from .tasks import TASKS, Batch, Task
+
+EMBEDDING_DIM = 32  # token tasks: size of the embedding that feeds the cell
+
+
+class Model(nn.Module):
+    def __init__(self, cell: Cell, task: Task, embedding: nn.Embedding | None) -> None:
+        super().__init__()
+        self.cell = cell
+        self.task = task
+        self.embedding = embedding
+        self.readout = nn.Linear(cell.hidden, task.n_out)
+
+    def encode(self, inputs: Tensor) -> Tensor:
+        """(T, B, D) features or (T, B) token ids -> (T, B, D) cell inputs."""
+        return self.embedding(inputs) if self.embedding is not None else inputs
+
+    def step_losses(self, h: Tensor, batch: Batch) -> Tensor:
+        """h (T', B, H) of steps 1..T' -> (T', B) per-sample loss of the readout at each step.
+
+        Final-target tasks score every step against the one target; per-step tasks against
+        that step's target.
+        """
+        y = self.readout(h)  # (T', B, n_out)
+        n = h.shape[0]
+        if self.task.per_step:
+            target = batch.targets[:n]  # (T', B)
+        else:
+            target = batch.targets.expand(n, *batch.targets.shape)
+        if self.task.loss == "mse":
+            return ((y - target) ** 2).sum(-1)
+        return F.cross_entropy(y.flatten(0, 1), target.flatten(), reduction="none").view(n, -1)
+
+    def loss_weights(self, batch: Batch) -> Tensor:
+        """(T,) weights that turn per-step losses into the task loss L."""
+        T = batch.seq_len
+        if self.task.per_step:
+            return torch.full((T,), 1.0 / T)
+        w = torch.zeros(T)
+        w[-1] = 1.0  # ended samples hold their state, so step T reads their last real step
+        return w
+
+    def mask(self, batch: Batch) -> Tensor | None:
+        if batch.lengths is None:
+            return None
+        steps = torch.arange(batch.seq_len, device=batch.lengths.device)
+        return steps[:, None] < batch.lengths[None, :]  # (T, B)
+
+    def unroll(self, batch: Batch) -> Unrolled:
+        cell = self.cell
+        H, n_parts = cell.hidden, len(cell.parts)
+
+        def step(xp: Tensor, s: Tensor) -> Tensor:
+            return torch.cat(cell.step(xp, s.split(H, dim=-1)), dim=-1)
+
+        def losses(states: Tensor) -> Tensor:
+            return self.step_losses(states[..., :H], batch)
+
+        s0 = torch.cat(cell.initial_state(batch.inputs.shape[1]), dim=-1)  # (B, n_parts*H)
+        assert s0.shape[1] == n_parts * H
+        return Unrolled(
+            step=step,
+            s0=s0,
+            xs=cell.project(self.encode(batch.inputs)).detach(),  # (T, B, G*H)
+            parts=cell.parts,
+            losses=losses,
+            weights=self.loss_weights(batch).to(s0.device),
+            mask=self.mask(batch),
+        )
+
+
+@dataclass(frozen=True)
+class Built:
+    model: Model
+    batch: Batch
+
+
+def build(config: RunConfig, device: torch.device) -> Built:
+    """The model (weights drawn from the seed) and one batch of task data (from the seed).
+
+    Raises ConfigError for unknown names and combinations that make no sense.
+    """
+    task = TASKS.get(config.task)
+    cell_cls = CELLS.get(config.cell)
+    dtype = getattr(torch, config.dtype)
+    weights_gen = torch.Generator().manual_seed(config.seed)
+    data_gen = torch.Generator().manual_seed(_data_seed(config.seed))
+    batch = task.generate(config.seq_len, config.batch, data_gen)  # checks seq_len first
+    embedding = None
+    input_size = task.input_size
+    if task.tokens:
+        embedding = nn.Embedding(task.input_size, EMBEDDING_DIM)
+        nn.init.normal_(embedding.weight, generator=weights_gen)
+        input_size = EMBEDDING_DIM
+    cell = cell_cls(input_size, config.hidden, config.activation)
+    initialise(
+        cell,
+        init=config.init,
+        gain=config.gain,
+        input_init=config.input_init,
+        forget_bias=config.forget_bias,
+        gate_init=config.gate_init,
+        t_max=config.chrono_tmax or batch.seq_len,
+        generator=weights_gen,
+    )
+    model = Model(cell, task, embedding)
+    bound = 1.0 / config.hidden**0.5
+    with torch.no_grad():
+        model.readout.weight.uniform_(-bound, bound, generator=weights_gen)
+        model.readout.bias.uniform_(-bound, bound, generator=weights_gen)
+    model = model.to(device=device, dtype=dtype)
+    return Built(model, batch.to(device, dtype))
+
+
+def _data_seed(seed: int) -> int:
+    """A data stream independent of the weight stream of the same seed."""
+    return (seed * 1_000_003 + 7919) % (2**63)

@@ -1,0 +1,50 @@
+"""Figures, one small function each. Matplotlib runs headless (Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .files import atomic_write  # noqa: E402
+from .results import RunResult  # noqa: E402
+
+AXIS_LABEL = {"t": "t steps after h_0", "k": "k steps back from T"}
+
+
+def profile_figure(result: RunResult) -> plt.Figure:
+    """Every probe's log10 magnitude against time distance (log10 values: no float floor)."""
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    for name, values in result.profiles.items():
+        steps = result.steps(name)
+        finite = np.isfinite(values)
+        if not finite.any():
+            ax.plot([], [], label=f"{name} (exactly zero)" if np.isneginf(values).any()
+                    else f"{name} (not computed)")
+            continue
+        ax.plot(steps[finite], values[finite], lw=1.6,
+                label=f"{name} [{AXIS_LABEL[result.axes[name]]}]")
+    if result.nonfinite:
+        ax.axvline(result.nonfinite["step"], color="red", ls="--", lw=1,
+                   label=f"non-finite {result.nonfinite['where']} at t={result.nonfinite['step']}")
+    c = result.config
+    what = c.cell if c.cell != "rnn" else f"rnn/{c.activation or 'tanh'}"
+    ax.set_title(f"{what}, init {c.init} (g={c.gain:g}), task {c.task}, H={c.hidden}, "
+                 f"T={result.task['seq_len']}", fontsize=10)
+    ax.set_xlabel("time distance (steps)")
+    ax.set_ylabel("log10 gradient magnitude")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)

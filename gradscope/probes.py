@@ -1,0 +1,109 @@
+"""Probes: what the engine measures at every step, each one small spec behind one contract.
+
+A probe reads either the forward (tangent) pass or the reverse (adjoint) pass of the engine and
+returns, for one step, ln of the magnitude it measures, combined over the batch. The engine
+converts to log10 at the end. Every probe has a brute-force twin in tests/bruteforce.py.
+
+Names and meaning (H-path part "h", LSTM cell-state part "c"):
+
+- ``grad_h0[t] = ||dL_t/dh_0||``: L_t is the batch-mean task loss of the readout at step t; the
+  norm is over the whole (B, H) initial state. t = 1..T.
+- ``jacobian[t] = ||dh_t/dh_0||_F``: per sample, combined as the root mean square over the batch
+  (a batch-size-free number: sqrt(mean_b ||J_b||_F^2)). t = 1..T.
+- ``adjoint[k] = ||dL/dh_{T-k}||``: L is the task loss; the signal BPTT sends back k steps.
+  k = 0..T-1.
+- ``grad_c0``, ``jacobian_c``, ``adjoint_c``: the same on the LSTM's cell state c.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class ForwardStep:
+    """The forward pass at step t: d s_t / d(initial state), renormalised per direction."""
+
+    tangent: Tensor  # (K, B, S): column k of ds_t/ds_0 per sample, unit norm (or zero)
+    log_scale: Tensor  # (K, B) float64: ln of the factor each column was divided by
+    columns: dict[str, slice]  # part -> which of the K directions start in that part of s_0
+    rows: dict[str, slice]  # part -> which of the S state coordinates belong to it
+    grad: Tensor  # (B, S): dL_t/ds_t, the loss gradient at this step (zero outside "h")
+
+
+@dataclass(frozen=True)
+class ReverseStep:
+    """The reverse pass at step T-k: dL/ds_{T-k}, renormalised per sample."""
+
+    adjoint: Tensor  # (B, S), unit norm per sample (or zero)
+    log_scale: Tensor  # (B,) float64
+    rows: dict[str, slice]
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    pass_: str  # "forward" or "reverse"
+    part: str  # the state part it concerns: "h" or "c"
+    axis: str  # "t" (steps 1..T after h_0) or "k" (steps 0..T-1 back from T)
+    measure: Callable[..., Tensor]  # (step context, part) -> ln magnitude, a 0-dim float64
+
+    def __call__(self, ctx: ForwardStep | ReverseStep) -> Tensor:
+        return self.measure(ctx, self.part)
+
+
+PROBES: Registry[Probe] = Registry("probe", "--probes")
+
+
+def _ln_norm(x: Tensor, dim: int) -> Tensor:
+    """ln ||x|| along dim, -inf where the norm is exactly zero, in float64."""
+    return torch.log(torch.linalg.vector_norm(x, dim=dim).double())
+
+
+def _ln_rms_batch(ln_sq: Tensor) -> Tensor:
+    """(B,) ln of squared norms -> ln sqrt(mean_b exp(ln_sq))."""
+    return 0.5 * (torch.logsumexp(ln_sq, 0) - math.log(ln_sq.shape[0]))
+
+
+def _jacobian(ctx: ForwardStep, part: str) -> Tensor:
+    cols, rows = ctx.columns[part], ctx.rows[part]
+    ln_col = _ln_norm(ctx.tangent[cols, :, rows], -1) + ctx.log_scale[cols]  # (K_p, B)
+    return _ln_rms_batch(torch.logsumexp(2 * ln_col, 0))
+
+
+def _grad(ctx: ForwardStep, part: str) -> Tensor:
+    cols = ctx.columns[part]
+    dots = (ctx.tangent[cols] * ctx.grad).sum(-1)  # (K_p, B): entries of (ds_t/dp_0)^T g_t
+    ln_abs = torch.log(dots.abs().double()) + ctx.log_scale[cols]
+    return 0.5 * torch.logsumexp((2 * ln_abs).flatten(), 0)
+
+
+def _adjoint(ctx: ReverseStep, part: str) -> Tensor:
+    ln = _ln_norm(ctx.adjoint[:, ctx.rows[part]], -1) + ctx.log_scale  # (B,)
+    return 0.5 * torch.logsumexp(2 * ln, 0)
+
+
+PROBES.add("grad_h0", Probe("grad_h0", "forward", "h", "t", _grad),
+           "||dL_t/dh_0||, t = 1..T: the loss at step t, traced back to h_0")
+PROBES.add("jacobian", Probe("jacobian", "forward", "h", "t", _jacobian),
+           "||dh_t/dh_0||_F, t = 1..T: RMS over the batch")
+PROBES.add("adjoint", Probe("adjoint", "reverse", "h", "k", _adjoint),
+           "||dL/dh_{T-k}||, k = 0..T-1: what BPTT sends back k steps")
+PROBES.add("grad_c0", Probe("grad_c0", "forward", "c", "t", _grad),
+           "LSTM: ||dL_t/dc_0||, t = 1..T")
+PROBES.add("jacobian_c", Probe("jacobian_c", "forward", "c", "t", _jacobian),
+           "LSTM: ||dc_t/dc_0||_F, t = 1..T: the cell-state path")
+PROBES.add("adjoint_c", Probe("adjoint_c", "reverse", "c", "k", _adjoint),
+           "LSTM: ||dL/dc_{T-k}||, k = 0..T-1")
+
+
+def probes_for(parts: tuple[str, ...]) -> list[str]:
+    """Every probe that applies to a cell whose state has these parts."""
+    return [e.name for e in PROBES if e.value.part in parts]

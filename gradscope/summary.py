@@ -1,0 +1,86 @@
+"""Summaries of one profile: slope, half-life, horizon, verdict. Shared by reports and checks.
+
+Units: a profile is log10 of a magnitude, one value per step. ``slope`` is the least-squares
+slope in log10 per step over the finite values (negative: the signal shrinks with time distance).
+``half_life`` is the number of steps per halving, log10(2) / -slope (None when it does not
+shrink). ``horizon`` is the first step at which the profile lies ``drop`` decades (default 6)
+below its first value; None when it never does within the profile. An exactly-zero value
+(-inf) counts as having fallen.
+
+Verdict thresholds (``tol``, default 1e-3 log10 per step, i.e. one decade per 1000 steps):
+``exploding`` when the forward pass overflowed or slope > +tol; ``vanishing`` when the profile
+reaches exact zero or slope < -tol; ``stable`` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+VERDICTS = ("vanishing", "stable", "exploding")
+DEFAULT_DROP = 6.0
+DEFAULT_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Summary:
+    slope: float | None  # log10 per step; None when fewer than two finite values
+    half_life: float | None  # steps per halving; None when the profile does not shrink
+    horizon: int | None  # step where the profile is `drop` decades below its start; None: never
+    verdict: str  # vanishing | stable | exploding
+    start: float | None  # first finite log10 value
+    end: float | None  # last computed log10 value (-inf allowed)
+
+    def to_dict(self) -> dict:
+        return {k: _json_number(v) for k, v in asdict(self).items()}
+
+
+def summarize(
+    log10: np.ndarray,
+    steps: np.ndarray,
+    *,
+    drop: float = DEFAULT_DROP,
+    tol: float = DEFAULT_TOL,
+    overflowed: bool = False,
+) -> Summary:
+    """Summarise one profile; ``steps`` are the x values (t = 1..T or k = 0..T-1)."""
+    values = np.asarray(log10, dtype=np.float64)
+    steps = np.asarray(steps, dtype=np.float64)
+    computed = ~np.isnan(values)
+    finite = np.isfinite(values)
+    slope = _slope(steps[finite], values[finite])
+    start = float(values[finite][0]) if finite.any() else None
+    end = float(values[computed][-1]) if computed.any() else None
+    horizon = None
+    if computed.any():
+        first = values[computed][0]
+        reference = first if np.isfinite(first) else math.inf
+        fallen = computed & (values <= reference - drop)
+        if np.isneginf(first):
+            fallen = computed & np.isneginf(values)
+        if fallen.any():
+            horizon = int(steps[np.argmax(fallen)])
+    half_life = math.log10(2) / -slope if slope is not None and slope < 0 else None
+    reached_zero = bool(np.isneginf(values).any())
+    if overflowed or (slope is not None and slope > tol):
+        verdict = "exploding"
+    elif reached_zero or (slope is not None and slope < -tol):
+        verdict = "vanishing"
+    else:
+        verdict = "stable"
+    return Summary(slope, half_life, horizon, verdict, start, end)
+
+
+def _slope(x: np.ndarray, y: np.ndarray) -> float | None:
+    if len(x) < 2:
+        return None
+    xc = x - x.mean()
+    return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
+
+
+def _json_number(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
