@@ -97,18 +97,31 @@ def build(config: RunConfig, device: torch.device) -> Built:
     Raises ConfigError for unknown names and combinations that make no sense.
     """
     task = TASKS.get(config.task)
-    cell_cls = CELLS.get(config.cell)
+    CELLS.get(config.cell)  # an unknown cell fails before any data is drawn
     dtype = getattr(torch, config.dtype)
     weights_gen = torch.Generator().manual_seed(config.seed)
     data_gen = torch.Generator().manual_seed(_data_seed(config.seed))
     batch = task.generate(config.seq_len, config.batch, data_gen)  # checks seq_len first
+    # Weights are drawn in float64 whatever the run's dtype, so that g*I and g*Q are exact
+    # to float64 precision (the identities the tests check); then cast.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = _draw_model(config, task, batch.seq_len, weights_gen)
+    finally:
+        torch.set_default_dtype(previous)
+    return Built(model.to(device=device, dtype=dtype), batch.to(device, dtype))
+
+
+def _draw_model(config: RunConfig, task: Task, seq_len: int,
+                weights_gen: torch.Generator) -> Model:
     embedding = None
     input_size = task.input_size
     if task.tokens:
         embedding = nn.Embedding(task.input_size, EMBEDDING_DIM)
         nn.init.normal_(embedding.weight, generator=weights_gen)
         input_size = EMBEDDING_DIM
-    cell = cell_cls(input_size, config.hidden, config.activation)
+    cell = CELLS.get(config.cell)(input_size, config.hidden, config.activation)
     initialise(
         cell,
         init=config.init,
@@ -116,7 +129,7 @@ def build(config: RunConfig, device: torch.device) -> Built:
         input_init=config.input_init,
         forget_bias=config.forget_bias,
         gate_init=config.gate_init,
-        t_max=config.chrono_tmax or batch.seq_len,
+        t_max=config.chrono_tmax or seq_len,
         generator=weights_gen,
     )
     model = Model(cell, task, embedding)
@@ -124,8 +137,7 @@ def build(config: RunConfig, device: torch.device) -> Built:
     with torch.no_grad():
         model.readout.weight.uniform_(-bound, bound, generator=weights_gen)
         model.readout.bias.uniform_(-bound, bound, generator=weights_gen)
-    model = model.to(device=device, dtype=dtype)
-    return Built(model, batch.to(device, dtype))
+    return model
 
 
 def _data_seed(seed: int) -> int:

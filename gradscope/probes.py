@@ -12,7 +12,9 @@ Names and meaning (H-path part "h", LSTM cell-state part "c"):
   (a batch-size-free number: sqrt(mean_b ||J_b||_F^2)). t = 1..T.
 - ``adjoint[k] = ||dL/dh_{T-k}||``: L is the task loss; the signal BPTT sends back k steps.
   k = 0..T-1.
-- ``grad_c0``, ``jacobian_c``, ``adjoint_c``: the same on the LSTM's cell state c.
+- ``grad_c0``, ``jacobian_c``: the same on the LSTM's cell state c (c_0 is an input of its own,
+  so these are unambiguous). There is no ``adjoint_c``: autograd's dL/dc_t also runs through
+  h_t = o_t tanh(c_t) inside the same step, which a per-step state adjoint does not see.
 """
 
 from __future__ import annotations
@@ -100,8 +102,6 @@ PROBES.add("grad_c0", Probe("grad_c0", "forward", "c", "t", _grad),
            "LSTM: ||dL_t/dc_0||, t = 1..T")
 PROBES.add("jacobian_c", Probe("jacobian_c", "forward", "c", "t", _jacobian),
            "LSTM: ||dc_t/dc_0||_F, t = 1..T: the cell-state path")
-PROBES.add("adjoint_c", Probe("adjoint_c", "reverse", "c", "k", _adjoint),
-           "LSTM: ||dL/dc_{T-k}||, k = 0..T-1")
 
 
 def probes_for(parts: tuple[str, ...]) -> list[str]:
