@@ -93,7 +93,7 @@ def initialise(
     generator: torch.Generator,
 ) -> None:
     """Fill every parameter of ``cell`` in place, reproducibly from ``generator``."""
-    rec, inp, gate = INITS.get(init), INITS.get(input_init), GATE_INITS.get(gate_init)
+    rec, inp, gate = INITS.get(init), INITS.get(input_init, "--input-init"), GATE_INITS.get(gate_init)
     if cell.keep_gate is None and forget_bias is not None:
         raise ConfigError(f"--forget-bias applies to lstm and gru, not to the {cell.name} cell")
     if cell.keep_gate is None and gate is not None:

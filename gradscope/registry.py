@@ -46,12 +46,13 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         self._entries[name] = Entry(name, value, help)
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, option: str | None = None) -> T:
+        """The entry called ``name``; ``option`` names the flag in the error (default: own)."""
         try:
             return self._entries[name].value
         except KeyError:
             raise ConfigError(
-                f"unknown {self.kind} {name!r} for {self.option}; choose from: "
+                f"unknown {self.kind} {name!r} for {option or self.option}; choose from: "
                 + ", ".join(self._entries)
             ) from None
 

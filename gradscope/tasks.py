@@ -207,10 +207,11 @@ def _language(T: int, B: int, gen: torch.Generator) -> Batch:
         budget = int(torch.randint(max(MIN_LANGUAGE_LEN, T // 2), T + 1, (1,), generator=gen))
         country = int(torch.randint(len(COUNTRIES), (1,), generator=gen))
         words = [COUNTRIES[country], *OPENING[1:]]
-        while True:
-            clause = CLAUSES[int(torch.randint(len(CLAUSES), (1,), generator=gen))]
-            if len(words) + len(clause) + len(CLOSING) > budget:
+        while True:  # add random clauses while any fits: lengths end within 4 of the budget
+            fits = [c for c in CLAUSES if len(words) + len(c) + len(CLOSING) <= budget]
+            if not fits:
                 break
+            clause = fits[int(torch.randint(len(fits), (1,), generator=gen))]
             words += [_pick(COUNTRIES, gen) if w == "<country>" else
                       _pick(CITIES, gen) if w == "<city>" else w for w in clause]
         words += CLOSING
