@@ -15,18 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
 from .cells import CELLS
 from .config import RunConfig
 from .engine import measure
 from .errors import ConfigError
 from .files import ensure_writable_dir
 from .model import build
-from .plots import profile_figure, save_figure
+from .plots import comparison_figure, profile_figure, save_figure
 from .probes import PROBES, Probe, probes_for
 from .registry import ALL
 from .results import FIRST_STEP, RunResult
 from .summary import summarize
+from .version import __version__
 
 
 def run(config: RunConfig | None = None, *, out: str | Path | None = None,
@@ -41,11 +41,12 @@ def run(config: RunConfig | None = None, *, out: str | Path | None = None,
     'vanishing'
     """
     config = (config or RunConfig()).replace(**options) if options else (config or RunConfig())
+    # Everything the user gave is checked before any folder is made or any work done.
     device = resolve_device(config.device)
     probes = resolve_probes(config)
-    out_dir = ensure_writable_dir(Path(out)) if out is not None else None
     built = build(config, device)
     built.model.requires_grad_(False)  # probes differentiate with respect to states only
+    out_dir = ensure_writable_dir(Path(out)) if out is not None else None
 
     profiles = measure(built.model.unroll(built.batch), probes)
 
@@ -63,7 +64,7 @@ def run(config: RunConfig | None = None, *, out: str | Path | None = None,
         axes=axes,
         summary={
             p.name: summarize(profiles.log10[p.name], _steps(p, built.batch.seq_len),
-                              drop=config.horizon_drop, tol=config.stable_tol,
+                              drop=config.horizon_drop, band=config.stable_decades,
                               overflowed=overflowed)
             for p in probes
         },
@@ -74,6 +75,32 @@ def run(config: RunConfig | None = None, *, out: str | Path | None = None,
     if out_dir is not None:
         save_run(result, out_dir)
     return result
+
+
+def compare(runs: list[str | Path], probe: str, out: str | Path | None = None
+            ) -> list[RunResult]:
+    """Load saved runs and, with ``out``, draw ``probe`` of each on one axis into a PNG.
+
+    >>> compare(["reports/rnn-tanh", "reports/lstm-fb3"], "jacobian", "reports/jacobian.png")
+    """
+    if not runs:
+        raise ConfigError("give at least one result folder to compare")
+    results = []
+    for path in runs:
+        try:
+            results.append(RunResult.load(Path(path)))
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{path} holds no readable gradscope result ({e}); give folders "
+                              "written by `gradscope run`") from None
+    for path, result in zip(runs, results, strict=True):
+        if probe not in result.profiles:
+            raise ConfigError(f"{path} has no {probe!r} profile; it has: "
+                              + ", ".join(result.profiles))
+    if out is not None:
+        out = Path(out)
+        ensure_writable_dir(out.parent, "--out")
+        save_figure(comparison_figure(results, probe), out)
+    return results
 
 
 def save_run(result: RunResult, out_dir: Path) -> None:

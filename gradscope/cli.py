@@ -13,21 +13,24 @@ from rich.table import Table
 from . import api
 from .config import RunConfig
 from .errors import ConfigError
+from .plots import label
 from .results import RunResult
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help text: option help may contain [brackets]
     help="Measure how gradients vanish or explode with time distance in recurrent networks.",
 )
 out_console = Console()
 err_console = Console(stderr=True, highlight=False)
 
 DEFAULTS = RunConfig()
+_ARGV: list[str] = []  # the arguments of this invocation, set by main()
 
 
-@app.command("run")
+@app.command("run", epilog="Example:  gradscope run --cell lstm --forget-bias 3 --task recall")
 def run_command(
     cell: str = typer.Option(DEFAULTS.cell, help="rnn | lstm | gru (see `gradscope list`)."),
     activation: str = typer.Option(None, help="rnn only: tanh | relu | sigmoid | linear | ... "
@@ -48,39 +51,31 @@ def run_command(
     probes: str = typer.Option(None, help="Comma list of probes [default: all the cell has]."),
     horizon_drop: float = typer.Option(DEFAULTS.horizon_drop,
                                        help="Decades of fall that define the horizon."),
-    stable_tol: float = typer.Option(DEFAULTS.stable_tol,
-                                     help="|slope| (log10/step) at or below which it is stable."),
+    stable_decades: float = typer.Option(
+        DEFAULTS.stable_decades,
+        help="Verdict band: a fitted change within +-this many decades is stable."),
     out: Path = typer.Option(None, help="Result folder [default: runs/<cell>-<init>-<task>-T<T>]."),
 ) -> None:
     """Measure one configuration: per-step gradient magnitudes against time distance.
 
     Writes result.json and profile.png into --out and prints slope, half-life, horizon and
     verdict per probe.
-
-    Example:
-
-        gradscope run --cell rnn --activation tanh --init pytorch --task adding --seq-len 1000
     """
     config = RunConfig(
         cell=cell, activation=activation, init=init, gain=gain, input_init=input_init,
         forget_bias=forget_bias, gate_init=gate_init, chrono_tmax=chrono_tmax, task=task,
         seq_len=seq_len, hidden=hidden, batch=batch, seed=seed, dtype=dtype, device=device,
-        probes=_comma_list(probes), horizon_drop=horizon_drop, stable_tol=stable_tol,
+        probes=_comma_list(probes), horizon_drop=horizon_drop, stable_decades=stable_decades,
     )
     out = out if out is not None else Path("runs") / _default_name(config)
-    result = api.run(config, out=out, command=_command_line())
+    result = api.run(config, out=out, command=" ".join(["gradscope", *_ARGV]))
     print_result(result)
     out_console.print(f"wrote {out / 'result.json'} and {out / 'profile.png'}")
 
 
-@app.command("list")
+@app.command("list", epilog="Example:  gradscope list")
 def list_command() -> None:
-    """Print every registry: cells, activations, initialisations, gate schemes, tasks, probes.
-
-    Example:
-
-        gradscope list
-    """
+    """Print every registry: cells, activations, initialisations, gate schemes, tasks, probes."""
     for kind, entries in api.registries().items():
         table = Table(title=f"{kind}s", title_justify="left", show_header=False, box=None)
         for name, help_text in entries:
@@ -89,14 +84,40 @@ def list_command() -> None:
         out_console.print()
 
 
+@app.command("compare", epilog="Example:  gradscope compare runs/a runs/b --probe jacobian")
+def compare_command(
+    runs: list[Path] = typer.Argument(..., help="Result folders written by `gradscope run`."),
+    probe: str = typer.Option("jacobian", help="The probe to compare."),
+    out: Path = typer.Option(None, help="Write the overlay figure to this PNG file."),
+) -> None:
+    """Compare saved runs on one probe: a table of summaries and an overlay figure."""
+    results = api.compare(list(runs), probe, out)
+    table = Table(title=f"{probe}: which configuration keeps its gradient longest")
+    table.caption = "slope: log10 per step; half-life, horizon: steps"
+    table.add_column("run", overflow="fold")
+    table.add_column("configuration", overflow="fold")
+    for col in ("slope", "half-life", "horizon", "verdict"):
+        table.add_column(col, no_wrap=True)
+    for path, result in zip(runs, results, strict=True):
+        s = result.summary[probe]
+        horizon = str(s.horizon) if s.horizon is not None else f"> {len(result.profiles[probe])}"
+        table.add_row(str(path), label(result), _fmt(s.slope, "+.4f"),
+                      _fmt(s.half_life, ".1f", "inf"), horizon, s.verdict)
+    out_console.print(table)
+    if out is not None:
+        out_console.print(f"wrote {out}")
+
+
 def print_result(result: RunResult) -> None:
     c = result.config
     what = f"{c.cell}/{c.activation or 'tanh'}" if c.cell == "rnn" else c.cell
     table = Table(title=f"{what}, init {c.init} (gain {c.gain:g}), task {c.task}, "
                         f"T={result.task['seq_len']}, H={c.hidden}, B={c.batch}")
-    for col in ("probe", "slope (log10/step)", "half-life (steps)", "horizon (steps)",
-                "last log10", "verdict"):
-        table.add_column(col, justify="left" if col in ("probe", "verdict") else "right")
+    table.caption = ("slope: log10 per step; half-life, horizon: steps; last: log10 at the last "
+                     "step")
+    for col in ("probe", "slope", "half-life", "horizon", "last", "verdict"):
+        table.add_column(col, justify="left" if col in ("probe", "verdict") else "right",
+                         no_wrap=True)
     colour = {"vanishing": "red", "stable": "green", "exploding": "magenta"}
     for name, s in result.summary.items():
         horizon = str(s.horizon) if s.horizon is not None else f"> {len(result.profiles[name])}"
@@ -127,12 +148,9 @@ def _default_name(c: RunConfig) -> str:
     return f"{cell}-{c.init}-{c.task}-T{c.seq_len}-s{c.seed}"
 
 
-def _command_line() -> str:
-    return " ".join(["gradscope", *sys.argv[1:]])
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage and configuration errors are one line on stderr and exit code 2."""
+    _ARGV[:] = sys.argv[1:] if argv is None else argv  # recorded in result metadata
     try:
         code = app(args=argv, prog_name="gradscope", standalone_mode=False)
     except (ConfigError, typer.TyperException) as e:

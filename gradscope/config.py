@@ -23,7 +23,7 @@ class RunConfig:
     init: str = "pytorch"  # recurrent-matrix initialisation (applied per gate block)
     gain: float = 1.0  # scale g of the recurrent initialisation (g*Q, g*I, N(0, g^2/H), ...)
     input_init: str = "pytorch"  # initialisation of the input matrix W_ih
-    forget_bias: float | None = None  # effective bias of the keep gate (LSTM f, GRU z); None: scheme
+    forget_bias: float | None = None  # effective keep-gate bias (LSTM f, GRU z); None: scheme's
     gate_init: str = "none"  # gate-bias scheme: none | chrono (LSTM and GRU only)
     chrono_tmax: int | None = None  # chrono's T_max; None means the task's sequence length
     task: str = "adding"  # task registry name
@@ -35,7 +35,7 @@ class RunConfig:
     device: str = "auto"  # auto picks cuda when available
     probes: tuple[str, ...] | None = None  # probe names to measure; None: all the cell supports
     horizon_drop: float = 6.0  # horizon = first step where a profile has fallen this many decades
-    stable_tol: float = 1e-3  # |slope| <= this (log10 per step) is "stable"
+    stable_decades: float = 1.0  # a profile whose fitted change stays within +-this is "stable"
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "hidden", "batch"):
@@ -62,9 +62,9 @@ class RunConfig:
         _finite("horizon_drop", self.horizon_drop)
         if self.horizon_drop <= 0:
             raise ConfigError(f"--horizon-drop must be positive, got {self.horizon_drop!r}")
-        _finite("stable_tol", self.stable_tol)
-        if self.stable_tol < 0:
-            raise ConfigError(f"--stable-tol must be >= 0, got {self.stable_tol!r}")
+        _finite("stable_decades", self.stable_decades)
+        if self.stable_decades < 0:
+            raise ConfigError(f"--stable-decades must be >= 0, got {self.stable_decades!r}")
         if self.probes is not None:
             if isinstance(self.probes, str):
                 object.__setattr__(self, "probes", (self.probes,))

@@ -78,7 +78,7 @@ class NonFinite:
 
 @dataclass(frozen=True)
 class Profiles:
-    log10: dict[str, np.ndarray]  # probe name -> (T,) float64; -inf: exactly zero; NaN: not computed
+    log10: dict[str, np.ndarray]  # probe -> (T,) float64; -inf: exactly zero; NaN: not computed
     nonfinite: NonFinite | None  # where the forward pass left float range, if it did
 
 

@@ -72,7 +72,8 @@ GATE_INITS: Registry[GateInit | None] = Registry("gate-init", "--gate-init")
 GATE_INITS.add("none", None, "leave the gate biases to --init (and --forget-bias)")
 
 
-@GATE_INITS.register("chrono", "Tallec & Ollivier 2018: b_f = log u, b_i = -b_f, u ~ U[1, T_max-1]")
+@GATE_INITS.register("chrono",
+                     "Tallec & Ollivier 2018: b_f = log u, b_i = -b_f, u ~ U[1, T_max-1]")
 def _chrono(cell: Cell, t_max: int, gen: torch.Generator) -> dict[str, Tensor]:
     u = 1 + (t_max - 2) * torch.rand(cell.hidden, generator=gen, dtype=torch.float64)
     log_u = torch.log(u)
@@ -93,7 +94,8 @@ def initialise(
     generator: torch.Generator,
 ) -> None:
     """Fill every parameter of ``cell`` in place, reproducibly from ``generator``."""
-    rec, inp, gate = INITS.get(init), INITS.get(input_init, "--input-init"), GATE_INITS.get(gate_init)
+    rec, gate = INITS.get(init), GATE_INITS.get(gate_init)
+    inp = INITS.get(input_init, "--input-init")
     if cell.keep_gate is None and forget_bias is not None:
         raise ConfigError(f"--forget-bias applies to lstm and gru, not to the {cell.name} cell")
     if cell.keep_gate is None and gate is not None:

@@ -48,3 +48,30 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
+
+
+def label(result: RunResult) -> str:
+    """A short name for a configuration: 'rnn/tanh pytorch g=1 adding T=300'."""
+    c = result.config
+    what = f"rnn/{c.activation or 'tanh'}" if c.cell == "rnn" else c.cell
+    extra = f" fb={c.forget_bias:g}" if c.forget_bias is not None else ""
+    extra += " chrono" if c.gate_init == "chrono" else ""
+    return f"{what} {c.init} g={c.gain:g}{extra} {c.task} T={c.seq_len}"
+
+
+def comparison_figure(results: list[RunResult], probe: str) -> plt.Figure:
+    """One probe of several runs on one axis: which configuration keeps its gradient longest."""
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    for result in results:
+        values = result.profiles[probe]
+        steps = result.steps(probe)
+        finite = np.isfinite(values)
+        ax.plot(steps[finite], values[finite], lw=1.6, label=label(result))
+    axis = results[0].axes[probe]
+    ax.set_title(f"{probe}: log10 magnitude against time distance", fontsize=10)
+    ax.set_xlabel(f"{AXIS_LABEL[axis]}")
+    ax.set_ylabel("log10 gradient magnitude")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig

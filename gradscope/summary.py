@@ -7,9 +7,11 @@ shrink). ``horizon`` is the first step at which the profile lies ``drop`` decade
 below its first value; None when it never does within the profile. An exactly-zero value
 (-inf) counts as having fallen.
 
-Verdict thresholds (``tol``, default 1e-3 log10 per step, i.e. one decade per 1000 steps):
-``exploding`` when the forward pass overflowed or slope > +tol; ``vanishing`` when the profile
-reaches exact zero or slope < -tol; ``stable`` otherwise.
+Verdict: the fitted change across the profile, ``slope * (last step - first step)`` in decades,
+against a band (``band``, default 1 decade): ``exploding`` when the forward pass overflowed or
+the change exceeds +band; ``vanishing`` when the profile reaches exact zero or the change is
+below -band; ``stable`` otherwise. The verdict is about the measured span: a slope of -0.01 is
+stable over 50 steps (half a decade) and vanishing over 1000 (ten decades).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 VERDICTS = ("vanishing", "stable", "exploding")
 DEFAULT_DROP = 6.0
-DEFAULT_TOL = 1e-3
+DEFAULT_BAND = 1.0
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ def summarize(
     steps: np.ndarray,
     *,
     drop: float = DEFAULT_DROP,
-    tol: float = DEFAULT_TOL,
+    band: float = DEFAULT_BAND,
     overflowed: bool = False,
 ) -> Summary:
     """Summarise one profile; ``steps`` are the x values (t = 1..T or k = 0..T-1)."""
@@ -56,17 +58,18 @@ def summarize(
     horizon = None
     if computed.any():
         first = values[computed][0]
-        reference = first if np.isfinite(first) else math.inf
-        fallen = computed & (values <= reference - drop)
-        if np.isneginf(first):
+        if np.isneginf(first):  # exactly zero from the start
             fallen = computed & np.isneginf(values)
+        else:
+            fallen = computed & (values <= first - drop)
         if fallen.any():
             horizon = int(steps[np.argmax(fallen)])
     half_life = math.log10(2) / -slope if slope is not None and slope < 0 else None
     reached_zero = bool(np.isneginf(values).any())
-    if overflowed or (slope is not None and slope > tol):
+    change = 0.0 if slope is None else slope * float(np.ptp(steps[finite]))  # decades
+    if overflowed or change > band:
         verdict = "exploding"
-    elif reached_zero or (slope is not None and slope < -tol):
+    elif reached_zero or change < -band:
         verdict = "vanishing"
     else:
         verdict = "stable"

@@ -41,5 +41,5 @@ def test_step_takes_leading_batch_dims():
     out = cell.step(xp, state)
     for k in range(5):
         single = cell.step(xp, tuple(s[k] for s in state))
-        for a, b in zip(out, single):
+        for a, b in zip(out, single, strict=True):
             torch.testing.assert_close(a[k], b)

@@ -130,3 +130,14 @@ def test_tanh_pytorch_default_reaches_far_below_float32_and_float64(make):
         for name, values in p.items():
             assert np.isfinite(values).all(), (dtype, name)
             assert values[-1] < -150, (dtype, name, values[-1])
+
+
+def test_raised_forget_bias_holds_the_cell_state_path(make):
+    # the acceptance check, small: forget bias 3 decays far more slowly than 0
+    slopes = {}
+    for bias in (0.0, 3.0):
+        model, batch = make(cell="lstm", forget_bias=bias, hidden=16, batch=4, seq_len=200)
+        jac_c = _profiles(model, batch, "jacobian_c")["jacobian_c"]
+        slopes[bias] = summarize(jac_c, np.arange(1, 201)).slope
+    assert slopes[0.0] < -0.1
+    assert slopes[3.0] > slopes[0.0] + 0.1

@@ -63,7 +63,7 @@ def test_temporal_order_positions_and_classes(name, windows):
         positions = (symbols[:, b] < 2).nonzero().flatten().tolist()
         assert len(positions) == len(windows)
         label = 0
-        for p, (lo, hi) in zip(positions, windows):
+        for p, (lo, hi) in zip(positions, windows, strict=True):
             assert int(lo * T) <= p < int(hi * T)
             label = 2 * label + int(symbols[p, b])
         assert label == int(batch.targets[b])

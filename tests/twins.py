@@ -35,7 +35,7 @@ def brute_force(model: Model, batch: Batch) -> dict[str, np.ndarray]:
     for t in range(T):
         new = cell.step(xs[t], s)
         if mask is not None:
-            new = tuple(torch.where(mask[t][:, None], n, o) for n, o in zip(new, s))
+            new = tuple(torch.where(mask[t][:, None], n, o) for n, o in zip(new, s, strict=True))
         s = new
         states.append(s)
     losses = model.step_losses(torch.stack([st[0] for st in states[1:]]), batch)  # (T, B)
@@ -74,7 +74,8 @@ def assert_log10_close(engine: np.ndarray, twin: np.ndarray, rel: float = 1e-6,
     engine, twin = np.asarray(engine), np.asarray(twin)
     assert engine.shape == twin.shape, name
     zero_e, zero_t = np.isneginf(engine), np.isneginf(twin)
-    assert (zero_e == zero_t).all(), f"{name}: exact zeros differ at {np.flatnonzero(zero_e != zero_t)}"
+    differ = np.flatnonzero(zero_e != zero_t)
+    assert differ.size == 0, f"{name}: exact zeros differ at {differ}"
     both = ~zero_e
     assert np.isfinite(engine[both]).all(), f"{name}: engine has non-finite values"
     ratio = np.abs(10.0 ** (engine[both] - twin[both]) - 1.0)

@@ -1,0 +1,122 @@
+"""The command line: results on disk, one-line errors with exit code 2, help with examples."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradscope.cli import app, main
+
+FAST = ["--hidden", "4", "--batch", "2", "--seq-len", "20"]
+
+
+def _main(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_run_writes_a_versioned_result_and_a_figure(tmp_path, capsys):
+    out = tmp_path / "r"
+    code, stdout, _ = _main(["run", "--cell", "lstm", "--task", "recall", *FAST, "--out",
+                             str(out)], capsys)
+    assert code == 0
+    for probe in ("grad_h0", "jacobian", "adjoint", "grad_c0", "jacobian_c"):
+        assert probe in stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["schema"] == "gradscope.run/1"
+    assert result["config"]["cell"] == "lstm" and result["config"]["seq_len"] == 20
+    assert set(result["profiles"]) == {"grad_h0", "jacobian", "adjoint", "grad_c0", "jacobian_c"}
+    assert len(result["profiles"]["adjoint"]["log10"]) == 20
+    assert result["profiles"]["adjoint"]["axis"] == "k"
+    assert set(result["summary"]["jacobian_c"]) >= {"slope", "half_life", "horizon", "verdict"}
+    meta = result["meta"]
+    assert {"gradscope", "torch", "device", "dtype", "time_utc", "command"} <= set(meta)
+    assert meta["command"].startswith("gradscope run --cell lstm")
+    assert (out / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_probes_option_selects(tmp_path, capsys):
+    code, _, _ = _main(["run", *FAST, "--probes", "adjoint", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert list(result["profiles"]) == ["adjoint"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--cell", "transformer"], "unknown cell 'transformer' for --cell; choose from: rnn"),
+    (["run", "--activation", "swish"], "unknown activation 'swish' for --activation; choose"),
+    (["run", "--task", "parity"], "unknown task 'parity' for --task; choose from: adding"),
+    (["run", "--hidden", "0"], "--hidden must be a positive integer, got 0"),
+    (["run", "--seq-len", "-5"], "--seq-len must be a positive integer, got -5"),
+    (["run", "--batch", "many"], "Invalid value for '--batch'"),
+    (["run", "--cell", "lstm", "--activation", "relu"], "--activation relu does not apply"),
+    (["run", "--gate-init", "chrono"], "--gate-init chrono applies to lstm and gru"),
+    (["run", "--dtype", "float16"], "unknown dtype 'float16' for --dtype; choose from"),
+    (["run", "--gain", "nan"], "--gain must be a finite number"),
+    (["run", "--probes", "grad_c0"], "probe 'grad_c0' does not apply to the rnn cell"),
+    (["run", "--probes", "hessian"], "unknown probe 'hessian' for --probes"),
+    (["run", "--task", "temporal-order", "--seq-len", "5"], "--seq-len 5 is too short"),
+    (["run", "--nope"], "No such option: --nope"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    code, stdout, stderr = _main([*argv, "--out", str(out)], capsys)
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradscope: error: "), stderr
+    assert message in lines[0]
+    assert "Traceback" not in stderr + stdout
+    assert not out.exists()
+
+
+def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    code, _, stderr = _main(["run", *FAST, "--out", str(blocker / "sub")], capsys)
+    assert code == 2 and "is not writable" in stderr and len(stderr.strip().splitlines()) == 1
+    code, _, stderr = _main(["run", *FAST, "--out", str(blocker)], capsys)
+    assert code == 2 and "is not a directory" in stderr
+    assert blocker.read_text() == "keep me"
+
+
+def test_a_failed_rerun_keeps_the_previous_result(tmp_path, capsys):
+    assert _main(["run", *FAST, "--out", str(tmp_path)], capsys)[0] == 0
+    before = (tmp_path / "result.json").read_bytes()
+    assert _main(["run", *FAST, "--cell", "bad", "--out", str(tmp_path)], capsys)[0] == 2
+    assert (tmp_path / "result.json").read_bytes() == before
+
+
+def test_list_prints_every_registry(capsys):
+    code, stdout, _ = _main(["list"], capsys)
+    assert code == 0
+    for word in ("cells", "activations", "inits", "gate-inits", "tasks", "probes", "chrono",
+                 "temporal-order-3bit", "jacobian_c", "identity"):
+        assert word in stdout
+
+
+def _commands():
+    return [c.name or c.callback.__name__ for c in app.registered_commands]
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_command_has_help_ending_in_an_example_and_is_in_the_readme(command, capsys):
+    code, stdout, _ = _main([command, "--help"], capsys)
+    assert code == 0
+    last = stdout.strip().splitlines()[-1].strip()
+    assert last.startswith(f"Example:  gradscope {command}"), stdout
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"gradscope {command}" in readme
+
+
+def test_python_dash_m_and_the_console_script_run():
+    done = subprocess.run([sys.executable, "-m", "gradscope", "list"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "probes" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "gradscope", "run", "--cell", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1

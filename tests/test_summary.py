@@ -1,0 +1,56 @@
+"""slope, half-life, horizon and verdict: a table of edge cases."""
+
+import math
+
+import numpy as np
+import pytest
+
+from gradscope.summary import summarize
+
+t = np.arange(1, 101)
+
+
+@pytest.mark.parametrize("profile, slope, half_life, horizon, verdict", [
+    (-0.25 * t, -0.25, math.log10(2) / 0.25, 25, "vanishing"),  # falls 6 decades at 24 steps back
+    (0.0 * t, 0.0, None, None, "stable"),
+    (-0.01 * t, -0.01, math.log10(2) / 0.01, None, "stable"),  # -0.99 decades: in the band
+    (-0.0102 * t, -0.0102, math.log10(2) / 0.0102, None, "vanishing"),  # -1.0098 decades
+    (0.0102 * t, 0.0102, None, None, "exploding"),
+    (np.where(t < 50, -0.001 * t, -np.inf), -0.001, math.log10(2) / 0.001, 50, "vanishing"),
+])
+def test_summary_table(profile, slope, half_life, horizon, verdict):
+    s = summarize(profile, t)
+    assert s.slope == pytest.approx(slope, abs=1e-12)
+    assert (s.half_life is None) == (half_life is None)
+    if half_life is not None:
+        assert s.half_life == pytest.approx(half_life)
+    assert s.horizon == horizon
+    assert s.verdict == verdict
+
+
+def test_horizon_is_relative_to_the_first_value_and_configurable():
+    profile = 3.0 - 0.1 * t  # start 2.9 at t = 1
+    assert summarize(profile, t).horizon == 61  # 2.9 - 6 = -3.1 reached at t = 61
+    assert summarize(profile, t, drop=2.0).horizon == 21
+
+
+def test_exactly_zero_everywhere_is_vanishing_with_no_slope():
+    s = summarize(np.full(100, -np.inf), t)
+    assert s.slope is None and s.verdict == "vanishing" and s.horizon == 1
+
+
+def test_not_computed_values_are_ignored_and_overflow_is_exploding():
+    profile = np.where(t < 40, 0.5 * t, np.nan)
+    s = summarize(profile, t, overflowed=True)
+    assert s.slope == pytest.approx(0.5) and s.verdict == "exploding"
+    assert s.end == pytest.approx(0.5 * 39)
+
+
+def test_verdict_band_is_configurable():
+    assert summarize(-0.01 * t, t, band=0.5).verdict == "vanishing"
+    assert summarize(-0.05 * t, t, band=5.0).verdict == "stable"
+
+
+def test_adjoint_axis_starts_at_zero():
+    k = np.arange(0, 100)
+    assert summarize(-0.5 * k, k).horizon == 12
