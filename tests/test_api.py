@@ -1,0 +1,80 @@
+"""The Python API: results, determinism, exploding networks, round trips."""
+
+import json
+
+import numpy as np
+import pytest
+
+import gradscope
+from gradscope import RunConfig, RunResult
+
+FAST = dict(hidden=6, batch=3, seq_len=40)
+
+
+def test_run_returns_profiles_and_summaries():
+    r = gradscope.run(cell="gru", task="copy", **FAST)
+    assert isinstance(r, RunResult)
+    assert list(r.profiles) == ["grad_h0", "jacobian", "adjoint"]
+    assert all(len(v) == 60 for v in r.profiles.values())  # copy runs T + 20 steps
+    assert r.task["seq_len"] == 60 and r.task["chance_loss"] == pytest.approx(10 * np.log(8) / 60)
+    assert r.summary["jacobian"].verdict in ("vanishing", "stable", "exploding")
+    frame = r.to_frame()
+    assert set(frame.columns) == {"probe", "axis", "step", "log10"} and len(frame) == 180
+    assert frame[frame.probe == "adjoint"].step.min() == 0
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers():
+    a, b = gradscope.run(seed=5, **FAST), gradscope.run(seed=5, **FAST)
+    c = gradscope.run(seed=6, **FAST)
+    for name in a.profiles:
+        assert np.array_equal(a.profiles[name], b.profiles[name])
+    assert not np.array_equal(a.profiles["grad_h0"], c.profiles["grad_h0"])
+
+
+def test_config_and_options_combine():
+    r = gradscope.run(RunConfig(cell="lstm", **FAST), forget_bias=2.0)
+    assert r.config.cell == "lstm" and r.config.forget_bias == 2.0
+
+
+def test_an_exploding_network_is_reported_with_its_step_not_raised(tmp_path):
+    # ReLU with W = 2I doubles the state every step: float32 overflows near step 128
+    r = gradscope.run(cell="rnn", activation="relu", init="identity", gain=2.0, dtype="float32",
+                      hidden=4, batch=2, seq_len=300, out=tmp_path)
+    assert r.nonfinite is not None and r.nonfinite["where"] == "state"
+    step = r.nonfinite["step"]
+    assert 100 < step < 160
+    jac = r.profiles["jacobian"]
+    assert np.isfinite(jac[: step - 1]).all() and np.isnan(jac[step - 1:]).all()
+    # before the overflow the Jacobian is exactly 2I (positive pre-activations): slope log10 2
+    assert r.summary["jacobian"].slope == pytest.approx(np.log10(2), abs=1e-6)
+    assert np.isnan(r.profiles["adjoint"]).all()  # the task loss itself is not finite
+    assert {s.verdict for s in r.summary.values()} == {"exploding"}
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["nonfinite"] == {"step": step, "where": "state"}
+    assert saved["profiles"]["jacobian"]["log10"][step - 1] is None
+
+
+def test_result_round_trips_through_json(tmp_path):
+    r = gradscope.run(cell="lstm", out=tmp_path, **FAST)
+    back = RunResult.load(tmp_path)
+    assert back.config == r.config and back.summary == r.summary and back.meta == r.meta
+    for name in r.profiles:
+        np.testing.assert_array_equal(back.profiles[name], r.profiles[name])
+
+
+def test_exact_zero_is_null_in_json_and_inf_in_memory():
+    r = RunResult(RunConfig(), {}, {"jacobian": np.array([0.0, -np.inf])}, {"jacobian": "t"},
+                  {}, None, {})
+    assert r.to_dict()["profiles"]["jacobian"]["log10"] == [0.0, None]
+
+
+def test_compare_loads_runs_and_checks_the_probe(tmp_path):
+    gradscope.run(cell="lstm", out=tmp_path / "a", **FAST)
+    gradscope.run(cell="rnn", out=tmp_path / "b", **FAST)
+    results = gradscope.compare([tmp_path / "a", tmp_path / "b"], "jacobian",
+                                tmp_path / "c.png")
+    assert len(results) == 2 and (tmp_path / "c.png").stat().st_size > 1000
+    with pytest.raises(gradscope.ConfigError, match="has no 'jacobian_c' profile"):
+        gradscope.compare([tmp_path / "a", tmp_path / "b"], "jacobian_c")
+    with pytest.raises(gradscope.ConfigError, match="holds no readable gradscope result"):
+        gradscope.compare([tmp_path / "missing"], "jacobian")
