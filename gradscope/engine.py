@@ -166,12 +166,14 @@ def _forward_pass(u: Unrolled, states: Tensor, g: Tensor, probes: Sequence[Probe
 def _reverse_pass(u: Unrolled, states: Tensor, g: Tensor, probes: Sequence[Probe],
                   out: dict[str, np.ndarray]) -> None:
     T, rows = u.seq_len, u.rows()
+    B = u.s0.shape[0]
     direct = u.weights.to(g.dtype)[:, None, None] * g  # (T, B, S): dL/ds_t through step t's loss
     adj, log_scale = _unit(direct[T - 1])  # lambda_T, per sample
+    per_sample = {p.name: torch.empty(T, B, dtype=torch.float64) for p in probes}  # ln, by k
     for t in range(T, 0, -1):
         ctx = ReverseStep(adj, log_scale, rows)
         for probe in probes:
-            out[probe.name][T - t] = probe(ctx).item()
+            per_sample[probe.name][T - t] = probe(ctx).cpu()
         if t == 1:
             break
         # lambda_{t-1} = J_t^T lambda_t + dL/ds_{t-1}, combined without leaving float range.
@@ -187,3 +189,24 @@ def _reverse_pass(u: Unrolled, states: Tensor, g: Tensor, probes: Sequence[Probe
         w_here = torch.where(live, torch.exp(ln_here - top), 0.0).to(adj.dtype)
         adj, ln_sum = _unit(w_back[:, None] * back + w_here[:, None] * here)
         log_scale = torch.where(live, top + ln_sum, -math.inf)
+    lengths = None if u.mask is None else u.mask.sum(0).cpu()
+    for name, ln in per_sample.items():
+        out[name][:] = _end_aligned_norm(ln, lengths).numpy()
+
+
+def _end_aligned_norm(ln: Tensor, lengths: Tensor | None) -> Tensor:
+    """(T, B) per-sample ln norms, by k back from step T -> (T,) ln of the norm over the batch,
+    by k back from each sequence's own last step.
+
+    A sequence that ended early holds its state, so its adjoint is constant over the held steps:
+    its k-th step back from its own end sits at k + (T - length) back from T. At a k past a
+    sequence's start it is absent (adds nothing to the norm); past every start the value is NaN.
+    """
+    if lengths is None:
+        return 0.5 * torch.logsumexp(2 * ln, dim=1)
+    T = ln.shape[0]
+    k = torch.arange(T)[:, None]  # (T, 1)
+    source = (k + (T - lengths)[None, :]).clamp(max=T - 1)  # (T, B)
+    aligned = torch.where(k < lengths[None, :], ln.gather(0, source), -math.inf)
+    total = 0.5 * torch.logsumexp(2 * aligned, dim=1)
+    return torch.where(k[:, 0] < lengths.max(), total, math.nan)

@@ -11,7 +11,8 @@ Names and meaning (H-path part "h", LSTM cell-state part "c"):
 - ``jacobian[t] = ||dh_t/dh_0||_F``: per sample, combined as the root mean square over the batch
   (a batch-size-free number: sqrt(mean_b ||J_b||_F^2)). t = 1..T.
 - ``adjoint[k] = ||dL/dh_{T-k}||``: L is the task loss; the signal BPTT sends back k steps.
-  k = 0..T-1.
+  k = 0..T-1. When lengths vary, k counts back from each sequence's own last step, and the
+  norm at k is over the sequences that have a step there.
 - ``grad_c0``, ``jacobian_c``: the same on the LSTM's cell state c (c_0 is an input of its own,
   so these are unambiguous). There is no ``adjoint_c``: autograd's dL/dc_t also runs through
   h_t = o_t tanh(c_t) inside the same step, which a per-step state adjoint does not see.
@@ -55,7 +56,9 @@ class Probe:
     pass_: str  # "forward" or "reverse"
     part: str  # the state part it concerns: "h" or "c"
     axis: str  # "t" (steps 1..T after h_0) or "k" (steps 0..T-1 back from T)
-    measure: Callable[..., Tensor]  # (step context, part) -> ln magnitude, a 0-dim float64
+    # (step context, part) -> ln magnitude in float64: forward probes return it combined over
+    # the batch (0-dim); reverse probes per sample (B,), for the engine to align and combine.
+    measure: Callable[..., Tensor]
 
     def __call__(self, ctx: ForwardStep | ReverseStep) -> Tensor:
         return self.measure(ctx, self.part)
@@ -88,8 +91,8 @@ def _grad(ctx: ForwardStep, part: str) -> Tensor:
 
 
 def _adjoint(ctx: ReverseStep, part: str) -> Tensor:
-    ln = _ln_norm(ctx.adjoint[:, ctx.rows[part]], -1) + ctx.log_scale  # (B,)
-    return 0.5 * torch.logsumexp(2 * ln, 0)
+    # Per sample: the engine aligns sequences of different lengths at their ends, then combines.
+    return _ln_norm(ctx.adjoint[:, ctx.rows[part]], -1) + ctx.log_scale  # (B,)
 
 
 PROBES.add("grad_h0", Probe("grad_h0", "forward", "h", "t", _grad),
