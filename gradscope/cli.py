@@ -49,6 +49,12 @@ def run_command(
     dtype: str = typer.Option(DEFAULTS.dtype, help="float64 | float32."),
     device: str = typer.Option(DEFAULTS.device, help="auto | cpu | cuda."),
     probes: str = typer.Option(None, help="Comma list of probes [default: all the cell has]."),
+    steps: int = typer.Option(DEFAULTS.steps, help="Train by BPTT for this many steps first."),
+    optimizer: str = typer.Option(DEFAULTS.optimizer, help="adam | rmsprop | sgd."),
+    lr: float = typer.Option(DEFAULTS.lr, help="Learning rate."),
+    clip: float = typer.Option(DEFAULTS.clip, help="Gradient-norm clipping; 0 turns it off."),
+    profile_every: int = typer.Option(DEFAULTS.profile_every,
+                                      help="Also measure every K training steps."),
     horizon_drop: float = typer.Option(DEFAULTS.horizon_drop,
                                        help="Decades of fall that define the horizon."),
     stable_decades: float = typer.Option(
@@ -66,6 +72,8 @@ def run_command(
         forget_bias=forget_bias, gate_init=gate_init, chrono_tmax=chrono_tmax, task=task,
         seq_len=seq_len, hidden=hidden, batch=batch, seed=seed, dtype=dtype, device=device,
         probes=_comma_list(probes), horizon_drop=horizon_drop, stable_decades=stable_decades,
+        steps=steps, optimizer=optimizer, lr=lr, clip=clip if clip != 0 else None,
+        profile_every=profile_every,
     )
     out = out if out is not None else Path("runs") / _default_name(config)
     result = api.run(config, out=out, command=" ".join(["gradscope", *_ARGV]))
@@ -125,6 +133,19 @@ def print_result(result: RunResult) -> None:
                       _fmt(s.end, ".1f", "-inf (exact 0)"),
                       f"[{colour[s.verdict]}]{s.verdict}[/]")
     out_console.print(table)
+    t = result.training
+    if t is not None:
+        if t.diverged_at is not None:
+            out_console.print(f"[magenta]training diverged at step {t.diverged_at} (loss or "
+                              "gradient not finite)[/]")
+        else:
+            acc = f", accuracy {t.accuracy:.3f}" if t.accuracy is not None else ""
+            verdict = "[green]learned[/]" if t.learned else "[red]not learned[/]"
+            out_console.print(f"trained {t.steps_done} steps: held-out loss {t.final_loss:.4g} "
+                              f"against chance {t.chance_loss:.4g}{acc}: {verdict}")
+        last = t.snapshots[-1]
+        out_console.print("after training: " + ", ".join(
+            f"{name} slope {_fmt(s.slope, '+.4f')}" for name, s in last.summary.items()))
     if result.nonfinite:
         out_console.print(f"[magenta]the forward pass left float range ({result.nonfinite['where']}"
                           f" not finite) at step {result.nonfinite['step']}; later steps are not "

@@ -34,6 +34,11 @@ class RunConfig:
     dtype: str = "float64"  # arithmetic of the model and the probes (log-scales are float64)
     device: str = "auto"  # auto picks cuda when available
     probes: tuple[str, ...] | None = None  # probe names to measure; None: all the cell supports
+    steps: int = 0  # BPTT training steps (0: measure at initialisation only)
+    optimizer: str = "adam"  # adam | rmsprop | sgd
+    lr: float = 1e-3  # learning rate
+    clip: float | None = 1.0  # gradient-norm clipping threshold (Pascanu et al. 2013); None: off
+    profile_every: int = 0  # also measure every K training steps (0: at the start and end only)
     horizon_drop: float = 6.0  # horizon = first step where a profile has fallen this many decades
     stable_decades: float = 1.0  # a profile whose fitted change stays within +-this is "stable"
 
@@ -42,6 +47,18 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        for name in ("steps", "profile_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
+        _finite("lr", self.lr)
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr!r}")
+        if self.clip is not None:
+            _finite("clip", self.clip)
+            if self.clip <= 0:
+                raise ConfigError(f"--clip must be positive (--clip 0 on the command line, or "
+                                  f"clip=None in Python, turns clipping off), got {self.clip!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}")
         if self.dtype not in DTYPES:

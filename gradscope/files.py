@@ -27,6 +27,28 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def check_writable_dir(path: Path, option: str = "--out") -> None:
+    """Raise ConfigError unless ``path`` is, or could be made as, a writable directory.
+
+    Creates nothing: the test file goes into ``path`` or its nearest existing ancestor.
+    """
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "exists and is not a directory" if existing == path else \
+            f"cannot be made: {existing} is not a directory"
+        raise ConfigError(f"{option} {path} {what}; give a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{option} {path} is not writable ({e.strerror}); give a writable "
+                          "directory") from None
+
+
 def ensure_writable_dir(path: Path, option: str = "--out") -> Path:
     """Create ``path`` if needed and prove that files can be created in it, or raise ConfigError."""
     path = Path(path)

@@ -47,6 +47,42 @@ class Model(nn.Module):
             return ((y - target) ** 2).sum(-1)
         return F.cross_entropy(y.flatten(0, 1), target.flatten(), reduction="none").view(n, -1)
 
+    def hidden_states(self, batch: Batch) -> Tensor:
+        """h_1..h_T (T, B, H) by a plain loop with autograd (training); ended samples hold."""
+        xps = self.cell.project(self.encode(batch.inputs))
+        mask = self.mask(batch)
+        state = self.cell.initial_state(xps.shape[1])
+        hs = []
+        for t in range(xps.shape[0]):
+            new = self.cell.step(xps[t], state)
+            if mask is not None:
+                new = tuple(torch.where(mask[t][:, None], n, o)
+                            for n, o in zip(new, state, strict=True))
+            state = new
+            hs.append(state[0])
+        return torch.stack(hs)
+
+    def loss(self, batch: Batch) -> Tensor:
+        """The task loss L = sum_t w_t mean_b loss_t, the quantity the engine's adjoint traces."""
+        hs = self.hidden_states(batch)
+        if self.task.per_step:
+            weights = self.loss_weights(batch).to(hs)
+            return (weights * self.step_losses(hs, batch).mean(dim=1)).sum()
+        return self.step_losses(hs[-1:], batch).mean()  # only step T carries weight
+
+    @torch.no_grad()
+    def accuracy(self, batch: Batch) -> float | None:
+        """Fraction of correct predictions where the task is scored; None for regression."""
+        if self.task.loss != "ce":
+            return None
+        hs = self.hidden_states(batch)
+        if self.task.per_step:
+            tail = self.task.accuracy_tail or batch.seq_len
+            predicted = self.readout(hs[-tail:]).argmax(-1)
+            return float((predicted == batch.targets[-tail:]).double().mean())
+        predicted = self.readout(hs[-1]).argmax(-1)
+        return float((predicted == batch.targets).double().mean())
+
     def loss_weights(self, batch: Batch) -> Tensor:
         """(T,) weights that turn per-step losses into the task loss L."""
         T = batch.seq_len
@@ -88,7 +124,18 @@ class Model(nn.Module):
 @dataclass(frozen=True)
 class Built:
     model: Model
-    batch: Batch
+    batch: Batch  # the probe batch: the sequences every profile is measured on
+    task: Task
+
+
+# Independent random streams of one seed: the weights, the probe batch, the training batches
+# and the held-out evaluation batch.
+STREAMS = ("weights", "probe", "train", "eval")
+
+
+def generator(seed: int, stream: str) -> torch.Generator:
+    k = STREAMS.index(stream)
+    return torch.Generator().manual_seed(seed if k == 0 else (seed * 1_000_003 + 7919 * k) % 2**63)
 
 
 def build(config: RunConfig, device: torch.device) -> Built:
@@ -99,9 +146,8 @@ def build(config: RunConfig, device: torch.device) -> Built:
     task = TASKS.get(config.task)
     CELLS.get(config.cell)  # an unknown cell fails before any data is drawn
     dtype = getattr(torch, config.dtype)
-    weights_gen = torch.Generator().manual_seed(config.seed)
-    data_gen = torch.Generator().manual_seed(_data_seed(config.seed))
-    batch = task.generate(config.seq_len, config.batch, data_gen)  # checks seq_len first
+    weights_gen = generator(config.seed, "weights")
+    batch = task.generate(config.seq_len, config.batch, generator(config.seed, "probe"))
     # Weights are drawn in float64 whatever the run's dtype, so that g*I and g*Q are exact
     # to float64 precision (the identities the tests check); then cast.
     previous = torch.get_default_dtype()
@@ -110,7 +156,7 @@ def build(config: RunConfig, device: torch.device) -> Built:
         model = _draw_model(config, task, batch.seq_len, weights_gen)
     finally:
         torch.set_default_dtype(previous)
-    return Built(model.to(device=device, dtype=dtype), batch.to(device, dtype))
+    return Built(model.to(device=device, dtype=dtype), batch.to(device, dtype), task)
 
 
 def _draw_model(config: RunConfig, task: Task, seq_len: int,
@@ -138,8 +184,3 @@ def _draw_model(config: RunConfig, task: Task, seq_len: int,
         model.readout.weight.uniform_(-bound, bound, generator=weights_gen)
         model.readout.bias.uniform_(-bound, bound, generator=weights_gen)
     return model
-
-
-def _data_seed(seed: int) -> int:
-    """A data stream independent of the weight stream of the same seed."""
-    return (seed * 1_000_003 + 7919) % (2**63)

@@ -8,7 +8,13 @@ result.json layout::
      "profiles": {"<probe>": {"axis": "t" | "k", "first_step": 1 | 0, "log10": [...]}},
      "summary": {"<probe>": {"slope", "half_life", "horizon", "verdict", "start", "end"}},
      "nonfinite": null | {"step": t, "where": "state" | "tangent"},
+     "training": null | {"steps_done", "diverged_at", "final_loss", "chance_loss", "accuracy",
+                         "learned", "curve": [...], "snapshots": [{"step", "profiles",
+                         "summary", "nonfinite"}, ...]},
      "meta": {"gradscope", "torch", "python", "device", "dtype", "time_utc", "command"}}
+
+``profiles`` and ``summary`` are measured at initialisation; with training, ``snapshots`` holds
+the same measured after ``step`` training steps.
 
 In ``log10`` lists, null stands for a value that is not a finite number: exactly zero (the
 profile's true log10 is -inf) or, at and after ``nonfinite.step``, not computed.
@@ -32,6 +38,64 @@ SCHEMA = "gradscope.run/1"
 FIRST_STEP = {"t": 1, "k": 0}  # axis -> the step of the first value
 
 
+def _log10_list(values: np.ndarray) -> list[float | None]:
+    return [float(v) if math.isfinite(v) else None for v in values]
+
+
+def _log10_array(values: list[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Profiles measured once, on the probe batch, after ``step`` training steps."""
+
+    step: int  # training steps taken before this measurement (0: initialisation)
+    profiles: dict[str, np.ndarray]  # probe -> (T,) log10; -inf exactly zero; NaN not computed
+    summary: dict[str, Summary]
+    nonfinite: dict | None  # {"step", "where"} when the forward pass left float range
+
+    def to_dict(self) -> dict:
+        return {"step": self.step,
+                "profiles": {k: _log10_list(v) for k, v in self.profiles.items()},
+                "summary": {k: s.to_dict() for k, s in self.summary.items()},
+                "nonfinite": self.nonfinite}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Snapshot:
+        return cls(d["step"], {k: _log10_array(v) for k, v in d["profiles"].items()},
+                   {k: Summary(**s) for k, s in d["summary"].items()}, d["nonfinite"])
+
+
+@dataclass(frozen=True)
+class Training:
+    """What BPTT training did: the loss curve, the outcome against chance, and snapshots."""
+
+    curve: list[float]  # training loss after steps 1..steps_done
+    steps_done: int
+    diverged_at: int | None  # step whose loss or gradient was NaN/Inf; training stopped there
+    final_loss: float | None  # held-out loss at the end; None when training diverged
+    chance_loss: float
+    accuracy: float | None  # held-out accuracy (classification tasks)
+    learned: bool  # final_loss <= LEARNED_FRACTION (0.5) of chance_loss
+    snapshots: list[Snapshot]  # profiles during training (steps > 0)
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("steps_done", "diverged_at", "final_loss",
+                                           "chance_loss", "accuracy", "learned")}
+        d["curve"] = [v if math.isfinite(v) else None for v in self.curve]
+        d["snapshots"] = [s.to_dict() for s in self.snapshots]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Training:
+        return cls(curve=[math.nan if v is None else v for v in d["curve"]],
+                   steps_done=d["steps_done"], diverged_at=d["diverged_at"],
+                   final_loss=d["final_loss"], chance_loss=d["chance_loss"],
+                   accuracy=d["accuracy"], learned=d["learned"],
+                   snapshots=[Snapshot.from_dict(s) for s in d["snapshots"]])
+
+
 @dataclass(frozen=True)
 class RunResult:
     config: RunConfig
@@ -41,6 +105,17 @@ class RunResult:
     summary: dict[str, Summary]
     nonfinite: dict | None  # {"step", "where"} when the forward pass left float range
     meta: dict
+    training: Training | None = None  # with --steps: the training run and its snapshots
+
+    @property
+    def initial(self) -> Snapshot:
+        """The measurement at initialisation, as a snapshot."""
+        return Snapshot(0, self.profiles, self.summary, self.nonfinite)
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        """Every measurement: at initialisation, then during training."""
+        return [self.initial, *(self.training.snapshots if self.training else [])]
 
     def steps(self, probe: str) -> np.ndarray:
         first = FIRST_STEP[self.axes[probe]]
@@ -55,12 +130,13 @@ class RunResult:
                 name: {
                     "axis": self.axes[name],
                     "first_step": FIRST_STEP[self.axes[name]],
-                    "log10": [float(v) if math.isfinite(v) else None for v in values],
+                    "log10": _log10_list(values),
                 }
                 for name, values in self.profiles.items()
             },
             "summary": {name: s.to_dict() for name, s in self.summary.items()},
             "nonfinite": self.nonfinite,
+            "training": None if self.training is None else self.training.to_dict(),
             "meta": self.meta,
         }
 
@@ -83,10 +159,7 @@ class RunResult:
     def from_dict(cls, d: dict) -> RunResult:
         if d.get("schema") != SCHEMA:
             raise ValueError(f"not a {SCHEMA} result (schema {d.get('schema')!r})")
-        profiles = {
-            name: np.array([np.nan if v is None else v for v in p["log10"]], dtype=np.float64)
-            for name, p in d["profiles"].items()
-        }
+        profiles = {name: _log10_array(p["log10"]) for name, p in d["profiles"].items()}
         return cls(
             config=RunConfig.from_dict(d["config"]),
             task=d["task"],
@@ -95,6 +168,7 @@ class RunResult:
             summary={name: Summary(**s) for name, s in d["summary"].items()},
             nonfinite=d["nonfinite"],
             meta=d["meta"],
+            training=None if d.get("training") is None else Training.from_dict(d["training"]),
         )
 
     @classmethod

@@ -49,6 +49,7 @@ class Task:
     chance: Callable[[int], float]  # T -> loss of a model that learned nothing
     make: Callable[[int, int, torch.Generator], Batch]
     tokens: bool = False  # inputs are token ids fed through an embedding
+    accuracy_tail: int | None = None  # per-step tasks: accuracy over the last N steps only
 
     def generate(self, seq_len: int, batch: int, generator: torch.Generator) -> Batch:
         if seq_len < self.min_len:
@@ -113,6 +114,7 @@ TASKS.add("copy", Task(
     variant="10 symbols from {1..8}, T-1 blanks, delimiter, 10 blanks; CE over all T+20 steps",
     input_size=COPY_SYMBOLS, n_out=9, loss="ce", per_step=True, min_len=1,
     chance=lambda T: COPY_DATA * math.log(8) / (T + 2 * COPY_DATA), make=_copy,
+    accuracy_tail=COPY_DATA,
 ), "copying memory over a delay T (Arjovsky et al. 2016); chance 10 ln 8 / (T+20)")
 
 

@@ -78,7 +78,7 @@ def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
     code, _, stderr = _main(["run", *FAST, "--out", str(blocker / "sub")], capsys)
-    assert code == 2 and "is not writable" in stderr and len(stderr.strip().splitlines()) == 1
+    assert code == 2 and "is not a directory" in stderr and len(stderr.strip().splitlines()) == 1
     code, _, stderr = _main(["run", *FAST, "--out", str(blocker)], capsys)
     assert code == 2 and "is not a directory" in stderr
     assert blocker.read_text() == "keep me"

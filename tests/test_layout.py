@@ -15,8 +15,9 @@ LAYERS = [
     {"activations", "cells", "inits", "tasks", "probes"},  # the zoo
     {"engine"},
     {"model"},
-    {"results"},
-    {"plots"},
+    {"results", "train"},
+    {"plots", "measure"},
+    {"runner"},
     {"api", "__init__"},
     {"cli", "__main__"},
 ]

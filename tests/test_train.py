@@ -1,0 +1,81 @@
+"""BPTT training: the loss it minimises, learning, divergence, snapshots, determinism."""
+
+import numpy as np
+import pytest
+import torch
+
+import gradscope
+from gradscope.config import RunConfig
+from gradscope.errors import ConfigError
+
+
+def test_model_loss_is_the_task_loss_the_adjoint_traces(make):
+    # L = sum_t w_t mean_b loss_t, for a final-target, a per-step and a variable-length task
+    for task, T in (("adding", 12), ("copy", 6), ("language", 30)):
+        model, batch = make(cell="gru", task=task, hidden=4, batch=3, seq_len=T)
+        unrolled = model.unroll(batch)
+        s = unrolled.s0
+        states = []
+        for t in range(1, batch.seq_len + 1):
+            s = unrolled.step_at(t)(s)
+            states.append(s)
+        per_step = unrolled.losses(torch.stack(states)).mean(dim=1)
+        expected = (unrolled.weights.to(per_step) * per_step).sum()
+        assert float(model.loss(batch)) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_lstm_learns_a_short_recall():
+    r = gradscope.run(cell="lstm", task="recall", seq_len=5, hidden=16, batch=32, steps=150,
+                      lr=0.01)
+    t = r.training
+    assert t.steps_done == 150 and t.diverged_at is None and len(t.curve) == 150
+    assert np.mean(t.curve[-10:]) < 0.5 * np.mean(t.curve[:10])
+    assert t.learned and t.final_loss < 0.5 * t.chance_loss and t.accuracy > 0.9
+
+
+def test_untrainable_long_recall_is_not_learned():
+    r = gradscope.run(cell="rnn", task="recall", seq_len=60, hidden=8, batch=16, steps=20)
+    assert not r.training.learned and r.training.final_loss > 0.5 * r.training.chance_loss
+
+
+def test_divergence_is_recorded_and_training_stops():
+    r = gradscope.run(cell="rnn", activation="relu", init="identity", gain=1.5, task="adding",
+                      seq_len=60, hidden=8, batch=8, steps=50, optimizer="sgd", lr=1e4,
+                      clip=None)
+    t = r.training
+    assert t.diverged_at is not None and t.steps_done == t.diverged_at - 1
+    assert t.final_loss is None and not t.learned
+
+
+def test_snapshots_every_k_steps_and_at_the_end():
+    r = gradscope.run(cell="gru", task="adding", seq_len=10, hidden=4, batch=4, steps=7,
+                      profile_every=3)
+    assert [s.step for s in r.snapshots] == [0, 3, 6, 7]
+    assert set(r.snapshots[-1].profiles) == set(r.profiles)
+    # training changed the weights, so the profiles changed
+    assert not np.array_equal(r.snapshots[-1].profiles["grad_h0"], r.profiles["grad_h0"])
+
+
+def test_training_is_deterministic_and_round_trips(tmp_path):
+    options = dict(cell="lstm", task="copy", seq_len=5, hidden=4, batch=4, steps=5,
+                   out=tmp_path)
+    a, b = gradscope.run(**options), gradscope.run(**options)
+    assert a.training.curve == b.training.curve
+    back = gradscope.RunResult.load(tmp_path)
+    assert back.training.curve == b.training.curve
+    assert back.training.snapshots[-1].summary == b.training.snapshots[-1].summary
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(steps=-1), "--steps must be a non-negative integer"),
+    (dict(lr=0.0), "--lr must be positive"),
+    (dict(clip=0.0), "--clip must be positive"),
+])
+def test_bad_training_options(options, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**options)
+
+
+def test_unknown_optimizer():
+    with pytest.raises(ConfigError, match="unknown optimizer 'adamw' for --optimizer"):
+        gradscope.run(optimizer="adamw", seq_len=5, hidden=2, batch=2)
