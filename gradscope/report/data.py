@@ -1,0 +1,239 @@
+"""The report as plain data, built from a results store before anything is drawn.
+
+Runs that differ only by seed form a *configuration*; every figure shows configurations, with
+seeds aggregated as the median and the min-max band (in log10).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..store import Store
+
+# Options that name a configuration, in the order a label shows them.
+NAMING = ("cell", "activation", "init", "gain", "forget_bias", "gate_init", "input_init")
+CONTEXT = ("task", "seq_len", "hidden", "batch", "steps", "optimizer", "lr", "clip", "dtype")
+
+
+@dataclass(frozen=True)
+class Line:
+    """One configuration's profile (or curve) over its seeds."""
+
+    label: str
+    steps: np.ndarray  # x values
+    median: np.ndarray  # log10 (or loss), NaN where no seed has a finite value
+    low: np.ndarray
+    high: np.ndarray
+    seeds: int
+
+
+@dataclass(frozen=True)
+class Comparison:
+    key: str  # activations | initialisations | gated | cell-state
+    title: str
+    probe: str
+    fixed: str  # what the lines share, in words
+    lines: list[Line]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration in the ranking table (medians over seeds)."""
+
+    label: str
+    seeds: int
+    slope: float | None
+    half_life: float | None
+    horizon: float | None
+    verdict: str  # the most common verdict over seeds
+    final_loss: float | None
+    chance_loss: float | None
+    learned: str  # "k/n" seeds learned, or "-" when not trained
+    accuracy: float | None
+
+
+@dataclass(frozen=True)
+class ReportData:
+    probe: str  # the probe the comparisons and ranking use
+    comparisons: list[Comparison]
+    heatmap_labels: list[str]
+    heatmap: np.ndarray  # (configurations, steps) median log10 of ``probe``
+    ranking: list[Row]
+    curves: list[Line]  # training loss / chance, per configuration
+    over_training: dict[str, list[Line]]  # label -> one line per training step measured
+    failed: list[tuple[str, str]]  # (configuration, error) for runs that failed
+    meta: dict = field(default_factory=dict)
+
+
+def build(store: Store, probe: str = "grad_h0") -> ReportData:
+    runs = store.runs()
+    ok = runs[runs.status == "ok"].copy()
+    configs = [json.loads(c) for c in ok.config]
+    varying = [k for k in CONTEXT if len({json.dumps(c.get(k)) for c in configs}) > 1]
+    ok["label"] = [_label(c, varying) for c in configs]
+    profiles = _profiles(store, set(ok.run_id))
+    summaries = store.summaries()
+    groups = {label: frame for label, frame in ok.groupby("label", sort=False)}
+
+    def line(label: str, which: str, step: int = 0) -> Line | None:
+        arrays = [profiles.get((rid, step, which)) for rid in groups[label].run_id]
+        arrays = [a for a in arrays if a is not None]
+        return _aggregate(label, arrays) if arrays else None
+
+    comparisons = [c for c in _comparisons(ok, probe, line) if c.lines]
+    order = _ranking(ok, summaries, probe, groups)
+    heat_lines = [line(row.label, probe) for row in order]
+    heat_labels = [row.label for row, hl in zip(order, heat_lines, strict=True) if hl]
+    heat_lines = [hl for hl in heat_lines if hl]
+    width = max((len(hl.median) for hl in heat_lines), default=0)
+    heatmap = np.full((len(heat_lines), width), np.nan)
+    for i, hl in enumerate(heat_lines):
+        heatmap[i, : len(hl.median)] = hl.median
+
+    curves = store.curves()
+    curve_lines = []
+    for label, frame in groups.items():
+        per_run = []
+        for rid, chance in zip(frame.run_id, frame.chance_loss, strict=True):
+            losses = curves[curves.run_id == rid].loss.to_numpy(dtype=float)
+            if len(losses):
+                per_run.append(losses / chance)
+        if per_run:
+            curve_lines.append(_aggregate(label, per_run, first=1, log=False))
+
+    over_training = {}
+    for label, frame in groups.items():
+        steps = sorted({s for (rid, s, p) in profiles if p == probe and rid in set(frame.run_id)})
+        if len(steps) > 1:
+            over_training[label] = [
+                _relabel(line(label, probe, s), f"after {s} steps") for s in steps]
+
+    failed = [(_label(json.loads(r.config), varying) + f" seed {r.seed:g}", r.error or "")
+              for r in runs[runs.status != "ok"].itertuples()]
+    return ReportData(probe, comparisons, heat_labels, heatmap, order, curve_lines,
+                      over_training, failed, _meta(store, runs))
+
+
+def _label(c: dict, varying: list[str]) -> str:
+    parts = [c["cell"] if c["cell"] != "rnn" else f"rnn/{c.get('activation') or 'tanh'}"]
+    parts.append(c["init"])
+    if c.get("gain", 1.0) != 1.0:
+        parts.append(f"g={c['gain']:g}")
+    if c.get("forget_bias") is not None:
+        parts.append(f"forget-bias {c['forget_bias']:g}")
+    if c.get("gate_init", "none") != "none":
+        parts.append(c["gate_init"])
+    if c.get("input_init", "pytorch") != "pytorch":
+        parts.append(f"input {c['input_init']}")
+    parts += [f"{k.replace('_', '-')} {c[k]}" for k in varying]
+    return " ".join(parts)
+
+
+def _profiles(store: Store, run_ids: set[str]) -> dict[tuple[str, int, str], np.ndarray]:
+    return {(rid, step, probe): values for rid, step, probe, _, _, values in store.profiles()
+            if rid in run_ids}
+
+
+def _aggregate(label: str, arrays: list[np.ndarray], first: int = 1, log: bool = True) -> Line:
+    width = max(len(a) for a in arrays)
+    stack = np.full((len(arrays), width), np.nan)
+    for i, a in enumerate(arrays):
+        stack[i, : len(a)] = a
+    if log:  # exact zeros (-inf) sit below everything; NaN (not computed) is left out
+        stack = np.where(np.isneginf(stack), np.nan, stack)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
+        median = np.nanmedian(stack, axis=0)
+        low, high = np.nanmin(stack, axis=0), np.nanmax(stack, axis=0)
+    return Line(label, np.arange(first, first + width), median, low, high, len(arrays))
+
+
+def _relabel(line: Line, label: str) -> Line:
+    return Line(label, line.steps, line.median, line.low, line.high, line.seeds)
+
+
+def _comparisons(ok: pd.DataFrame, probe: str, line) -> list[Comparison]:
+    rnn = ok[ok.cell == "rnn"]
+    inits = Counter(rnn.drop_duplicates("label").init)
+    ref_init = "pytorch" if inits.get("pytorch", 0) == max(inits.values(), default=0) \
+        else (inits.most_common(1)[0][0] if inits else None)
+    labels = lambda frame: list(dict.fromkeys(frame.label))  # noqa: E731 (ordered, unique)
+
+    activations = rnn[rnn.init == ref_init]
+    per_activation = rnn.drop_duplicates("label").groupby("activation").init.nunique()
+    several = set(per_activation[per_activation >= 2].index)
+    inits_frame = rnn[rnn.activation.isin(several)]
+    ref_act = "tanh" if "tanh" in set(activations.activation) else \
+        (activations.activation.mode().iat[0] if len(activations) else None)
+    gated = pd.concat([activations[activations.activation == ref_act], ok[ok.cell != "rnn"]])
+    lstm = ok[ok.cell == "lstm"]
+
+    def comparison(key, title, which, fixed, frame):
+        lines = [line(label, which) for label in labels(frame)]
+        return Comparison(key, title, which, fixed, [x for x in lines if x is not None])
+
+    result = []
+    if activations.label.nunique() >= 2:
+        result.append(comparison("activations", "Activation functions", probe,
+                                 f"vanilla RNN, initialisation {ref_init}", activations))
+    if inits_frame.label.nunique() >= 2:
+        result.append(comparison("initialisations", "Initialisations", probe,
+                                 "vanilla RNN, per activation", inits_frame))
+    if ok[ok.cell != "rnn"].label.nunique() >= 1 and gated.label.nunique() >= 2:
+        result.append(comparison("gated", "Gated cells", probe,
+                                 f"against the rnn/{ref_act} {ref_init} baseline", gated))
+    if lstm.label.nunique() >= 1:
+        result.append(comparison("cell-state", "LSTM cell-state path", "jacobian_c",
+                                 "||dc_t/dc_0||: where the LSTM keeps its memory", lstm))
+    return result
+
+
+def _ranking(ok: pd.DataFrame, summaries: pd.DataFrame, probe: str, groups) -> list[Row]:
+    initial = summaries[(summaries.train_step == 0) & (summaries.probe == probe)]
+    rows = []
+    for label, frame in groups.items():
+        s = initial[initial.run_id.isin(frame.run_id)]
+        if s.empty:
+            continue
+        trained = frame[frame.steps_done.notna()]
+        rows.append(Row(
+            label=label, seeds=len(frame),
+            slope=_median(s.slope), half_life=_median(s.half_life), horizon=_median(s.horizon),
+            verdict=Counter(s.verdict).most_common(1)[0][0],
+            final_loss=_median(trained.final_loss) if len(trained) else None,
+            chance_loss=_median(frame.chance_loss),
+            learned=f"{int(trained.learned.sum())}/{len(trained)}" if len(trained) else "-",
+            accuracy=_median(trained.accuracy) if len(trained) else None,
+        ))
+    # best first: the slowest decay (largest slope); runs with no slope last
+    return sorted(rows, key=lambda r: -np.inf if r.slope is None else r.slope, reverse=True)
+
+
+def _median(series: pd.Series) -> float | None:
+    values = pd.to_numeric(series, errors="coerce").dropna()
+    return float(values.median()) if len(values) else None
+
+
+def _meta(store: Store, runs: pd.DataFrame) -> dict:
+    sweeps = store.sweeps()
+    metas = [json.loads(m) for m in runs.meta.dropna()]
+    first = metas[0] if metas else {}
+    return {
+        "runs": int(len(runs)),
+        "finished": int((runs.status == "ok").sum()),
+        "failed": int((runs.status != "ok").sum()),
+        "commands": list(dict.fromkeys(sweeps.command)) if len(sweeps) else [],
+        "sweep_started_utc": sweeps.started_utc.min() if len(sweeps) else None,
+        "last_run_utc": runs.finished_utc.max() if len(runs) else None,
+        "gradscope": first.get("gradscope"),
+        "torch": first.get("torch"),
+        "python": first.get("python"),
+        "device": first.get("device_name") or first.get("device"),
+        "dtype": sorted({m.get("dtype") for m in metas}) if metas else [],
+    }

@@ -1,0 +1,108 @@
+"""The report's figures, one small function each: data in, matplotlib figure out."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .data import Comparison, Line  # noqa: E402
+
+AXIS = {"grad_h0": "t (steps after h_0)", "jacobian": "t (steps after h_0)",
+        "jacobian_c": "t (steps after c_0)", "grad_c0": "t (steps after c_0)",
+        "adjoint": "k (steps back from the loss)"}
+
+
+def _lines(ax: plt.Axes, lines: list[Line]) -> None:
+    colours = plt.cm.tab10.colors if len(lines) <= 10 else plt.cm.tab20.colors
+    for i, line in enumerate(lines):
+        colour = colours[i % len(colours)]
+        finite = np.isfinite(line.median)
+        ax.plot(line.steps[finite], line.median[finite], color=colour, lw=1.8,
+                label=f"{line.label} ({line.seeds} seed{'s' if line.seeds > 1 else ''})")
+        band = np.isfinite(line.low) & np.isfinite(line.high)
+        if line.seeds > 1 and band.any():
+            ax.fill_between(line.steps[band], line.low[band], line.high[band], color=colour,
+                            alpha=0.18, lw=0)
+
+
+def comparison(c: Comparison) -> plt.Figure:
+    """One probe against time distance, one line per configuration, min-max band over seeds."""
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=100)
+    _lines(ax, c.lines)
+    ax.set_title(f"{c.title}: {c.probe} ({c.fixed})", fontsize=10)
+    ax.set_xlabel(AXIS.get(c.probe, "step"))
+    ax.set_ylabel(f"log10 {c.probe}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7.5, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(labels: list[str], matrix: np.ndarray, probe: str) -> plt.Figure:
+    """Configuration x timestep, colour = log10 magnitude (median over seeds)."""
+    fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.32 * max(len(labels), 2)), dpi=100)
+    masked = np.ma.masked_invalid(matrix)
+    image = ax.imshow(masked, aspect="auto", cmap="viridis", interpolation="nearest",
+                      extent=(0.5, matrix.shape[1] + 0.5, len(labels) - 0.5, -0.5))
+    ax.set_yticks(range(len(labels)), labels, fontsize=7.5)
+    ax.set_xlabel(AXIS.get(probe, "step"))
+    ax.set_title(f"log10 {probe} per configuration and step (best first)", fontsize=10)
+    fig.colorbar(image, ax=ax, label="log10", pad=0.01)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(lines: list[Line]) -> plt.Figure:
+    """Training loss relative to chance (1 = a model that learned nothing)."""
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=100)
+    _lines(ax, lines)
+    ax.axhline(1.0, color="black", ls="--", lw=1, label="chance")
+    ax.axhline(0.5, color="grey", ls=":", lw=1, label="learned below this")
+    top = max((np.nanmax(x.high) for x in lines if np.isfinite(x.high).any()), default=1.5)
+    ax.set_ylim(0, min(max(1.6, 1.05 * top), 3.0) if math.isfinite(top) else 3.0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss / chance loss")
+    ax.set_title("Training curves (median over seeds)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7.5, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def over_training(panels: dict[str, list[Line]], probe: str) -> plt.Figure:
+    """Small multiples: each configuration's profile at each measured training step."""
+    n = len(panels)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), dpi=100,
+                             squeeze=False, sharey=True)
+    for ax, (label, lines) in zip(axes.flat, panels.items(), strict=False):
+        colours = plt.cm.plasma(np.linspace(0, 0.85, len(lines)))
+        for colour, line in zip(colours, lines, strict=True):
+            finite = np.isfinite(line.median)
+            ax.plot(line.steps[finite], line.median[finite], color=colour, lw=1.3,
+                    label=line.label)
+        ax.set_title(label, fontsize=8)
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=6.5, loc="lower left")
+    fig.suptitle(f"log10 {probe} while training (darker: earlier)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def png(fig: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png")
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()

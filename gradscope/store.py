@@ -1,0 +1,240 @@
+"""The results store: one SQLite database per sweep folder, one transaction per finished run.
+
+Tables (schema ``gradscope.store/1``, kept in ``meta``):
+
+- ``runs``: one row per run: ``run_id`` (a hash of its configuration), configuration columns,
+  ``status`` (ok | failed), ``error``, training outcome, metadata.
+- ``summaries``: (run_id, train_step, probe) -> slope, half_life, horizon, verdict, start, end.
+- ``profiles``: (run_id, train_step, probe) -> axis, first_step, log10 as float64 bytes.
+- ``curves``: (run_id, step) -> training loss.
+- ``sweeps``: one row per invocation that wrote here (command, versions, time).
+
+A run is written with all its rows in one transaction, so a sweep killed at any point leaves
+only whole runs behind; a rerun skips them by run_id (a primary key: no duplicates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import RunConfig
+from .errors import ConfigError
+from .results import RunResult, Snapshot, Training
+from .summary import Summary
+
+SCHEMA = "gradscope.store/1"
+FILENAME = "gradscope.sqlite"
+CONFIG_COLUMNS = ("cell", "activation", "init", "gain", "input_init", "forget_bias",
+                  "gate_init", "task", "seq_len", "hidden", "batch", "seed", "steps",
+                  "optimizer", "lr", "clip", "dtype")
+
+_TEXT_COLUMNS = {"cell", "activation", "init", "input_init", "gate_init", "task", "optimizer",
+                 "dtype"}
+_CONFIG_DDL = ", ".join(f"{c} {'TEXT' if c in _TEXT_COLUMNS else 'REAL'}" for c in CONFIG_COLUMNS)
+_TABLES = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    group_key TEXT NOT NULL,
+    config TEXT NOT NULL,
+    {_CONFIG_DDL},
+    status TEXT NOT NULL,
+    error TEXT,
+    task_info TEXT,
+    meta TEXT,
+    nonfinite TEXT,
+    steps_done INTEGER, diverged_at INTEGER, final_loss REAL, chance_loss REAL,
+    accuracy REAL, learned INTEGER,
+    duration_s REAL,
+    finished_utc TEXT
+);
+CREATE TABLE IF NOT EXISTS summaries (
+    run_id TEXT NOT NULL, train_step INTEGER NOT NULL, probe TEXT NOT NULL,
+    slope REAL, half_life REAL, horizon INTEGER, verdict TEXT, start REAL, end_ REAL,
+    PRIMARY KEY (run_id, train_step, probe));
+CREATE TABLE IF NOT EXISTS profiles (
+    run_id TEXT NOT NULL, train_step INTEGER NOT NULL, probe TEXT NOT NULL,
+    axis TEXT NOT NULL, first_step INTEGER NOT NULL, log10 BLOB NOT NULL,
+    PRIMARY KEY (run_id, train_step, probe));
+CREATE TABLE IF NOT EXISTS curves (
+    run_id TEXT NOT NULL, step INTEGER NOT NULL, loss REAL,
+    PRIMARY KEY (run_id, step));
+CREATE TABLE IF NOT EXISTS sweeps (started_utc TEXT, command TEXT, meta TEXT);
+"""
+
+
+def run_id(config: RunConfig) -> str:
+    """A stable name for a configuration: the same options give the same id, run after run."""
+    canonical = json.dumps(config.to_dict(), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def group_key(config: RunConfig) -> str:
+    """The configuration without its seed: runs that differ only by seed share it."""
+    return run_id(config.replace(seed=0))
+
+
+class Store:
+    """The database in ``folder``; created on first use, refused if it is not a gradscope store."""
+
+    def __init__(self, folder: Path, *, create: bool = True) -> None:
+        self.path = Path(folder) / FILENAME
+        if not create and not self.path.exists():
+            raise ConfigError(f"{folder} holds no results ({FILENAME} not found); run "
+                              "`gradscope sweep --out DIR` first")
+        try:
+            self.db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            schema = self._schema()
+            if schema is None:
+                self.db.executescript(_TABLES)
+                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA,))
+            elif schema != SCHEMA:
+                raise ConfigError(f"{self.path} is a {schema} store; this gradscope reads "
+                                  f"{SCHEMA}")
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"{self.path} cannot be used as a results store ({e}); move it "
+                              "away or choose another --out") from None
+
+    def _schema(self) -> str | None:
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
+        if not tables:
+            return None
+        if "meta" not in tables:
+            raise ConfigError(f"{self.path} is an SQLite file but not a gradscope store; move "
+                              "it away or choose another --out")
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        return row[0] if row else "unknown"
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def finished_ids(self) -> set[str]:
+        """Runs that completed (status ok): a resumed sweep skips these."""
+        return {r[0] for r in self.db.execute("SELECT run_id FROM runs WHERE status = 'ok'")}
+
+    def add_sweep(self, started_utc: str, command: str, meta: dict) -> None:
+        self.db.execute("INSERT INTO sweeps VALUES (?, ?, ?)",
+                        (started_utc, command, json.dumps(meta)))
+
+    def add(self, config: RunConfig, result: RunResult | None, *, error: str | None = None,
+            duration_s: float | None = None, finished_utc: str | None = None) -> str:
+        """Write one run, all its rows, in one transaction; replaces an earlier failed try."""
+        rid = run_id(config)
+        cfg = config.to_dict()
+        row = {
+            "run_id": rid, "group_key": group_key(config), "config": json.dumps(cfg),
+            **{c: cfg[c] for c in CONFIG_COLUMNS},
+            "status": "ok" if result is not None else "failed", "error": error,
+            "duration_s": duration_s, "finished_utc": finished_utc,
+        }
+        if result is not None:
+            t = result.training
+            row.update(task_info=json.dumps(result.task), meta=json.dumps(result.meta),
+                       nonfinite=json.dumps(result.nonfinite),
+                       chance_loss=result.task["chance_loss"])
+            if t is not None:
+                row.update(steps_done=t.steps_done, diverged_at=t.diverged_at,
+                           final_loss=t.final_loss, accuracy=t.accuracy, learned=int(t.learned))
+        with self.db:  # BEGIN ... COMMIT, or ROLLBACK on any error
+            self.db.execute("BEGIN IMMEDIATE")
+            for table in ("runs", "summaries", "profiles", "curves"):
+                self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (rid,))
+            self.db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES "
+                            f"({', '.join('?' * len(row))})", tuple(row.values()))
+            if result is not None:
+                self._add_snapshots(rid, result)
+        return rid
+
+    def _add_snapshots(self, rid: str, result: RunResult) -> None:
+        for snap in result.snapshots:
+            for probe, values in snap.profiles.items():
+                s = snap.summary[probe]
+                self.db.execute("INSERT INTO summaries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                (rid, snap.step, probe, *_nullable(s)))
+                axis = result.axes[probe]
+                self.db.execute("INSERT INTO profiles VALUES (?, ?, ?, ?, ?, ?)",
+                                (rid, snap.step, probe, axis, 1 if axis == "t" else 0,
+                                 np.asarray(values, dtype="<f8").tobytes()))
+        if result.training is not None:
+            self.db.executemany("INSERT INTO curves VALUES (?, ?, ?)",
+                                [(rid, i + 1, v if math.isfinite(v) else None)
+                                 for i, v in enumerate(result.training.curve)])
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def runs(self) -> pd.DataFrame:
+        return pd.read_sql_query("SELECT * FROM runs ORDER BY rowid", self.db)
+
+    def summaries(self) -> pd.DataFrame:
+        frame = pd.read_sql_query("SELECT * FROM summaries", self.db)
+        return frame.rename(columns={"end_": "end"})
+
+    def curves(self) -> pd.DataFrame:
+        return pd.read_sql_query("SELECT * FROM curves ORDER BY run_id, step", self.db)
+
+    def profiles(self) -> Iterator[tuple[str, int, str, str, int, np.ndarray]]:
+        """(run_id, train_step, probe, axis, first_step, log10 array) for every profile."""
+        for rid, step, probe, axis, first, blob in self.db.execute(
+                "SELECT * FROM profiles ORDER BY run_id, train_step, probe"):
+            yield rid, step, probe, axis, first, np.frombuffer(blob, dtype="<f8")
+
+    def sweeps(self) -> pd.DataFrame:
+        return pd.read_sql_query("SELECT * FROM sweeps", self.db)
+
+    def result(self, rid: str) -> RunResult:
+        """Rebuild one finished run's RunResult."""
+        row = self.db.execute("SELECT config, task_info, meta, nonfinite, steps_done, "
+                              "diverged_at, final_loss, chance_loss, accuracy, learned "
+                              "FROM runs WHERE run_id = ? AND status = 'ok'", (rid,)).fetchone()
+        if row is None:
+            raise KeyError(rid)
+        config, task, meta, nonfinite = (json.loads(v) for v in row[:4])
+        snaps: dict[int, dict] = {}
+        axes: dict[str, str] = {}
+        for r, step, probe, axis, _, values in self.profiles_of(rid):
+            axes[probe] = axis
+            snaps.setdefault(step, {})[probe] = values
+        sums: dict[int, dict] = {}
+        for step, probe, *fields in self.db.execute(
+                "SELECT train_step, probe, slope, half_life, horizon, verdict, start, end_ "
+                "FROM summaries WHERE run_id = ?", (rid,)):
+            sums.setdefault(step, {})[probe] = Summary(*fields)
+        snapshots = [Snapshot(step, snaps[step], sums[step], nonfinite if step == 0 else None)
+                     for step in sorted(snaps)]
+        training = None
+        if row[4] is not None:
+            curve = [math.nan if v is None else v for (v,) in self.db.execute(
+                "SELECT loss FROM curves WHERE run_id = ? ORDER BY step", (rid,))]
+            training = Training(curve=curve, steps_done=row[4], diverged_at=row[5],
+                                final_loss=row[6], chance_loss=row[7], accuracy=row[8],
+                                learned=bool(row[9]), snapshots=snapshots[1:])
+        first = snapshots[0]
+        return RunResult(RunConfig.from_dict(config), task, first.profiles, axes, first.summary,
+                         nonfinite, meta, training)
+
+    def profiles_of(self, rid: str) -> Iterator[tuple[str, int, str, str, int, np.ndarray]]:
+        for r, step, probe, axis, first, blob in self.db.execute(
+                "SELECT * FROM profiles WHERE run_id = ? ORDER BY train_step", (rid,)):
+            yield r, step, probe, axis, first, np.frombuffer(blob, dtype="<f8")
+
+
+def _nullable(s: Summary) -> tuple:
+    return tuple(None if isinstance(v, float) and not math.isfinite(v) else v
+                 for v in (s.slope, s.half_life, s.horizon, s.verdict, s.start, s.end))

@@ -1,0 +1,308 @@
+"""Sweeps: expand a grid (or a preset, or a TOML file) into runs, execute them in parallel, and
+stream every finished run into the store. Executors sit behind one small interface.
+
+A sweep's runs are RunConfigs. Axes that make no sense for a cell collapse instead of failing:
+an LSTM or GRU ignores the activation axis, a vanilla RNN the gate options; each collapse is
+reported once as a note, and the duplicates it makes are dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Protocol
+
+import tomllib
+import torch
+
+from .cells import CELLS
+from .config import RunConfig
+from .errors import ConfigError
+from .registry import Registry
+from .results import RunResult
+from .runner import check, execute
+from .store import Store, run_id
+
+RUN_FIELDS = {f.name for f in fields(RunConfig)}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    runs: tuple[RunConfig, ...]  # every run, seeds included, in order
+    notes: tuple[str, ...] = ()  # combinations that were skipped or collapsed, in words
+
+
+def normalise(config: RunConfig) -> tuple[RunConfig, str | None]:
+    """Drop options that do not apply to the cell; say what was dropped."""
+    gated = CELLS.get(config.cell).keep_gate is not None
+    if not gated and config.activation is None:
+        config = config.replace(activation="tanh")  # the default, named: one run, one id
+    if gated and config.activation is not None:
+        return config.replace(activation=None), \
+            f"--activation does not apply to {config.cell}: ran it once without"
+    if not gated and (config.forget_bias is not None or config.gate_init != "none"):
+        return config.replace(forget_bias=None, gate_init="none"), \
+            "gate options (--forget-bias, --gate-init) do not apply to rnn: ran it without"
+    return config, None
+
+
+def expand(base: RunConfig, grid: dict[str, list], seeds: Iterable[int],
+           extra: Iterable[dict] = ()) -> SweepSpec:
+    """The product of ``grid`` axes over ``base`` (plus explicit ``extra`` runs), per seed."""
+    for name in grid:
+        if name not in RUN_FIELDS or name == "seed":
+            raise ConfigError(f"unknown sweep axis {name!r}; allowed: "
+                              + ", ".join(sorted(RUN_FIELDS - {'seed'})))
+    names = list(grid)
+    combos = [dict(zip(names, values, strict=True))
+              for values in itertools.product(*(grid[n] for n in names))] if names else []
+    combos += list(extra)
+    runs: dict[str, RunConfig] = {}
+    notes: dict[str, None] = {}
+    for combo in combos:
+        for seed in seeds:
+            config = _config(base, {**combo, "seed": seed})
+            if config.forget_bias is not None and config.gate_init != "none":
+                notes["--forget-bias with --gate-init chrono: skipped (both set the bias)"] = None
+                continue
+            config, note = normalise(config)
+            if note:
+                notes[note] = None
+            runs.setdefault(run_id(config), config)
+    if not runs:
+        raise ConfigError("the sweep has no runs")
+    return SweepSpec(tuple(runs.values()), tuple(notes))
+
+
+def _config(base: RunConfig, changes: dict) -> RunConfig:
+    unknown = sorted(set(changes) - RUN_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown run option(s) {', '.join(unknown)}; allowed: "
+                          + ", ".join(sorted(RUN_FIELDS)))
+    try:
+        return base.replace(**changes)
+    except TypeError as e:
+        raise ConfigError(f"bad sweep option: {e}") from None
+
+
+def _key(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def from_mapping(data: dict, source: str, base: RunConfig = RunConfig()) -> SweepSpec:
+    """A sweep from TOML-shaped data: ``seeds`` (a count), ``[base]`` options for every run,
+    ``[grid]`` axes (lists), and ``[[runs]]`` tables of explicit runs."""
+    allowed = {"seeds", "base", "grid", "runs", "description"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: "
+                          + ", ".join(sorted(allowed)))
+    seeds = data.get("seeds", 1)
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"{source}: seeds must be a positive integer, got {seeds!r}")
+    base = _config(base, {_key(k): v for k, v in data.get("base", {}).items()})
+    grid = {}
+    for k, v in data.get("grid", {}).items():
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"{source}: grid.{k} must be a non-empty list, got {v!r}")
+        grid[_key(k)] = v
+    runs = [{_key(k): v for k, v in run.items()} for run in data.get("runs", [])]
+    if not grid and not runs:
+        runs = [{}]
+    try:
+        return expand(base, grid, range(seeds), runs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_toml(path: Path, base: RunConfig = RunConfig()) -> SweepSpec:
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read sweep file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    return from_mapping(data, str(path), base)
+
+
+# --- presets ----------------------------------------------------------------------------------
+
+PRESETS: Registry[dict] = Registry("preset", "--preset")
+
+PRESETS.add("smoke", {
+    "description": "seconds: three tiny configurations, for CI",
+    "seeds": 1,
+    "base": {"task": "adding", "seq_len": 20, "hidden": 8, "batch": 8, "steps": 10,
+             "profile_every": 5, "dtype": "float32"},
+    "runs": [{"cell": "rnn", "activation": "tanh", "init": "pytorch"},
+             {"cell": "rnn", "activation": "relu", "init": "identity"},
+             {"cell": "lstm", "forget_bias": 1.0}],
+}, "seconds: three tiny configurations, trained 10 steps (for CI)")
+
+_LECTURE = [
+    # 1. activation functions, PyTorch's default initialisation
+    *({"cell": "rnn", "activation": a, "init": "pytorch"}
+      for a in ("sigmoid", "tanh", "relu", "linear")),
+    # 2. initialisation: orthogonal and identity against the default
+    {"cell": "rnn", "activation": "tanh", "init": "orthogonal"},
+    {"cell": "rnn", "activation": "tanh", "init": "identity"},
+    {"cell": "rnn", "activation": "relu", "init": "identity"},  # the IRNN
+    # 3. gated cells
+    {"cell": "lstm", "init": "pytorch"},
+    {"cell": "lstm", "init": "pytorch", "forget_bias": 3.0},
+    {"cell": "lstm", "init": "pytorch", "gate_init": "chrono"},
+    {"cell": "gru", "init": "pytorch"},
+]
+
+PRESETS.add("standard", {
+    "description": "minutes on 2 cores: the lecture's three comparisons, trained briefly",
+    "seeds": 3,
+    "base": {"task": "adding", "seq_len": 100, "hidden": 32, "batch": 32, "steps": 300,
+             "lr": 0.01, "profile_every": 100, "dtype": "float32"},
+    "runs": _LECTURE,
+}, "minutes on 2 cores: activations, initialisations, gated cells; 3 seeds, 300 steps")
+
+PRESETS.add("full", {
+    "description": "hours: every cell x activation x initialisation, 5 seeds, 2000 steps",
+    "seeds": 5,
+    "base": {"task": "adding", "seq_len": 200, "hidden": 64, "batch": 32, "steps": 2000,
+             "lr": 0.001, "profile_every": 250},
+    "grid": {"cell": ["rnn", "lstm", "gru"],
+             "activation": ["tanh", "relu", "sigmoid", "linear"],
+             "init": ["pytorch", "xavier-uniform", "kaiming", "orthogonal", "identity",
+                      "normal"]},
+    "runs": [{"cell": "lstm", "forget_bias": 1.0}, {"cell": "lstm", "forget_bias": 3.0},
+             {"cell": "lstm", "gate_init": "chrono"}, {"cell": "gru", "gate_init": "chrono"}],
+}, "hours: every cell x activation x initialisation, 5 seeds, 2000 steps")
+
+
+def preset(name: str, base: RunConfig = RunConfig()) -> SweepSpec:
+    return from_mapping(PRESETS.get(name), f"preset {name}", base)
+
+
+# --- executors --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Outcome:
+    config: RunConfig
+    result: RunResult | None  # None when the run failed
+    error: str | None  # the failure, in one line
+    duration_s: float
+
+
+def execute_one(config: RunConfig) -> Outcome:
+    """Run one configuration with one torch thread; never raises (failures become Outcomes)."""
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    try:
+        result = execute(config, command="gradscope sweep")
+        return Outcome(config, result, None, time.perf_counter() - start)
+    except Exception as e:  # a run that fails must not stop the sweep
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        error = f"{type(e).__name__}: {e} ({Path(where.filename).name}:{where.lineno})"
+        return Outcome(config, None, error, time.perf_counter() - start)
+
+
+class Executor(Protocol):
+    """Runs configurations and yields their outcomes as they finish, in any order."""
+
+    def run(self, configs: list[RunConfig]) -> Iterator[Outcome]: ...
+
+
+class InlineExecutor:
+    """In this process, one after another (workers = 1)."""
+
+    def run(self, configs: list[RunConfig]) -> Iterator[Outcome]:
+        threads = torch.get_num_threads()
+        try:
+            for config in configs:
+                yield execute_one(config)
+        finally:
+            torch.set_num_threads(threads)
+
+
+class LocalExecutor:
+    """A pool of local worker processes, one torch thread each."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+    def run(self, configs: list[RunConfig]) -> Iterator[Outcome]:
+        pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+        try:
+            pending: set[Future] = set()
+            futures_config: dict[Future, RunConfig] = {}
+            queue = list(reversed(configs))
+            while queue or pending:
+                while queue and len(pending) < 2 * self.workers:  # submit as slots free up
+                    config = queue.pop()
+                    future = pool.submit(execute_one, config)
+                    futures_config[future] = config
+                    pending.add(future)
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    config = futures_config.pop(future)
+                    try:
+                        yield future.result()
+                    except Exception as e:  # the worker process itself died
+                        yield Outcome(config, None, f"worker failed: {type(e).__name__}: {e}",
+                                      0.0)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def make_executor(workers: int) -> Executor:
+    if workers < 1:
+        raise ConfigError(f"--workers must be a positive integer, got {workers}")
+    return InlineExecutor() if workers == 1 else LocalExecutor(workers)
+
+
+# --- the sweep --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SweepReport:
+    total: int  # runs in the sweep
+    skipped: int  # already finished in the store (a resumed sweep)
+    finished: int  # finished now
+    failed: list[tuple[RunConfig, str]]  # failed now, with the reason
+
+
+def run_sweep(spec: SweepSpec, store: Store, executor: Executor, *, command: str,
+              meta: dict, on_progress: Callable[[Outcome, int, int], None] = lambda *a: None,
+              ) -> SweepReport:
+    """Run every configuration not yet finished in ``store``; write each as it arrives.
+
+    ``on_progress(outcome, done, todo)`` runs after each run is stored.
+    """
+    for config in spec.runs:
+        check(config)  # bad names fail here, before anything runs
+    done_before = store.finished_ids()
+    todo = [c for c in spec.runs if run_id(c) not in done_before]
+    store.add_sweep(_utc_now(), command, meta)
+    failed: list[tuple[RunConfig, str]] = []
+    finished = 0
+    for outcome in executor.run(todo):
+        store.add(outcome.config, outcome.result, error=outcome.error,
+                  duration_s=outcome.duration_s, finished_utc=_utc_now())
+        if outcome.result is None:
+            failed.append((outcome.config, outcome.error or "unknown error"))
+        else:
+            finished += 1
+        on_progress(outcome, finished + len(failed), len(todo))
+    return SweepReport(len(spec.runs), len(spec.runs) - len(todo), finished, failed)
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
