@@ -189,11 +189,14 @@ class Store:
     def curves(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM curves ORDER BY run_id, step", self.db)
 
-    def profiles(self) -> Iterator[tuple[str, int, str, str, int, np.ndarray]]:
-        """(run_id, train_step, probe, axis, first_step, log10 array) for every profile."""
-        for rid, step, probe, axis, first, blob in self.db.execute(
-                "SELECT * FROM profiles ORDER BY run_id, train_step, probe"):
-            yield rid, step, probe, axis, first, np.frombuffer(blob, dtype="<f8")
+    def profiles(self, rid: str | None = None
+                 ) -> Iterator[tuple[str, int, str, str, int, np.ndarray]]:
+        """(run_id, train_step, probe, axis, first_step, log10 array) for every profile, or for
+        the run ``rid``."""
+        where, args = ("WHERE run_id = ?", (rid,)) if rid is not None else ("", ())
+        for r, step, probe, axis, first, blob in self.db.execute(
+                f"SELECT * FROM profiles {where} ORDER BY run_id, train_step, probe", args):
+            yield r, step, probe, axis, first, np.frombuffer(blob, dtype="<f8")
 
     def sweeps(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM sweeps", self.db)
@@ -208,7 +211,7 @@ class Store:
         config, task, meta, nonfinite = (json.loads(v) for v in row[:4])
         snaps: dict[int, dict] = {}
         axes: dict[str, str] = {}
-        for r, step, probe, axis, _, values in self.profiles_of(rid):
+        for _, step, probe, axis, _, values in self.profiles(rid):
             axes[probe] = axis
             snaps.setdefault(step, {})[probe] = values
         sums: dict[int, dict] = {}
@@ -228,11 +231,6 @@ class Store:
         first = snapshots[0]
         return RunResult(RunConfig.from_dict(config), task, first.profiles, axes, first.summary,
                          nonfinite, meta, training)
-
-    def profiles_of(self, rid: str) -> Iterator[tuple[str, int, str, str, int, np.ndarray]]:
-        for r, step, probe, axis, first, blob in self.db.execute(
-                "SELECT * FROM profiles WHERE run_id = ? ORDER BY train_step", (rid,)):
-            yield r, step, probe, axis, first, np.frombuffer(blob, dtype="<f8")
 
 
 def _nullable(s: Summary) -> tuple:
