@@ -1,10 +1,10 @@
 """gradscope: exact per-timestep gradient-flow profiles for recurrent networks."""
 
-from .api import compare, registries, run
+from .api import compare, export, load, registries, report, run, sweep, sweep_spec
 from .config import RunConfig
 from .errors import ConfigError, GradscopeError
 from .results import RunResult
 from .version import __version__
 
 __all__ = ["ConfigError", "GradscopeError", "RunConfig", "RunResult", "__version__", "compare",
-           "registries", "run"]
+           "export", "load", "registries", "report", "run", "sweep", "sweep_spec"]

@@ -7,15 +7,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
+
+from . import sweep as sweeps
 from .config import RunConfig
 from .errors import ConfigError
-from .files import check_writable_dir, ensure_writable_dir
+from .files import atomic_write, check_writable_dir, ensure_writable_dir
 from .plots import comparison_figure, profile_figure, save_figure
 from .registry import ALL
+from .report import write_report
 from .results import RunResult
 from .runner import check, execute
+from .store import Store
+from .sweep import Outcome, SweepReport, SweepSpec
 
 
 def run(config: RunConfig | None = None, *, out: str | Path | None = None,
@@ -76,3 +84,102 @@ def save_run(result: RunResult, out_dir: Path) -> None:
 def registries() -> dict[str, list[tuple[str, str]]]:
     """Every registry: kind -> [(name, one-line help)], for `gradscope list`."""
     return {kind: [(e.name, e.help) for e in reg] for kind, reg in ALL.items()}
+
+
+def sweep_spec(*, preset: str | None = None, config_file: str | Path | None = None,
+               options: dict[str, list] | None = None, seeds: int | None = None) -> SweepSpec:
+    """The runs of a sweep: a preset or a TOML file (or neither: the defaults), crossed with
+    ``options`` (RunConfig field -> list of values), which override them.
+
+    >>> spec = sweep_spec(options={"cell": ["rnn", "lstm"], "init": ["orthogonal"]}, seeds=3)
+    """
+    if preset is not None and config_file is not None:
+        raise ConfigError("give --preset or --config, not both")
+    if preset is not None:
+        data, source = sweeps.PRESETS.get(preset), f"preset {preset}"
+    elif config_file is not None:
+        data, source = sweeps.load_toml(Path(config_file)), str(config_file)
+    else:
+        data, source = {}, "options"
+    return sweeps.from_mapping(data, source, overrides=options, seeds=seeds)
+
+
+def sweep(spec: SweepSpec, out: str | Path, *, workers: int | None = None,
+          report: bool = True, command: str | None = None,
+          on_progress: Callable[[Outcome, int, int], None] = lambda *a: None,
+          on_start: Callable[[int, int], None] = lambda todo, skipped: None,
+          ) -> tuple[SweepReport, Path | None]:
+    """Run every configuration of ``spec`` not yet finished in ``out``'s store, in parallel,
+    then (with ``report``) write ``out/report/index.html``. Rerun to resume.
+
+    >>> outcome, index = sweep(sweep_spec(preset="smoke"), "runs/smoke")
+    """
+    for config in spec.runs:
+        check(config)
+    folder = ensure_writable_dir(Path(out))
+    executor = sweeps.make_executor(workers or sweeps.default_workers())
+    with Store(folder) as store:
+        skipped = len(store.finished_ids() & {sweeps.run_id(c) for c in spec.runs})
+        on_start(len(spec.runs) - skipped, skipped)
+        result = sweeps.run_sweep(
+            spec, store, executor, command=command or "gradscope.sweep()",
+            meta={"notes": list(spec.notes), "runs": len(spec.runs),
+                  "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            on_progress=on_progress)
+    index = write_report(folder) if report else None
+    return result, index
+
+
+def report(folder: str | Path, *, probe: str = "grad_h0") -> Path:
+    """Write ``folder/report/index.html`` (and a PNG per figure) from the folder's store."""
+    return write_report(Path(folder), probe=probe)
+
+
+def load(folder: str | Path) -> pd.DataFrame:
+    """The sweep results in ``folder`` as one tidy DataFrame: a row per run, measurement step
+    and probe, with configuration, training outcome and summary columns.
+
+    >>> df = load("reports")
+    >>> df[df.probe == "grad_h0"].groupby("init").slope.median()
+    """
+    with Store(Path(folder), create=False) as store:
+        return store.frame()
+
+
+EXPORT_FORMATS = ("csv", "parquet")
+
+
+def export(folder: str | Path, fmt: str = "csv") -> list[Path]:
+    """Write the store's tables as files into ``folder/export/``: runs (tidy, with summaries),
+    profiles (one row per step), curves. Parquet needs pyarrow."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown format {fmt!r} for --format; choose from: "
+                          + ", ".join(EXPORT_FORMATS))
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError("--format parquet needs pyarrow: pip install pyarrow "
+                              "(or gradscope[parquet]); --format csv needs nothing") from None
+    folder = Path(folder)
+    with Store(folder, create=False) as store:
+        tables = {
+            "runs": store.frame(),
+            "profiles": pd.DataFrame(
+                [(rid, step, probe, axis, first + i, float(v))
+                 for rid, step, probe, axis, first, values in store.profiles()
+                 for i, v in enumerate(values)],
+                columns=["run_id", "train_step", "probe", "axis", "step", "log10"]),
+            "curves": store.curves(),
+        }
+    out = ensure_writable_dir(folder / "export", "export folder")
+    paths = []
+    for name, table in tables.items():
+        path = out / f"{name}.{fmt}"
+        if fmt == "csv":
+            atomic_write(path, lambda tmp, t=table: t.to_csv(tmp, index=False))
+        else:
+            atomic_write(path, lambda tmp, t=table: t.to_parquet(tmp, index=False))
+        paths.append(path)
+    return paths
+

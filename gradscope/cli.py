@@ -8,6 +8,14 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from . import api
@@ -114,6 +122,128 @@ def compare_command(
     out_console.print(table)
     if out is not None:
         out_console.print(f"wrote {out}")
+
+
+# Sweep options: each takes a comma list; (RunConfig field, parser of one value).
+SWEEP_AXES = {
+    "cell": str, "activation": str, "init": str, "gain": float, "input_init": str,
+    "forget_bias": float, "gate_init": str, "task": str, "seq_len": int, "hidden": int,
+    "batch": int, "steps": int, "optimizer": str, "lr": float, "clip": float,
+    "profile_every": int, "dtype": str,
+}
+
+
+@app.command("sweep", epilog="Example:  gradscope sweep --preset standard --out reports")
+def sweep_command(
+    preset: str = typer.Option(None, help="smoke | standard | full (see `gradscope list`)."),
+    config: Path = typer.Option(None, help="A TOML sweep file: seeds, [base], [grid], "
+                                           "[[runs]]."),
+    cell: str = typer.Option(None, help="Comma list, e.g. rnn,lstm,gru."),
+    activation: str = typer.Option(None, help="Comma list (rnn only), e.g. tanh,relu."),
+    init: str = typer.Option(None, help="Comma list, e.g. pytorch,orthogonal,identity."),
+    gain: str = typer.Option(None, help="Comma list of gains."),
+    input_init: str = typer.Option(None, help="Comma list."),
+    forget_bias: str = typer.Option(None, help="Comma list (lstm, gru)."),
+    gate_init: str = typer.Option(None, help="Comma list: none,chrono."),
+    task: str = typer.Option(None, help="Comma list of tasks."),
+    seq_len: str = typer.Option(None, help="Comma list of lengths T."),
+    hidden: str = typer.Option(None, help="Comma list of hidden sizes."),
+    batch: str = typer.Option(None, help="Comma list of batch sizes."),
+    steps: str = typer.Option(None, help="Training steps per run (comma list)."),
+    optimizer: str = typer.Option(None, help="adam | rmsprop | sgd (comma list)."),
+    lr: str = typer.Option(None, help="Learning rates (comma list)."),
+    clip: str = typer.Option(None, help="Clipping thresholds; 0 turns it off (comma list)."),
+    profile_every: str = typer.Option(None, help="Measure every K training steps."),
+    dtype: str = typer.Option(None, help="float32 | float64."),
+    seeds: int = typer.Option(None, help="Seeds per configuration [default: the preset's, "
+                                         "or 1]."),
+    workers: int = typer.Option(None, help="Worker processes [default: the CPU count]."),
+    out: Path = typer.Option(Path("reports"), help="Folder of the store and the report."),
+    report: bool = typer.Option(True, help="Write the report when the sweep ends."),
+) -> None:
+    """Run a grid of configurations in parallel into a results store, then write the report.
+
+    Options take comma lists and override the preset or file. Rerun the same command to resume:
+    finished runs are skipped.
+    """
+    given = {"cell": cell, "activation": activation, "init": init, "gain": gain,
+             "input_init": input_init, "forget_bias": forget_bias, "gate_init": gate_init,
+             "task": task, "seq_len": seq_len, "hidden": hidden, "batch": batch,
+             "steps": steps, "optimizer": optimizer, "lr": lr, "clip": clip,
+             "profile_every": profile_every, "dtype": dtype}
+    options = {k: _parse_list(k, v) for k, v in given.items() if v is not None}
+    spec = api.sweep_spec(preset=preset, config_file=config, options=options, seeds=seeds)
+    for note in spec.notes:
+        out_console.print(f"note: {note}")
+    progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[failed]}"), TimeElapsedColumn(),
+                        TextColumn("ETA"), TimeRemainingColumn(), console=out_console)
+    bar = None
+
+    def on_start(todo: int, skipped: int) -> None:
+        nonlocal bar
+        if skipped:
+            out_console.print(f"resuming: {skipped} finished runs in {out} are kept")
+        bar = progress.add_task("runs", total=todo, failed="")
+        progress.start()
+
+    failures = 0
+
+    def on_progress(outcome, done: int, todo: int) -> None:
+        nonlocal failures
+        if outcome.result is None:
+            failures += 1
+            progress.console.print(f"failed: {outcome.config.cell} seed {outcome.config.seed}: "
+                                   f"{outcome.error}", markup=False)
+        progress.update(bar, completed=done,
+                        failed=f"[red]{failures} failed[/]" if failures else "")
+
+    try:
+        result, index = api.sweep(spec, out, workers=workers, report=report,
+                                  command=" ".join(["gradscope", *_ARGV]),
+                                  on_progress=on_progress, on_start=on_start)
+    finally:
+        progress.stop()
+    out_console.print(f"{result.finished} runs finished, {result.skipped} already done, "
+                      f"{len(result.failed)} failed, in {out / 'gradscope.sqlite'}")
+    if index is not None:
+        out_console.print(f"report: {index}")
+
+
+@app.command("report", epilog="Example:  gradscope report reports")
+def report_command(
+    folder: Path = typer.Argument(..., help="A folder written by `gradscope sweep`."),
+    probe: str = typer.Option("grad_h0", help="The probe that the comparisons show."),
+) -> None:
+    """Write FOLDER/report/index.html (self-contained) and one PNG per figure beside it."""
+    out_console.print(f"report: {api.report(folder, probe=probe)}")
+
+
+@app.command("export", epilog="Example:  gradscope export reports --format csv")
+def export_command(
+    folder: Path = typer.Argument(..., help="A folder written by `gradscope sweep`."),
+    format: str = typer.Option("csv", help="csv | parquet (parquet needs pyarrow)."),
+) -> None:
+    """Export the results store as tables: runs (with summaries), profiles, curves."""
+    for path in api.export(folder, format):
+        out_console.print(f"wrote {path}")
+
+
+def _parse_list(name: str, text: str) -> list:
+    parse = SWEEP_AXES[name]
+    values = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = parse(item)
+        except ValueError:
+            raise ConfigError(f"--{name.replace('_', '-')}: {item!r} is not "
+                              f"{'an integer' if parse is int else 'a number'}") from None
+        values.append(None if name == "clip" and value == 0 else value)
+    if not values:
+        raise ConfigError(f"--{name.replace('_', '-')} needs at least one value")
+    return values
 
 
 def print_result(result: RunResult) -> None:

@@ -198,6 +198,13 @@ class Store:
                 f"SELECT * FROM profiles {where} ORDER BY run_id, train_step, probe", args):
             yield r, step, probe, axis, first, np.frombuffer(blob, dtype="<f8")
 
+    def frame(self) -> pd.DataFrame:
+        """Tidy: one row per run, measurement (train_step) and probe, with the run's
+        configuration, status and training outcome beside the summary. Failed runs appear
+        once, with no probe."""
+        runs = self.runs().drop(columns=["config", "task_info", "meta", "nonfinite"])
+        return runs.merge(self.summaries(), on="run_id", how="left")
+
     def sweeps(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM sweeps", self.db)
 

@@ -55,16 +55,13 @@ def normalise(config: RunConfig) -> tuple[RunConfig, str | None]:
 
 
 def expand(base: RunConfig, grid: dict[str, list], seeds: Iterable[int],
-           extra: Iterable[dict] = ()) -> SweepSpec:
-    """The product of ``grid`` axes over ``base`` (plus explicit ``extra`` runs), per seed."""
-    for name in grid:
-        if name not in RUN_FIELDS or name == "seed":
-            raise ConfigError(f"unknown sweep axis {name!r}; allowed: "
-                              + ", ".join(sorted(RUN_FIELDS - {'seed'})))
-    names = list(grid)
-    combos = [dict(zip(names, values, strict=True))
-              for values in itertools.product(*(grid[n] for n in names))] if names else []
+           extra: Iterable[dict] = (), overrides: dict[str, list] | None = None) -> SweepSpec:
+    """The product of ``grid`` axes over ``base`` (plus explicit ``extra`` runs), crossed with
+    the product of ``overrides`` (which win), per seed."""
+    combos = _product(grid) if grid else []
     combos += list(extra)
+    if overrides:
+        combos = [{**c, **o} for c in combos for o in _product(overrides)]
     runs: dict[str, RunConfig] = {}
     notes: dict[str, None] = {}
     for combo in combos:
@@ -82,6 +79,16 @@ def expand(base: RunConfig, grid: dict[str, list], seeds: Iterable[int],
     return SweepSpec(tuple(runs.values()), tuple(notes))
 
 
+def _product(axes: dict[str, list]) -> list[dict]:
+    for name in axes:
+        if name not in RUN_FIELDS or name == "seed":
+            raise ConfigError(f"unknown sweep axis {name!r}; allowed: "
+                              + ", ".join(sorted(RUN_FIELDS - {'seed'})))
+    names = list(axes)
+    return [dict(zip(names, values, strict=True))
+            for values in itertools.product(*(axes[n] for n in names))]
+
+
 def _config(base: RunConfig, changes: dict) -> RunConfig:
     unknown = sorted(set(changes) - RUN_FIELDS)
     if unknown:
@@ -89,48 +96,61 @@ def _config(base: RunConfig, changes: dict) -> RunConfig:
                           + ", ".join(sorted(RUN_FIELDS)))
     try:
         return base.replace(**changes)
-    except TypeError as e:
-        raise ConfigError(f"bad sweep option: {e}") from None
+    except TypeError as e:  # a value of the wrong type deep in validation
+        raise ConfigError(f"bad value among {changes}: {e}") from None
 
 
 def _key(name: str) -> str:
     return name.replace("-", "_")
 
 
-def from_mapping(data: dict, source: str, base: RunConfig = RunConfig()) -> SweepSpec:
+def from_mapping(data: dict, source: str, *, overrides: dict[str, list] | None = None,
+                 seeds: int | None = None) -> SweepSpec:
     """A sweep from TOML-shaped data: ``seeds`` (a count), ``[base]`` options for every run,
-    ``[grid]`` axes (lists), and ``[[runs]]`` tables of explicit runs."""
+    ``[grid]`` axes (lists), and ``[[runs]]`` tables of explicit runs (added to the grid).
+
+    ``overrides`` (the command line's options, each a list of values) come last: every run is
+    crossed with their product and takes their values. ``seeds`` replaces the data's count.
+    """
     allowed = {"seeds", "base", "grid", "runs", "description"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: "
                           + ", ".join(sorted(allowed)))
-    seeds = data.get("seeds", 1)
-    if not isinstance(seeds, int) or seeds < 1:
+    seeds = data.get("seeds", 1) if seeds is None else seeds
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise ConfigError(f"{source}: seeds must be a positive integer, got {seeds!r}")
-    base = _config(base, {_key(k): v for k, v in data.get("base", {}).items()})
-    grid = {}
-    for k, v in data.get("grid", {}).items():
-        if not isinstance(v, list) or not v:
-            raise ConfigError(f"{source}: grid.{k} must be a non-empty list, got {v!r}")
-        grid[_key(k)] = v
-    runs = [{_key(k): v for k, v in run.items()} for run in data.get("runs", [])]
-    if not grid and not runs:
-        runs = [{}]
     try:
-        return expand(base, grid, range(seeds), runs)
+        base = _config(RunConfig(), {_key(k): v for k, v in _table(data, "base", source).items()})
+        grid = {}
+        for k, v in _table(data, "grid", source).items():
+            if not isinstance(v, list) or not v:
+                raise ConfigError(f"grid.{k} must be a non-empty list, got {v!r}")
+            grid[_key(k)] = v
+        runs = [{_key(k): v for k, v in run.items()} for run in data.get("runs", [])]
+        if not grid and not runs:
+            runs = [{}]
+        spec = expand(base, grid, range(seeds), runs, overrides or {})
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    return spec
 
 
-def load_toml(path: Path, base: RunConfig = RunConfig()) -> SweepSpec:
+def _table(data: dict, key: str, source: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a table of options, got {value!r}")
+    return value
+
+
+def load_toml(path: Path) -> dict:
+    """The data of a TOML sweep file (see ``from_mapping``)."""
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read sweep file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    return from_mapping(data, str(path), base)
 
 
 # --- presets ----------------------------------------------------------------------------------
@@ -184,8 +204,8 @@ PRESETS.add("full", {
 }, "hours: every cell x activation x initialisation, 5 seeds, 2000 steps")
 
 
-def preset(name: str, base: RunConfig = RunConfig()) -> SweepSpec:
-    return from_mapping(PRESETS.get(name), f"preset {name}", base)
+def preset(name: str, **options) -> SweepSpec:
+    return from_mapping(PRESETS.get(name), f"preset {name}", **options)
 
 
 # --- executors --------------------------------------------------------------------------------
