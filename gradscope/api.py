@@ -130,11 +130,6 @@ def sweep(spec: SweepSpec, out: str | Path, *, workers: int | None = None,
     return result, index
 
 
-def report(folder: str | Path, *, probe: str = "grad_h0") -> Path:
-    """Write ``folder/report/index.html`` (and a PNG per figure) from the folder's store."""
-    return write_report(Path(folder), probe=probe)
-
-
 def load(folder: str | Path) -> pd.DataFrame:
     """The sweep results in ``folder`` as one tidy DataFrame: a row per run, measurement step
     and probe, with configuration, training outcome and summary columns.

@@ -216,7 +216,7 @@ def report_command(
     probe: str = typer.Option("grad_h0", help="The probe that the comparisons show."),
 ) -> None:
     """Write FOLDER/report/index.html (self-contained) and one PNG per figure beside it."""
-    out_console.print(f"report: {api.report(folder, probe=probe)}")
+    out_console.print(f"report: {api.write_report(folder, probe=probe)}")
 
 
 @app.command("export", epilog="Example:  gradscope export reports --format csv")

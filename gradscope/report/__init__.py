@@ -18,8 +18,14 @@ from .html import render
 __all__ = ["ReportData", "build", "write_report"]
 
 
-def write_report(folder: Path, *, probe: str = "grad_h0", title: str | None = None) -> Path:
-    """Write the report of the store in ``folder``; returns the path of index.html."""
+def write_report(folder: str | Path, *, probe: str = "grad_h0", title: str | None = None
+                 ) -> Path:
+    """Write ``folder/report/index.html`` (self-contained) and a PNG per figure beside it, from
+    the results store in ``folder``; returns the path of index.html.
+
+    >>> write_report("reports")
+    PosixPath('reports/report/index.html')
+    """
     folder = Path(folder)
     with Store(folder, create=False) as store:
         data = build(store, probe)

@@ -44,13 +44,14 @@ class Comparison:
 
 @dataclass(frozen=True)
 class Row:
-    """One configuration in the ranking table (medians over seeds)."""
+    """One configuration in the ranking table: medians over seeds; half-life from the median
+    slope."""
 
     label: str
     seeds: int
     slope: float | None
     half_life: float | None
-    horizon: float | None
+    horizon: float | None  # inf: never reached within the profile
     verdict: str  # the most common verdict over seeds
     final_loss: float | None
     chance_loss: float | None
@@ -103,7 +104,7 @@ def build(store: Store, probe: str = "grad_h0") -> ReportData:
         for rid, chance in zip(frame.run_id, frame.chance_loss, strict=True):
             losses = curves[curves.run_id == rid].loss.to_numpy(dtype=float)
             if len(losses):
-                per_run.append(losses / chance)
+                per_run.append(_smooth(losses / chance))
         if per_run:
             curve_lines.append(_aggregate(label, per_run, first=1, log=False))
 
@@ -154,6 +155,15 @@ def _aggregate(label: str, arrays: list[np.ndarray], first: int = 1, log: bool =
     return Line(label, np.arange(first, first + width), median, low, high, len(arrays))
 
 
+def _smooth(values: np.ndarray) -> np.ndarray:
+    """A trailing moving average over about 2% of the curve: minibatch noise out, trend in."""
+    window = max(1, len(values) // 50)
+    if window == 1:
+        return values
+    series = pd.Series(values)
+    return series.rolling(window, min_periods=1).mean().to_numpy()
+
+
 def _relabel(line: Line, label: str) -> Line:
     return Line(label, line.steps, line.median, line.low, line.high, line.seeds)
 
@@ -202,9 +212,12 @@ def _ranking(ok: pd.DataFrame, summaries: pd.DataFrame, probe: str, groups) -> l
         if s.empty:
             continue
         trained = frame[frame.steps_done.notna()]
+        slope = _median(s.slope)
         rows.append(Row(
             label=label, seeds=len(frame),
-            slope=_median(s.slope), half_life=_median(s.half_life), horizon=_median(s.horizon),
+            slope=slope, half_life=(np.log10(2) / -slope if slope is not None and slope < 0
+                                    else None),
+            horizon=_median(s.horizon.fillna(np.inf)),  # never reached counts as infinite
             verdict=Counter(s.verdict).most_common(1)[0][0],
             final_loss=_median(trained.final_loss) if len(trained) else None,
             chance_loss=_median(frame.chance_loss),

@@ -18,7 +18,7 @@ AXIS = {"grad_h0": "t (steps after h_0)", "jacobian": "t (steps after h_0)",
         "adjoint": "k (steps back from the loss)"}
 
 
-def _lines(ax: plt.Axes, lines: list[Line]) -> None:
+def _lines(ax: plt.Axes, lines: list[Line], bands: bool = True) -> None:
     colours = plt.cm.tab10.colors if len(lines) <= 10 else plt.cm.tab20.colors
     for i, line in enumerate(lines):
         colour = colours[i % len(colours)]
@@ -26,7 +26,7 @@ def _lines(ax: plt.Axes, lines: list[Line]) -> None:
         ax.plot(line.steps[finite], line.median[finite], color=colour, lw=1.8,
                 label=f"{line.label} ({line.seeds} seed{'s' if line.seeds > 1 else ''})")
         band = np.isfinite(line.low) & np.isfinite(line.high)
-        if line.seeds > 1 and band.any():
+        if bands and line.seeds > 1 and band.any():
             ax.fill_between(line.steps[band], line.low[band], line.high[band], color=colour,
                             alpha=0.18, lw=0)
 
@@ -61,14 +61,15 @@ def heatmap(labels: list[str], matrix: np.ndarray, probe: str) -> plt.Figure:
 def training_curves(lines: list[Line]) -> plt.Figure:
     """Training loss relative to chance (1 = a model that learned nothing)."""
     fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=100)
-    _lines(ax, lines)
+    _lines(ax, lines, bands=False)  # minibatch noise makes min-max bands unreadable here
     ax.axhline(1.0, color="black", ls="--", lw=1, label="chance")
     ax.axhline(0.5, color="grey", ls=":", lw=1, label="learned below this")
     top = max((np.nanmax(x.high) for x in lines if np.isfinite(x.high).any()), default=1.5)
     ax.set_ylim(0, min(max(1.6, 1.05 * top), 3.0) if math.isfinite(top) else 3.0)
+    ax.set_xlim(left=0)
     ax.set_xlabel("training step")
     ax.set_ylabel("training loss / chance loss")
-    ax.set_title("Training curves (median over seeds)", fontsize=10)
+    ax.set_title("Training curves (moving average, median over seeds)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7.5, loc="upper right")
     fig.tight_layout()

@@ -57,7 +57,8 @@ def _ranking_rows(rows: list[Row]) -> str:
             f"<tr><td>{escape(r.label)}</td><td class=num>{r.seeds}</td>"
             f"<td class=num>{_num(r.slope, '+.4f')}</td>"
             f"<td class=num>{_num(r.half_life, '.1f')}</td>"
-            f"<td class=num>{_num(r.horizon, '.0f')}</td>"
+            f"<td class=num>{'never' if r.horizon == float('inf') else _num(r.horizon, '.0f')}"
+            "</td>"
             f"<td class={escape(r.verdict)}>{escape(r.verdict)}</td>"
             f"<td class=num>{loss}</td><td class=num>{escape(r.learned)}</td>"
             f"<td class=num>{_num(r.accuracy, '.3f')}</td></tr>")
@@ -80,7 +81,8 @@ def render(data: ReportData, images: dict[str, bytes], title: str) -> str:
     ranking = (
         '<section id="ranking"><h2>Ranking</h2>'
         f"<p class=muted>Best first by slope of <code>{escape(data.probe)}</code> at "
-        "initialisation (log10 per step; half-life and horizon in steps). Trained loss is the "
+        "initialisation (log10 per step; half-life and horizon in steps; horizon: where the "
+        "profile has fallen 6 decades, never: not within the sequence). Trained loss is the "
         "held-out loss against the task's chance-level loss; learned = below half of chance."
         "</p><table><thead><tr><th>configuration</th><th>seeds</th><th>slope</th>"
         "<th>half-life</th><th>horizon</th><th>verdict</th><th>trained loss / chance</th>"

@@ -1,0 +1,142 @@
+"""The HTML/PNG report: contents, escaping, self-containment, safe writes, a real browser."""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import gradscope
+from gradscope.report import html as report_html
+from gradscope.store import Store
+
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def sweep_folder(tmp_path_factory):
+    """A small sweep over every comparison: activations, inits, gated cells, trained a bit."""
+    folder = tmp_path_factory.mktemp("sweep")
+    spec = gradscope.sweep_spec(seeds=2, options={"hidden": [4], "batch": [4], "seq_len": [15],
+                                                  "steps": [4], "profile_every": [2]},
+                                config_file=_write_toml(folder.parent / "s.toml"))
+    gradscope.sweep(spec, folder, workers=1, report=False,
+                    command="gradscope sweep <script>alert('x')</script>")
+    return folder
+
+
+def _write_toml(path: Path) -> Path:
+    path.write_text("""
+[[runs]]
+cell = "rnn"
+activation = "tanh"
+[[runs]]
+cell = "rnn"
+activation = "sigmoid"
+[[runs]]
+cell = "rnn"
+activation = "tanh"
+init = "orthogonal"
+[[runs]]
+cell = "lstm"
+forget-bias = 3.0
+[[runs]]
+cell = "gru"
+""")
+    return path
+
+
+def test_report_has_every_section_and_png_files(sweep_folder):
+    index = gradscope.write_report(sweep_folder)
+    assert index == sweep_folder / "report" / "index.html"
+    page = index.read_text()
+    for section in ("activations", "initialisations", "gated", "cell-state", "ranking",
+                    "heatmap", "training-curves", "over-training", "metadata"):
+        assert f'id="{section}"' in page, section
+    files = {p.name for p in index.parent.iterdir()}
+    assert {"compare-activations.png", "compare-gated.png", "heatmap.png",
+            "training-curves.png", "over-training.png", "index.html"} <= files
+    assert not [f for f in files if f.startswith(".")]  # no temp files left
+    # the ranking: best (least vanishing) first, with trained loss against chance
+    rows = re.findall(r"<tr><td>([^<]+)</td>", page)
+    assert len(rows) == 5 and rows[0] != "rnn/sigmoid pytorch" and rows[-1] == "rnn/sigmoid pytorch"
+    assert "/2</td>" in page  # learned k/2 seeds
+
+
+def test_report_is_self_contained_and_escapes_user_text(sweep_folder):
+    page = gradscope.write_report(sweep_folder).read_text()
+    assert "<script" not in page  # the command carried a script tag: escaped
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert sources and all(s.startswith(("data:image/png;base64,", "#")) for s in sources)
+    assert "http://" not in page and "https://" not in page
+
+
+def test_a_failed_render_keeps_the_previous_report(sweep_folder, monkeypatch):
+    index = gradscope.write_report(sweep_folder)
+    before = index.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("gradscope.report.render", broken)
+    with pytest.raises(OSError):
+        gradscope.write_report(sweep_folder)
+    assert index.read_bytes() == before
+    assert not [p for p in index.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_failed_runs_are_listed(tmp_path, sweep_folder):
+    shutil.copytree(sweep_folder, tmp_path / "copy")
+    with Store(tmp_path / "copy") as store:
+        store.add(gradscope.RunConfig(cell="gru", seed=9), None,
+                  error="RuntimeError: <b>exploded</b>")
+    page = gradscope.write_report(tmp_path / "copy").read_text()
+    assert 'id="failed"' in page and "&lt;b&gt;exploded&lt;/b&gt;" in page
+
+
+def _browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        webdriver = None
+    if not (chromium and driver and webdriver):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium, chromium-driver and selenium (.ci/run does)")
+        pytest.skip("needs Debian's chromium and chromium-driver, and selenium")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in BROWSER_FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_report_in_a_real_browser_loads_every_image_without_errors(sweep_folder, tmp_path):
+    index = gradscope.write_report(sweep_folder)
+    browser = _browser()
+    try:
+        browser.set_window_size(1100, 2400)
+        browser.get(index.as_uri())
+        images = browser.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        browser.save_screenshot(str(tmp_path / "report.png"))
+    finally:
+        browser.quit()
+    assert len(images) >= 5
+    assert all(complete and width > 0 for complete, width in images), images
+    assert errors == []
+
+
+def test_render_escapes_every_label():
+    from gradscope.report.data import ReportData, Row
+    data = ReportData("grad_h0", [], [], None, [Row("<i>x</i>", 1, -0.1, 3.0, 5.0, "vanishing",
+                                                    None, None, "-", None)], [], {},
+                      [("<u>y</u>", "<err>")], {"command": "<b>"})
+    page = report_html.render(data, {}, "<title>")
+    assert "<i>" not in page and "<u>" not in page and "<err>" not in page and "<b>" not in page

@@ -1,0 +1,143 @@
+"""Sweeps: expansion, files, presets, determinism across workers, and resume after SIGKILL."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import gradscope
+from gradscope.errors import ConfigError
+from gradscope.store import Store
+from gradscope.sweep import PRESETS, from_mapping, preset
+
+TINY = {"hidden": 3, "batch": 2, "seq_len": 8}
+
+
+def test_grid_product_with_collapsed_nonsense_and_notes():
+    spec = from_mapping({}, "options", seeds=2, overrides={
+        "cell": ["rnn", "lstm", "gru"], "activation": ["tanh", "relu"],
+        "forget_bias": [1.0]})
+    cells = [(c.cell, c.activation, c.forget_bias) for c in spec.runs]
+    # rnn x {tanh, relu} without the forget bias; lstm and gru once each without activation
+    assert sorted(set(cells), key=str) == sorted(
+        {("rnn", "tanh", None), ("rnn", "relu", None), ("lstm", None, 1.0),
+         ("gru", None, 1.0)}, key=str)
+    assert len(spec.runs) == 8 and len({(c, s.seed) for c, s in zip(cells, spec.runs,
+                                                                    strict=True)}) == 8
+    assert any("--activation does not apply to lstm" in n for n in spec.notes)
+    assert any("do not apply to rnn" in n for n in spec.notes)
+
+
+def test_toml_file_with_base_grid_and_runs(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text("""
+seeds = 2
+[base]
+task = "recall"
+seq-len = 12
+[grid]
+init = ["orthogonal", "identity"]
+[[runs]]
+cell = "lstm"
+forget-bias = 3.0
+""")
+    spec = gradscope.sweep_spec(config_file=path)
+    assert len(spec.runs) == 6
+    assert {c.seq_len for c in spec.runs} == {12} and {c.task for c in spec.runs} == {"recall"}
+    # command-line options cross and override
+    spec = gradscope.sweep_spec(config_file=path, options={"seq_len": [5, 6]}, seeds=1)
+    assert len(spec.runs) == 6 and {c.seq_len for c in spec.runs} == {5, 6}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("seeds = 0", "seeds must be a positive integer"),
+    ("color = 'red'", r"unknown key\(s\) color"),
+    ("[grid]\ncell = 'rnn'", "grid.cell must be a non-empty list"),
+    ("[grid]\nhue = ['a']", "unknown sweep axis 'hue'"),
+    ("[base]\nseq_len = -3", "--seq-len must be a positive integer, got -3"),
+    ("[base\n", "is not valid TOML"),
+])
+def test_bad_sweep_files_name_the_file_and_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        gradscope.sweep_spec(config_file=path)
+    assert "bad.toml" in str(info.value)
+
+
+def test_presets_expand():
+    assert len(preset("smoke").runs) == 3
+    standard = preset("standard")
+    assert len(standard.runs) == 33 and {c.seed for c in standard.runs} == {0, 1, 2}
+    assert set(PRESETS.names()) == {"smoke", "standard", "full"}
+
+
+def test_same_results_with_one_or_two_workers(tmp_path):
+    spec = gradscope.sweep_spec(options={"cell": ["rnn", "gru"], "steps": [3], **{
+        k: [v] for k, v in TINY.items()}}, seeds=2)
+    for workers in (1, 2):
+        gradscope.sweep(spec, tmp_path / str(workers), workers=workers, report=False)
+    with Store(tmp_path / "1") as a, Store(tmp_path / "2") as b:
+        pa = {(r, s, p): v for r, s, p, _, _, v in a.profiles()}
+        pb = {(r, s, p): v for r, s, p, _, _, v in b.profiles()}
+        ca, cb = a.curves(), b.curves()
+    assert pa.keys() == pb.keys() and len(pa) > 0
+    for key in pa:
+        np.testing.assert_array_equal(pa[key], pb[key])
+    assert ca.equals(cb)
+
+
+def test_load_and_export(tmp_path):
+    gradscope.sweep(gradscope.sweep_spec(options={"cell": ["lstm"], "steps": [2], **{
+        k: [v] for k, v in TINY.items()}}), tmp_path, workers=1, report=False)
+    frame = gradscope.load(tmp_path)
+    assert set(frame.probe) == {"grad_h0", "jacobian", "adjoint", "grad_c0", "jacobian_c"}
+    assert {"cell", "seed", "status", "final_loss", "learned", "slope", "verdict",
+            "train_step"} <= set(frame.columns)
+    paths = gradscope.export(tmp_path, "csv")
+    assert [p.name for p in paths] == ["runs.csv", "profiles.csv", "curves.csv"]
+    assert paths[1].read_text().splitlines()[0] == "run_id,train_step,probe,axis,step,log10"
+    with pytest.raises(ConfigError, match="unknown format 'xlsx'"):
+        gradscope.export(tmp_path, "xlsx")
+
+
+def _count(db_path):
+    if not db_path.exists():
+        return 0
+    try:
+        with sqlite3.connect(db_path, timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_sigkill_halfway_then_resume_gives_every_run_exactly_once(tmp_path):
+    out = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "gradscope", "sweep", "--cell", "rnn,lstm,gru",
+            "--init", "pytorch,orthogonal", "--seeds", "3", "--seq-len", "30", "--hidden",
+            "8", "--batch", "4", "--steps", "30", "--workers", "2", "--out", str(out),
+            "--no-report"]
+    total = 3 * 2 * 3
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while _count(out / "gradscope.sqlite") < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, at once
+    proc.wait()
+    done_at_kill = _count(out / "gradscope.sqlite")
+    assert 3 <= done_at_kill < total, "the kill should land halfway"
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"{done_at_kill} already done" in again.stdout
+    with Store(out) as store:
+        runs = store.runs()
+        assert len(runs) == total and runs.run_id.is_unique
+        assert (runs.status == "ok").all()
+        summaries = store.summaries()
+        assert not summaries.duplicated(["run_id", "train_step", "probe"]).any()
