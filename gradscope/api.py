@@ -116,8 +116,8 @@ def sweep(spec: SweepSpec, out: str | Path, *, workers: int | None = None,
     """
     for config in spec.runs:
         check(config)
+    executor = sweeps.make_executor(sweeps.default_workers() if workers is None else workers)
     folder = ensure_writable_dir(Path(out))
-    executor = sweeps.make_executor(workers or sweeps.default_workers())
     with Store(folder) as store:
         skipped = len(store.finished_ids() & {sweeps.run_id(c) for c in spec.runs})
         on_start(len(spec.runs) - skipped, skipped)

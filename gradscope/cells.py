@@ -31,11 +31,7 @@ class Cell(nn.Module):
 
     def __init__(self, input_size: int, hidden: int, activation: str | None = None) -> None:
         super().__init__()
-        if activation is not None and not self.takes_activation:
-            raise ConfigError(
-                f"--activation {activation} does not apply to the {self.name} cell (its gates "
-                "fix their own nonlinearities); leave --activation out or use --cell rnn"
-            )
+        self.check_activation(activation)
         self.input_size = input_size
         self.hidden = hidden
         g = len(self.gates)
@@ -49,6 +45,18 @@ class Cell(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     name = "cell"
+
+    @classmethod
+    def check_activation(cls, activation: str | None) -> None:
+        """Raise ConfigError unless ``activation`` makes sense for this cell."""
+        if activation is None:
+            return
+        if not cls.takes_activation:
+            raise ConfigError(
+                f"--activation {activation} does not apply to the {cls.name} cell (its gates "
+                "fix their own nonlinearities); leave --activation out or use --cell rnn"
+            )
+        ACTIVATIONS.get(activation)
 
     def gate_slice(self, gate: str) -> slice:
         k = self.gates.index(gate)

@@ -82,6 +82,23 @@ def _chrono(cell: Cell, t_max: int, gen: torch.Generator) -> dict[str, Tensor]:
     return {"z": log_u}  # GRU: z keeps the old state, so it plays the forget gate's part
 
 
+def check_schemes(cell: type[Cell], *, init: str, input_init: str, forget_bias: float | None,
+                  gate_init: str) -> tuple[MatrixInit, MatrixInit, GateInit | None]:
+    """The schemes behind the names, or ConfigError for a name or combination that makes no
+    sense for ``cell``."""
+    rec, gate = INITS.get(init), GATE_INITS.get(gate_init)
+    inp = INITS.get(input_init, "--input-init")
+    if cell.keep_gate is None and forget_bias is not None:
+        raise ConfigError(f"--forget-bias applies to lstm and gru, not to the {cell.name} cell")
+    if cell.keep_gate is None and gate is not None:
+        raise ConfigError(f"--gate-init {gate_init} applies to lstm and gru, not to the "
+                          f"{cell.name} cell")
+    if gate is not None and forget_bias is not None:
+        raise ConfigError(f"--forget-bias and --gate-init {gate_init} both set the forget-gate "
+                          "bias; give one of them")
+    return rec, inp, gate
+
+
 def initialise(
     cell: Cell,
     *,
@@ -94,16 +111,8 @@ def initialise(
     generator: torch.Generator,
 ) -> None:
     """Fill every parameter of ``cell`` in place, reproducibly from ``generator``."""
-    rec, gate = INITS.get(init), GATE_INITS.get(gate_init)
-    inp = INITS.get(input_init, "--input-init")
-    if cell.keep_gate is None and forget_bias is not None:
-        raise ConfigError(f"--forget-bias applies to lstm and gru, not to the {cell.name} cell")
-    if cell.keep_gate is None and gate is not None:
-        raise ConfigError(f"--gate-init {gate_init} applies to lstm and gru, not to the "
-                          f"{cell.name} cell")
-    if gate is not None and forget_bias is not None:
-        raise ConfigError(f"--forget-bias and --gate-init {gate_init} both set the forget-gate "
-                          "bias; give one of them")
+    rec, inp, gate = check_schemes(type(cell), init=init, input_init=input_init,
+                                   forget_bias=forget_bias, gate_init=gate_init)
     h = cell.hidden
     with torch.no_grad():
         for k in range(len(cell.gates)):

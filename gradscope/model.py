@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .cells import CELLS, Cell
 from .config import RunConfig
 from .engine import Unrolled
-from .inits import initialise
+from .inits import check_schemes, initialise
 from .tasks import TASKS, Batch, Task
 
 EMBEDDING_DIM = 32  # token tasks: size of the embedding that feeds the cell
@@ -136,6 +136,15 @@ STREAMS = ("weights", "probe", "train", "eval")
 def generator(seed: int, stream: str) -> torch.Generator:
     k = STREAMS.index(stream)
     return torch.Generator().manual_seed(seed if k == 0 else (seed * 1_000_003 + 7919 * k) % 2**63)
+
+
+def validate(config: RunConfig) -> None:
+    """Every name and combination in ``config``, checked without drawing anything."""
+    TASKS.get(config.task).check_length(config.seq_len)
+    cell = CELLS.get(config.cell)
+    cell.check_activation(config.activation)
+    check_schemes(cell, init=config.init, input_init=config.input_init,
+                  forget_bias=config.forget_bias, gate_init=config.gate_init)
 
 
 def build(config: RunConfig, device: torch.device) -> Built:

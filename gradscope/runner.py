@@ -16,7 +16,7 @@ from .cells import CELLS
 from .config import RunConfig
 from .errors import ConfigError
 from .measure import snapshot
-from .model import Built, build, generator
+from .model import Built, build, generator, validate
 from .probes import PROBES, Probe, probes_for
 from .results import RunResult, Snapshot, Training
 from .train import EVAL_BATCH, OPTIMIZERS, train
@@ -24,7 +24,8 @@ from .version import __version__
 
 
 def check(config: RunConfig) -> tuple[torch.device, list[Probe]]:
-    """Every check of a configuration that needs no data: raises ConfigError."""
+    """Every check of a configuration, before any work: raises ConfigError."""
+    validate(config)
     device = resolve_device(config.device)
     probes = resolve_probes(config)
     OPTIMIZERS.get(config.optimizer)

@@ -28,7 +28,7 @@ from .config import RunConfig
 from .errors import ConfigError
 from .registry import Registry
 from .results import RunResult
-from .runner import check, execute
+from .runner import execute
 from .store import Store, run_id
 
 RUN_FIELDS = {f.name for f in fields(RunConfig)}
@@ -304,10 +304,9 @@ def run_sweep(spec: SweepSpec, store: Store, executor: Executor, *, command: str
               ) -> SweepReport:
     """Run every configuration not yet finished in ``store``; write each as it arrives.
 
-    ``on_progress(outcome, done, todo)`` runs after each run is stored.
+    ``on_progress(outcome, done, todo)`` runs after each run is stored. The caller checks the
+    configurations first (``runner.check``), before the store exists.
     """
-    for config in spec.runs:
-        check(config)  # bad names fail here, before anything runs
     done_before = store.finished_ids()
     todo = [c for c in spec.runs if run_id(c) not in done_before]
     store.add_sweep(_utc_now(), command, meta)

@@ -51,10 +51,13 @@ class Task:
     tokens: bool = False  # inputs are token ids fed through an embedding
     accuracy_tail: int | None = None  # per-step tasks: accuracy over the last N steps only
 
-    def generate(self, seq_len: int, batch: int, generator: torch.Generator) -> Batch:
+    def check_length(self, seq_len: int) -> None:
         if seq_len < self.min_len:
             raise ConfigError(f"--seq-len {seq_len} is too short for the {self.name} task; "
                               f"it needs at least {self.min_len}")
+
+    def generate(self, seq_len: int, batch: int, generator: torch.Generator) -> Batch:
+        self.check_length(seq_len)
         return self.make(seq_len, batch, generator)
 
 

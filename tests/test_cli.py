@@ -120,3 +120,40 @@ def test_python_dash_m_and_the_console_script_run():
     done = subprocess.run([sys.executable, "-m", "gradscope", "run", "--cell", "nope"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--preset", "huge"], "unknown preset 'huge' for --preset; choose from: smoke"),
+    (["sweep", "--seq-len", "10,abc"], "--seq-len: 'abc' is not an integer"),
+    (["sweep", "--workers", "0"], "--workers must be a positive integer"),
+    (["sweep", "--cell", "rnn,cnn"], "unknown cell 'cnn' for --cell"),
+    (["sweep", "--task", "temporal-order", "--seq-len", "5,50"], "--seq-len 5 is too short"),
+    (["sweep", "--preset", "smoke", "--config", "x.toml"], "give --preset or --config, not both"),
+    (["sweep", "--config", "missing.toml"], "cannot read sweep file missing.toml"),
+    (["sweep", "--seeds", "0"], "seeds must be a positive integer"),
+])
+def test_sweep_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys, argv,
+                                                                 message):
+    out = tmp_path / "out"
+    code, _, stderr = _main([*argv, "--out", str(out)], capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert message in stderr
+    assert not out.exists()
+
+
+def test_report_and_export_need_a_store(tmp_path, capsys):
+    for argv in (["report", str(tmp_path)], ["export", str(tmp_path)]):
+        code, _, stderr = _main(argv, capsys)
+        assert code == 2 and "holds no results" in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_then_report_then_export_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "s"
+    code, stdout, _ = _main(["sweep", "--cell", "rnn,gru", "--hidden", "3", "--batch", "2",
+                             "--seq-len", "6", "--steps", "2", "--workers", "1", "--out",
+                             str(out)], capsys)
+    assert code == 0 and "2 runs finished, 0 already done, 0 failed" in stdout
+    assert (out / "report" / "index.html").exists()
+    code, stdout, _ = _main(["export", str(out), "--format", "csv"], capsys)
+    assert code == 0 and (out / "export" / "runs.csv").exists()
