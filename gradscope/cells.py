@@ -12,6 +12,7 @@ steps at once (``project``) and the step function takes it as ``xp``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +101,37 @@ class Cell(nn.Module):
 CELLS: Registry[type[Cell]] = Registry("cell", "--cell")
 
 
+# The step math, as functions of explicit weights, shared by the cells above and by the
+# adapters of users' torch.nn modules (gradscope.usermodel). ``xp`` is W_ih x + b_ih.
+
+def _recurrent(h: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
+    a = h @ w_hh.T
+    return a if b_hh is None else a + b_hh
+
+
+def rnn_step(xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
+             phi: Callable[[Tensor], Tensor]) -> State:
+    (h,) = state
+    return (phi(xp + _recurrent(h, w_hh, b_hh)),)
+
+
+def lstm_step(xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None) -> State:
+    h, c = state
+    i, f, g, o = (xp + _recurrent(h, w_hh, b_hh)).chunk(4, dim=-1)  # each (B, H)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def gru_step(xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None) -> State:
+    (h,) = state
+    xr, xz, xn = xp.chunk(3, dim=-1)
+    hr, hz, hn = _recurrent(h, w_hh, b_hh).chunk(3, dim=-1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return ((1 - z) * n + z * h,)
+
+
 @CELLS.register("rnn", "vanilla RNN: h' = phi(W_ih x + b_ih + W_hh h + b_hh); see --activation")
 class RNNCell(Cell):
     name = "rnn"
@@ -111,8 +143,7 @@ class RNNCell(Cell):
         self.phi = ACTIVATIONS.get(self.activation).fn
 
     def step(self, xp: Tensor, state: State) -> State:
-        (h,) = state
-        return (self.phi(xp + h @ self.weight_hh.T + self.bias_hh),)
+        return rnn_step(xp, state, self.weight_hh, self.bias_hh, self.phi)
 
     def torch_module(self) -> nn.RNN:
         if self.activation not in ("tanh", "relu"):
@@ -128,12 +159,7 @@ class LSTMCell(Cell):
     keep_gate = "f"
 
     def step(self, xp: Tensor, state: State) -> State:
-        h, c = state
-        a = xp + h @ self.weight_hh.T + self.bias_hh  # (B, 4H)
-        i, f, g, o = a.chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        return h, c
+        return lstm_step(xp, state, self.weight_hh, self.bias_hh)
 
     def torch_module(self) -> nn.LSTM:
         return self._copy_into(nn.LSTM(self.input_size, self.hidden))
@@ -146,13 +172,7 @@ class GRUCell(Cell):
     keep_gate = "z"
 
     def step(self, xp: Tensor, state: State) -> State:
-        (h,) = state
-        xr, xz, xn = xp.chunk(3, dim=-1)
-        hr, hz, hn = (h @ self.weight_hh.T + self.bias_hh).chunk(3, dim=-1)
-        r = torch.sigmoid(xr + hr)
-        z = torch.sigmoid(xz + hz)
-        n = torch.tanh(xn + r * hn)
-        return ((1 - z) * n + z * h,)
+        return gru_step(xp, state, self.weight_hh, self.bias_hh)
 
     def torch_module(self) -> nn.GRU:
         return self._copy_into(nn.GRU(self.input_size, self.hidden))

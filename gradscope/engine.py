@@ -48,7 +48,9 @@ class Unrolled:
     step: Callable[[Tensor, Tensor], Tensor]
     s0: Tensor  # (B, S): the initial state
     xs: Tensor  # (T, B, X): the per-step inputs of ``step``
-    parts: tuple[str, ...]  # state parts of equal size; part i occupies s[:, i*H:(i+1)*H]
+    # names of the state parts, of equal size H; part i occupies s[:, i*H:(i+1)*H]. The first
+    # layer's are "h" (and "c"); a stacked model's deeper layers' are "h@2", "c@2", ...
+    parts: tuple[str, ...]
     losses: Callable[[Tensor], Tensor]  # states (T', B, S) of steps 1..T' -> (T', B) losses
     weights: Tensor  # (T,): the task loss is L = sum_t weights[t-1] * mean_b losses[t-1]
     mask: Tensor | None = None  # (T, B) bool; False: sample b has ended, its state is held
@@ -133,7 +135,7 @@ def _unit(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
 def _forward_pass(u: Unrolled, states: Tensor, g: Tensor, probes: Sequence[Probe],
                   out: dict[str, np.ndarray]) -> NonFinite | None:
     rows = u.rows()
-    parts = [p for p in u.parts if any(pr.part == p for pr in probes)]
+    parts = [p for p in u.parts if any(pr.wrt == p for pr in probes)]
     B, S = u.s0.shape
     h = S // len(u.parts)
     # 1. One unit direction per coordinate of the probed parts of s_0: K = h * len(parts).

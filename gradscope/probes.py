@@ -54,14 +54,18 @@ class ReverseStep:
 class Probe:
     name: str
     pass_: str  # "forward" or "reverse"
-    part: str  # the state part it concerns: "h" or "c"
+    wrt: str | None  # forward: the part of the initial state it differentiates with respect to
+    of: str  # the part of the state at step t it reads ("h", "c"; "h@2" for a second layer)
     axis: str  # "t" (steps 1..T after h_0) or "k" (steps 0..T-1 back from T)
-    # (step context, part) -> ln magnitude in float64: forward probes return it combined over
+    # (step context, probe) -> ln magnitude in float64: forward probes return it combined over
     # the batch (0-dim); reverse probes per sample (B,), for the engine to align and combine.
     measure: Callable[..., Tensor]
 
     def __call__(self, ctx: ForwardStep | ReverseStep) -> Tensor:
-        return self.measure(ctx, self.part)
+        return self.measure(ctx, self)
+
+    def applies_to(self, parts: tuple[str, ...]) -> bool:
+        return self.of in parts and (self.wrt is None or self.wrt in parts)
 
 
 PROBES: Registry[Probe] = Registry("probe", "--probes")
@@ -77,36 +81,43 @@ def _ln_rms_batch(ln_sq: Tensor) -> Tensor:
     return 0.5 * (torch.logsumexp(ln_sq, 0) - math.log(ln_sq.shape[0]))
 
 
-def _jacobian(ctx: ForwardStep, part: str) -> Tensor:
-    cols, rows = ctx.columns[part], ctx.rows[part]
+def _jacobian(ctx: ForwardStep, probe: Probe) -> Tensor:
+    cols, rows = ctx.columns[probe.wrt], ctx.rows[probe.of]
     ln_col = _ln_norm(ctx.tangent[cols, :, rows], -1) + ctx.log_scale[cols]  # (K_p, B)
     return _ln_rms_batch(torch.logsumexp(2 * ln_col, 0))
 
 
-def _grad(ctx: ForwardStep, part: str) -> Tensor:
-    cols = ctx.columns[part]
+def _grad(ctx: ForwardStep, probe: Probe) -> Tensor:
+    cols = ctx.columns[probe.wrt]
     dots = (ctx.tangent[cols] * ctx.grad).sum(-1)  # (K_p, B): entries of (ds_t/dp_0)^T g_t
     ln_abs = torch.log(dots.abs().double()) + ctx.log_scale[cols]
     return 0.5 * torch.logsumexp((2 * ln_abs).flatten(), 0)
 
 
-def _adjoint(ctx: ReverseStep, part: str) -> Tensor:
+def _adjoint(ctx: ReverseStep, probe: Probe) -> Tensor:
     # Per sample: the engine aligns sequences of different lengths at their ends, then combines.
-    return _ln_norm(ctx.adjoint[:, ctx.rows[part]], -1) + ctx.log_scale  # (B,)
+    return _ln_norm(ctx.adjoint[:, ctx.rows[probe.of]], -1) + ctx.log_scale  # (B,)
 
 
-PROBES.add("grad_h0", Probe("grad_h0", "forward", "h", "t", _grad),
+PROBES.add("grad_h0", Probe("grad_h0", "forward", "h", "h", "t", _grad),
            "||dL_t/dh_0||, t = 1..T: the loss at step t, traced back to h_0")
-PROBES.add("jacobian", Probe("jacobian", "forward", "h", "t", _jacobian),
+PROBES.add("jacobian", Probe("jacobian", "forward", "h", "h", "t", _jacobian),
            "||dh_t/dh_0||_F, t = 1..T: RMS over the batch")
-PROBES.add("adjoint", Probe("adjoint", "reverse", "h", "k", _adjoint),
+PROBES.add("adjoint", Probe("adjoint", "reverse", None, "h", "k", _adjoint),
            "||dL/dh_{T-k}||, k = 0..T-1: what BPTT sends back k steps")
-PROBES.add("grad_c0", Probe("grad_c0", "forward", "c", "t", _grad),
+PROBES.add("grad_c0", Probe("grad_c0", "forward", "c", "c", "t", _grad),
            "LSTM: ||dL_t/dc_0||, t = 1..T")
-PROBES.add("jacobian_c", Probe("jacobian_c", "forward", "c", "t", _jacobian),
+PROBES.add("jacobian_c", Probe("jacobian_c", "forward", "c", "c", "t", _jacobian),
            "LSTM: ||dc_t/dc_0||_F, t = 1..T: the cell-state path")
 
 
 def probes_for(parts: tuple[str, ...]) -> list[str]:
-    """Every probe that applies to a cell whose state has these parts."""
-    return [e.name for e in PROBES if e.value.part in parts]
+    """Every registered probe that applies to a state with these parts."""
+    return [e.name for e in PROBES if e.value.applies_to(parts)]
+
+
+def layer_probes(parts: tuple[str, ...]) -> list[Probe]:
+    """For stacked layers (parts "h@2", "c@2", ...): the gradient with respect to each deeper
+    layer's initial state, ``grad_h0@2`` = ||dL_t/dh^(2)_0||, and likewise ``grad_c0@2``."""
+    return [Probe(f"grad_{p.split('@')[0]}0@{p.split('@')[1]}", "forward", p, p, "t", _grad)
+            for p in parts if "@" in p]
