@@ -13,15 +13,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import checkconfig
 from . import sweep as sweeps
+from .check import CheckResult, Exit, exit_code, to_text
+from .checkconfig import CheckFile
 from .config import RunConfig
 from .errors import ConfigError
 from .files import atomic_write, check_writable_dir, ensure_writable_dir
+from .gate import judge, run_checks
 from .plots import comparison_figure, profile_figure, save_figure
 from .registry import ALL
 from .report import write_report
 from .results import RunResult
-from .runner import check, execute
+from .runner import check_config, execute
 from .store import Store
 from .sweep import Outcome, SweepReport, SweepSpec
 
@@ -40,7 +44,7 @@ def run(config: RunConfig | None = None, *, out: str | Path | None = None,
     """
     config = (config or RunConfig()).replace(**options) if options else (config or RunConfig())
     # Everything the user gave is checked before any folder is made or any work is done.
-    check(config)
+    check_config(config)
     if out is not None:
         check_writable_dir(Path(out))  # creates nothing: a failed run leaves no folder behind
     result = execute(config, command)
@@ -115,7 +119,7 @@ def sweep(spec: SweepSpec, out: str | Path, *, workers: int | None = None,
     >>> outcome, index = sweep(sweep_spec(preset="smoke"), "runs/smoke")
     """
     for config in spec.runs:
-        check(config)
+        check_config(config)
     executor = sweeps.make_executor(sweeps.default_workers() if workers is None else workers)
     folder = ensure_writable_dir(Path(out))
     with Store(folder) as store:
@@ -177,4 +181,44 @@ def export(folder: str | Path, fmt: str = "csv") -> list[Path]:
             atomic_write(path, lambda tmp, t=table: t.to_parquet(tmp, index=False))
         paths.append(path)
     return paths
+
+
+def check(config: str | Path | None = None, *, only: list[str] | None = None,
+          update_baseline: bool = False, overrides: dict | None = None,
+          ) -> tuple[list[CheckResult], Exit, CheckFile]:
+    """Run the checks of ``[tool.gradscope]`` (pyproject.toml) or gradscope.toml.
+
+    ``config``: the file (default: found in the current folder); ``overrides``: check options
+    that replace the file's in every check (the command line's flags).
+
+    >>> results, code, _ = check()
+    >>> code
+    <Exit.PASSED: 0>
+    """
+    path = Path(config) if config is not None else checkconfig.find(Path.cwd())
+    checks = checkconfig.load(path, overrides)
+    results = run_checks(checks, only=only, update_baseline=update_baseline)
+    return results, exit_code(results), checks
+
+
+def assert_gradient_health(model: object, *, seq_len: int = 100, batch: int = 8,
+                           probe: str = "grad_h0", min_slope: float | None = None,
+                           min_horizon: int | None = None, max_growth: float | None = None,
+                           finite: bool = True, input_size: int | None = None, seed: int = 0,
+                           dtype: str = "float64", device: str = "cpu") -> CheckResult:
+    """Measure ``model`` (a torch.nn.RNN/LSTM/GRU, a cell, or a step-protocol module) and raise
+    AssertionError, with the table of rules as its message, when a rule fails.
+
+    >>> lstm = torch.nn.LSTM(16, 64, num_layers=2)
+    >>> assert_gradient_health(lstm, seq_len=200, min_slope=-0.05)
+    """
+    spec = checkconfig.CheckSpec(
+        name="model", source="assert_gradient_health", model="<object>", seq_len=seq_len,
+        batch=batch, probe=probe, min_slope=min_slope, min_horizon=min_horizon,
+        max_growth=max_growth, finite=finite, input_size=input_size, seed=seed, dtype=dtype,
+        device=device)
+    result = judge(spec, None, module=model)
+    if not result.passed:
+        raise AssertionError("gradient health check failed\n" + to_text([result]))
+    return result
 

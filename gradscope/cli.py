@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -19,8 +21,10 @@ from rich.progress import (
 from rich.table import Table
 
 from . import api
+from .check import to_json, to_junit, to_markdown
 from .config import RunConfig
 from .errors import ConfigError
+from .files import atomic_write_text, check_writable_dir
 from .plots import label
 from .results import RunResult
 
@@ -227,6 +231,69 @@ def export_command(
     """Export the results store as tables: runs (with summaries), profiles, curves."""
     for path in api.export(folder, format):
         out_console.print(f"wrote {path}")
+
+
+@app.command("check", epilog="Example:  gradscope check --junit-xml gradscope-junit.xml")
+def check_command(
+    config: Path = typer.Option(None, help="pyproject.toml or gradscope.toml [default: the one "
+                                           "in the current folder]."),
+    check: list[str] = typer.Option(None, "--check", help="Run only this check (repeatable)."),
+    update_baseline: bool = typer.Option(False, help="Write the measured profiles as the new "
+                                                     "baseline."),
+    tolerance: float = typer.Option(None, help="Decades a baseline window may fall [file: 1]."),
+    seq_len: int = typer.Option(None, help="Override every check's seq-len."),
+    batch: int = typer.Option(None, help="Override every check's batch."),
+    seed: int = typer.Option(None, help="Override every check's seed."),
+    device: str = typer.Option(None, help="auto | cpu | cuda."),
+    dtype: str = typer.Option(None, help="float64 | float32."),
+    junit_xml: Path = typer.Option(None, help="Also write a JUnit XML report here."),
+    format: str = typer.Option("table", help="table | json (to stdout)."),
+) -> None:
+    """Gate CI on gradient health: measure every check in [tool.gradscope] and apply its rules.
+
+    Exit code 0 when every rule holds, 1 when one fails, 2 on a usage or configuration error.
+    With $GITHUB_STEP_SUMMARY set, a markdown table is appended to it.
+    """
+    if format not in ("table", "json"):
+        raise ConfigError(f"unknown format {format!r} for --format; choose from: table, json")
+    if junit_xml is not None:
+        check_writable_dir(junit_xml.absolute().parent, "--junit-xml")
+    overrides = {k: v for k, v in {"tolerance": tolerance, "seq-len": seq_len, "batch": batch,
+                                   "seed": seed, "device": device, "dtype": dtype}.items()
+                 if v is not None}
+    results, code, checks = api.check(config, only=check or None,
+                                      update_baseline=update_baseline, overrides=overrides)
+    if format == "json":
+        print(json.dumps(to_json(results), indent=1))
+    else:
+        print_checks(results)
+        if update_baseline:
+            out_console.print(f"baseline written: {checks.baseline}")
+    if junit_xml is not None:
+        atomic_write_text(junit_xml, to_junit(results))
+    summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary_file:
+        with open(summary_file, "a", encoding="utf-8") as f:
+            f.write(to_markdown(results))
+    raise typer.Exit(int(code))
+
+
+def print_checks(results) -> None:
+    table = Table(title="gradscope check", caption="slope: log10 per step; horizon: steps "
+                  "until the gradient has fallen 6 decades")
+    for col in ("check", "rule", "measured", "limit", "result"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        for x in r.rules:
+            verdict = "[green]pass[/]" if x.passed else f"[red]FAIL[/] by {x.shortfall}"
+            table.add_row(f"{r.name} ({r.probe})", x.rule, x.measured, x.limit, verdict)
+    out_console.print(table)
+    for r in results:
+        for note in r.notes:
+            out_console.print(f"{r.name}: {note}")
+    failed = [r.name for r in results if not r.passed]
+    out_console.print(f"[red]failed: {', '.join(failed)}[/]" if failed else
+                      f"[green]{len(results)} check{'s' if len(results) != 1 else ''} passed[/]")
 
 
 def _parse_list(name: str, text: str) -> list:

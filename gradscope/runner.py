@@ -23,7 +23,7 @@ from .train import EVAL_BATCH, OPTIMIZERS, train
 from .version import __version__
 
 
-def check(config: RunConfig) -> tuple[torch.device, list[Probe]]:
+def check_config(config: RunConfig) -> tuple[torch.device, list[Probe]]:
     """Every check of a configuration, before any work: raises ConfigError."""
     validate(config)
     device = resolve_device(config.device)
@@ -38,7 +38,7 @@ def execute(config: RunConfig, command: str | None = None) -> RunResult:
 
     Raises ConfigError for bad input before any work is done.
     """
-    device, probes = check(config)
+    device, probes = check_config(config)
     built = build(config, device)
 
     def measure_now(step: int) -> Snapshot:

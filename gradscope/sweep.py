@@ -305,7 +305,7 @@ def run_sweep(spec: SweepSpec, store: Store, executor: Executor, *, command: str
     """Run every configuration not yet finished in ``store``; write each as it arrives.
 
     ``on_progress(outcome, done, todo)`` runs after each run is stored. The caller checks the
-    configurations first (``runner.check``), before the store exists.
+    configurations first (``runner.check_config``), before the store exists.
     """
     done_before = store.finished_ids()
     todo = [c for c in spec.runs if run_id(c) not in done_before]

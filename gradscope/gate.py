@@ -1,0 +1,107 @@
+"""`gradscope check` at work: measure every configured check with the exact engine, then judge
+it with the rules of ``gradscope.check``."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import usermodel
+from .check import (
+    CheckResult,
+    read_baseline,
+    rule_baseline,
+    rule_finite,
+    rule_max_growth,
+    rule_min_horizon,
+    rule_min_slope,
+    write_baseline,
+)
+from .checkconfig import CheckFile, CheckSpec, run_config
+from .engine import Unrolled, measure
+from .errors import ConfigError
+from .model import build
+from .probes import PROBES, Probe, layer_probes, probes_for
+from .results import FIRST_STEP
+from .runner import check_config, resolve_device
+from .summary import summarize
+
+
+def run_checks(checks: CheckFile, *, only: list[str] | None = None,
+               update_baseline: bool = False) -> list[CheckResult]:
+    """Measure and judge the checks (all, or those named in ``only``). With
+    ``update_baseline``, write the measured profiles as the new baseline instead of comparing."""
+    names = [c.name for c in checks.checks]
+    for name in only or []:
+        if name not in names:
+            raise ConfigError(f"no check {name!r} in {checks.path}; it has: " + ", ".join(names))
+    selected = [c for c in checks.checks if not only or c.name in only]
+    baseline = read_baseline(checks.baseline)
+    results = [judge(spec, None if update_baseline else baseline.get(spec.name))
+               for spec in selected]
+    if update_baseline:
+        write_baseline(checks.baseline, results, keep=baseline)
+    return results
+
+
+def judge(spec: CheckSpec, baseline: np.ndarray | None, module: object | None = None
+          ) -> CheckResult:
+    """Measure one check (``module``: a model object given directly, as from the API)."""
+    unrolled, probes = _prepare(spec, module)
+    available = [p.name for p in probes]
+    if spec.probe not in available:
+        raise ConfigError(f"{spec.where('probe')} {spec.probe!r} does not apply to this model; "
+                          "it offers: " + ", ".join(available))
+    main = next(p for p in probes if p.name == spec.probe)
+    extra = [p for p in probes if "@" in p.name]  # each deeper layer's initial state
+    profiles = measure(unrolled, [main, *extra])
+    steps = np.arange(unrolled.seq_len) + FIRST_STEP[main.axis]
+    overflowed = profiles.nonfinite is not None
+    summary = summarize(profiles.log10[main.name], steps, overflowed=overflowed)
+    profile = profiles.log10[main.name]
+    rules = []
+    if spec.finite:
+        rules.append(rule_finite(None if profiles.nonfinite is None else
+                                 {"step": profiles.nonfinite.step,
+                                  "where": profiles.nonfinite.where}))
+    if spec.min_slope is not None:
+        rules.append(rule_min_slope(summary.slope, bool(np.isneginf(profile).any()),
+                                    spec.min_slope))
+    if spec.min_horizon is not None:
+        rules.append(rule_min_horizon(summary.horizon, len(profile), spec.min_horizon))
+    if spec.max_growth is not None:
+        rules.append(rule_max_growth(profile, spec.max_growth))
+    notes = []
+    if baseline is not None:
+        try:
+            rules.append(rule_baseline(profile, baseline, spec.tolerance, spec.windows))
+        except ConfigError as e:
+            raise ConfigError(f"{spec.where()}: {e}") from None
+    for p in extra:
+        s = summarize(profiles.log10[p.name], steps, overflowed=overflowed)
+        notes.append(f"{p.name} slope {s.slope:+.4f}" if s.slope is not None
+                     else f"{p.name}: no slope")
+    return CheckResult(spec.name, main.name, rules, profile, summary, tuple(notes))
+
+
+def _prepare(spec: CheckSpec, module: object | None) -> tuple[Unrolled, list[Probe]]:
+    try:
+        device = resolve_device(spec.device)
+        if module is None and spec.model is None:  # a built-in configuration
+            config = run_config(spec)
+            check_config(config)
+            built = build(config, device)
+            built.model.requires_grad_(False)
+            names = probes_for(built.model.cell.parts)
+            return built.model.unroll(built.batch), [PROBES.get(n) for n in names]
+        if module is None:
+            module = usermodel.make(spec.model, spec.model_args, spec.where("model"))
+        adapted = usermodel.adapt(module, spec.where("model"), getattr(torch, spec.dtype))
+        unrolled = usermodel.unroll(adapted, seq_len=spec.seq_len, batch=spec.batch,
+                                    seed=spec.seed, input_size=spec.input_size, device=device)
+        probes = [PROBES.get(n) for n in probes_for(adapted.parts)]
+        return unrolled, probes + layer_probes(adapted.parts)
+    except ConfigError as e:
+        if str(e).startswith(spec.source):
+            raise
+        raise ConfigError(f"{spec.where()}: {e}") from None

@@ -1,0 +1,222 @@
+"""Users' own PyTorch models, unrolled step by step with their own weights for the engine.
+
+Accepted (``SUPPORTED``):
+
+- ``torch.nn.RNN`` / ``LSTM`` / ``GRU``: any ``num_layers``, ``batch_first`` either way, with or
+  without biases; unidirectional, no ``proj_size``; inter-layer dropout is not applied (the
+  module is measured as in eval mode).
+- ``torch.nn.RNNCell`` / ``LSTMCell`` / ``GRUCell``.
+- Any module that follows the step protocol::
+
+      class MyCell(torch.nn.Module):
+          input_size: int                       # features per step
+          def initial_state(self, batch: int) -> tuple[Tensor, ...]:  # each (batch, H); [0] = h
+          def step(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+              ...                               # x (batch, input_size); same shapes back
+
+  ``step`` must broadcast over extra leading dimensions of the state (plain tensor ops do):
+  the engine pushes many directions through it at once.
+
+State parts: the first layer's are "h" (and "c"); a stacked model's layer k adds "h@k"
+("c@k"). The loss is a fixed random projection of the top layer's h (seeded, unit norm):
+L_t = mean over the batch of r . h_t, and the task loss L = L_T.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .cells import State, gru_step, lstm_step, rnn_step
+from .engine import Unrolled
+from .errors import ConfigError
+
+SUPPORTED = ("torch.nn.RNN, LSTM or GRU; torch.nn.RNNCell, LSTMCell or GRUCell; or a module "
+             "with input_size, initial_state(batch) and step(x, state)")
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """A recurrent module as a step function over a flat state."""
+
+    module: nn.Module
+    input_size: int
+    hidden: int
+    parts: tuple[str, ...]
+    step: Callable[[Tensor, Tensor], Tensor]  # (x_t (B, D), s (..., B, S)) -> s'
+    initial_state: Callable[[int], Tensor]  # batch -> (B, S)
+    top: str  # the part that the loss reads: the top layer's h
+
+
+def import_factory(path: str, where: str) -> Callable[..., nn.Module]:
+    """``"package.module:factory"`` -> the callable; the current folder is importable."""
+    module_name, _, attr = path.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # any import-time failure of the user's code is a config error
+        raise ConfigError(f"{where}: cannot import {module_name} ({type(e).__name__}: {e})"
+                          ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"{where}: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def make(path: str, args: dict, where: str) -> nn.Module:
+    factory = import_factory(path, where)
+    try:
+        module = factory(**args)
+    except Exception as e:
+        raise ConfigError(f"{where}: the factory {path} raised {type(e).__name__}: {e}"
+                          ) from None
+    return module
+
+
+def adapt(module: object, where: str, dtype: torch.dtype | None = None) -> Adapted:
+    """The step-function view of ``module`` (a copy, cast to ``dtype`` when given)."""
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"{where}: the model is a {type(module).__name__}; expected "
+                          f"{SUPPORTED}")
+    module = copy.deepcopy(module)
+    if dtype is not None:
+        module = module.to(dtype)
+    module.eval()
+    for name, p in module.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ConfigError(f"{where}: the model's weight {name} holds NaN or Inf values")
+    module.requires_grad_(False)
+    if isinstance(module, nn.RNNBase):
+        return _stacked(module, where)
+    if isinstance(module, nn.RNNCellBase):
+        return _cell(module)
+    if all(hasattr(module, a) for a in ("initial_state", "step", "input_size")):
+        return _protocol(module, where)
+    raise ConfigError(f"{where}: the model is a {type(module).__name__}; expected {SUPPORTED}")
+
+
+def _steps_for(mode: str) -> tuple[int, Callable[..., State]]:
+    """(state tensors per layer, step function(xp, state, w_hh, b_hh))."""
+    if mode == "LSTM":
+        return 2, lstm_step
+    if mode == "GRU":
+        return 1, gru_step
+    phi = torch.tanh if mode == "RNN_TANH" else torch.relu
+    return 1, lambda xp, st, w, b: rnn_step(xp, st, w, b, phi)
+
+
+def _stacked(m: nn.RNNBase, where: str) -> Adapted:
+    if m.bidirectional:
+        raise ConfigError(f"{where}: bidirectional {type(m).__name__} reads time both ways; "
+                          "gradscope measures one direction: pass a unidirectional module")
+    if getattr(m, "proj_size", 0):
+        raise ConfigError(f"{where}: LSTM with proj_size > 0 is not supported")
+    per_layer, cell_step = _steps_for(m.mode)
+    H, L = m.hidden_size, m.num_layers
+    names = ("h", "c")[:per_layer]
+    parts = tuple(n if k == 0 else f"{n}@{k + 1}" for k in range(L) for n in names)
+    weights = [(getattr(m, f"weight_ih_l{k}"), getattr(m, f"bias_ih_l{k}", None),
+                getattr(m, f"weight_hh_l{k}"), getattr(m, f"bias_hh_l{k}", None))
+               for k in range(L)]
+
+    def step(x: Tensor, s: Tensor) -> Tensor:
+        chunks = s.split(H, dim=-1)
+        out, below = [], x
+        for k, (w_ih, b_ih, w_hh, b_hh) in enumerate(weights):
+            xp = below @ w_ih.T + (0 if b_ih is None else b_ih)
+            new = cell_step(xp, chunks[k * per_layer:(k + 1) * per_layer], w_hh, b_hh)
+            out += new
+            below = new[0]
+        return torch.cat(out, dim=-1)
+
+    def initial(batch: int) -> Tensor:
+        return m.weight_hh_l0.new_zeros(batch, H * per_layer * L)
+
+    top = "h" if L == 1 else f"h@{L}"
+    return Adapted(m, m.input_size, H, parts, step, initial, top)
+
+
+def _cell(m: nn.RNNCellBase) -> Adapted:
+    mode = {nn.LSTMCell: "LSTM", nn.GRUCell: "GRU"}.get(type(m)) or \
+        ("RNN_RELU" if getattr(m, "nonlinearity", "tanh") == "relu" else "RNN_TANH")
+    per_layer, cell_step = _steps_for(mode)
+    H = m.hidden_size
+
+    def step(x: Tensor, s: Tensor) -> Tensor:
+        xp = x @ m.weight_ih.T + (0 if m.bias_ih is None else m.bias_ih)
+        return torch.cat(cell_step(xp, s.split(H, dim=-1), m.weight_hh, m.bias_hh), dim=-1)
+
+    def initial(batch: int) -> Tensor:
+        return m.weight_hh.new_zeros(batch, H * per_layer)
+
+    return Adapted(m, m.input_size, H, ("h", "c")[:per_layer], step, initial, "h")
+
+
+def _protocol(m: nn.Module, where: str) -> Adapted:
+    try:
+        state = tuple(m.initial_state(2))
+    except Exception as e:
+        raise ConfigError(f"{where}: initial_state(2) raised {type(e).__name__}: {e}") from None
+    shapes = {tuple(t.shape) for t in state}
+    if not state or len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ConfigError(f"{where}: initial_state(batch) must return tensors of one shape "
+                          f"(batch, H); got shapes {sorted(shapes)}")
+    H, n = state[0].shape[1], len(state)
+    parts = ("h", "c", *(f"s{i}" for i in range(3, n + 1)))[:n]
+
+    def step(x: Tensor, s: Tensor) -> Tensor:
+        return torch.cat(tuple(m.step(x, s.split(H, dim=-1))), dim=-1)
+
+    def initial(batch: int) -> Tensor:
+        return torch.cat(tuple(m.initial_state(batch)), dim=-1)
+
+    return Adapted(m, int(m.input_size), H, parts, step, initial, "h")
+
+
+def unroll(a: Adapted, *, seq_len: int, batch: int, seed: int, input_size: int | None,
+           device: torch.device) -> Unrolled:
+    """The engine's view: random N(0, 1) inputs, the random-projection loss on the top h."""
+    gen = torch.Generator().manual_seed(seed)
+    d = input_size or a.input_size
+    if d != a.input_size:
+        raise ConfigError(f"input-size {d} does not match the model's input_size "
+                          f"{a.input_size}")
+    s0 = a.initial_state(batch).to(device)
+    dtype = s0.dtype
+    xs = torch.randn(seq_len, batch, d, generator=gen, dtype=torch.float64).to(device, dtype)
+    r = projection(a.hidden, seed).to(device, dtype)
+    index = a.parts.index(a.top)
+    top = slice(index * a.hidden, (index + 1) * a.hidden)
+    weights = torch.zeros(seq_len, device=device)
+    weights[-1] = 1.0
+    a.module.to(device)
+    return Unrolled(step=a.step, s0=s0, xs=xs, parts=a.parts,
+                    losses=lambda states: states[..., top] @ r, weights=weights)
+
+
+def projection(hidden: int, seed: int) -> Tensor:
+    """The loss's readout: a random unit vector r (H,), float64, from its own seeded stream."""
+    r = torch.randn(hidden, generator=torch.Generator().manual_seed(2 * seed + 1),
+                    dtype=torch.float64)
+    return r / r.norm()
+
+
+def outputs(a: Adapted, x: Tensor) -> Tensor:
+    """The top layer's h_1..h_T for inputs x (T, B, D), by the adapted step (for tests)."""
+    s = a.initial_state(x.shape[1]).to(x)
+    index = a.parts.index(a.top)
+    hs = []
+    for t in range(x.shape[0]):
+        s = a.step(x[t], s)
+        hs.append(s[:, index * a.hidden:(index + 1) * a.hidden])
+    return torch.stack(hs)
+
+

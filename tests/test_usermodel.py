@@ -1,0 +1,132 @@
+"""Users' own modules: the unrolled step reproduces the module's forward, the engine measures
+it exactly (against autograd on the module itself), and bad models are refused clearly."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradscope.engine import measure
+from gradscope.errors import ConfigError
+from gradscope.probes import PROBES, layer_probes, probes_for
+from gradscope.usermodel import adapt, outputs, projection, unroll
+
+
+def _seeded(module):
+    torch.manual_seed(0)
+    for p in module.parameters():
+        nn.init.normal_(p, 0, 0.4)
+    return module.double()
+
+
+@pytest.mark.parametrize("module", [
+    nn.RNN(3, 5), nn.RNN(3, 5, nonlinearity="relu", num_layers=2),
+    nn.RNN(3, 5, batch_first=True, bias=False), nn.LSTM(3, 5, num_layers=3, batch_first=True),
+    nn.LSTM(3, 5, bias=False), nn.GRU(3, 5, num_layers=2), nn.GRU(3, 5, batch_first=True),
+], ids=lambda m: repr(m))
+def test_unrolled_stacked_modules_reproduce_their_forward(module):
+    module = _seeded(module)
+    x = torch.randn(11, 4, 3, dtype=torch.float64)
+    own = module(x.transpose(0, 1) if module.batch_first else x)[0]
+    own = own.transpose(0, 1) if module.batch_first else own
+    torch.testing.assert_close(outputs(adapt(module, "test"), x), own, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", [nn.RNNCell(3, 5), nn.RNNCell(3, 5, nonlinearity="relu"),
+                                  nn.LSTMCell(3, 5), nn.GRUCell(3, 5, bias=False)],
+                         ids=lambda m: repr(m))
+def test_unrolled_cells_reproduce_their_forward(cell):
+    cell = _seeded(cell)
+    x = torch.randn(9, 4, 3, dtype=torch.float64)
+    state = None
+    hs = []
+    for t in range(9):
+        state = cell(x[t], state)
+        hs.append(state[0] if isinstance(state, tuple) else state)
+    torch.testing.assert_close(outputs(adapt(cell, "test"), x), torch.stack(hs))
+
+
+class Leaky(nn.Module):
+    """The step protocol: a leaky tanh unit."""
+
+    input_size = 3
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, 5) * 0.5)
+        self.u = nn.Parameter(torch.randn(5, 3))
+
+    def initial_state(self, batch):
+        return (torch.zeros(batch, 5, dtype=self.w.dtype),)
+
+    def step(self, x, state):
+        (h,) = state
+        return (0.9 * h + 0.1 * torch.tanh(h @ self.w.T + x @ self.u.T),)
+
+
+def _twin(module, seq_len, batch, seed):
+    """Autograd on the module itself: ||dL_t/dh^(l)_0|| per layer, L_t = mean_b r . h_t."""
+    a = adapt(module, "twin")
+    u = unroll(a, seq_len=seq_len, batch=batch, seed=seed, input_size=None,
+               device=torch.device("cpu"))
+    m = a.module
+    L, H = m.num_layers, m.hidden_size
+    h0 = torch.zeros(L, batch, H, dtype=torch.float64, requires_grad=True)
+    c0 = torch.zeros(L, batch, H, dtype=torch.float64, requires_grad=True)
+    out, _ = m(u.xs, (h0, c0))  # (T, B, H): the top layer's h_t
+    r = projection(H, seed)
+    step_loss = (out @ r).mean(dim=1)  # (T,)
+    grads = {f"grad_h0{'' if k == 0 else f'@{k + 1}'}": [] for k in range(L)}
+    for t in range(seq_len):
+        (g,) = torch.autograd.grad(step_loss[t], h0, retain_graph=True)
+        for k in range(L):
+            n = float(g[k].norm())
+            grads[f"grad_h0{'' if k == 0 else f'@{k + 1}'}"].append(
+                math.log10(n) if n > 0 else -math.inf)
+    return u, a, {k: np.array(v) for k, v in grads.items()}
+
+
+def test_a_stacked_lstm_is_measured_exactly_for_every_layer():
+    module = nn.LSTM(3, 4, num_layers=2).double()
+    u, a, want = _twin(module, seq_len=12, batch=3, seed=1)
+    probes = [PROBES.get(n) for n in probes_for(a.parts)] + layer_probes(a.parts)
+    got = measure(u, probes).log10
+    assert {"grad_h0", "grad_c0", "jacobian", "jacobian_c", "adjoint", "grad_h0@2",
+            "grad_c0@2"} == set(got)
+    for name in ("grad_h0", "grad_h0@2"):
+        ratio = np.abs(10.0 ** (got[name] - want[name]) - 1)
+        assert ratio.max() < 1e-6, name
+
+
+def test_the_step_protocol_is_measured():
+    a = adapt(Leaky().double(), "test")
+    u = unroll(a, seq_len=30, batch=2, seed=0, input_size=3, device=torch.device("cpu"))
+    p = measure(u, [PROBES.get("jacobian")]).log10["jacobian"]
+    assert np.isfinite(p).all() and p[-1] < p[0]
+
+
+@pytest.mark.parametrize("module, message", [
+    (nn.Linear(3, 3), "the model is a Linear; expected torch.nn.RNN, LSTM or GRU"),
+    ("not a module", "the model is a str"),
+    (nn.LSTM(3, 4, bidirectional=True), "bidirectional LSTM reads time both ways"),
+    (nn.LSTM(3, 4, proj_size=2), "proj_size > 0 is not supported"),
+])
+def test_unsupported_models_are_config_errors(module, message):
+    with pytest.raises(ConfigError, match=message):
+        adapt(module, "here")
+
+
+def test_nan_weights_are_refused():
+    rnn = nn.RNN(3, 4)
+    with torch.no_grad():
+        rnn.weight_hh_l0[0, 0] = float("nan")
+    with pytest.raises(ConfigError, match="weight_hh_l0 holds NaN or Inf"):
+        adapt(rnn, "here")
+
+
+def test_input_size_must_match():
+    a = adapt(nn.GRU(3, 4), "here")
+    with pytest.raises(ConfigError, match="input-size 5 does not match the model's input_size 3"):
+        unroll(a, seq_len=5, batch=2, seed=0, input_size=5, device=torch.device("cpu"))
