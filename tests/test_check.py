@@ -1,0 +1,258 @@
+"""`gradscope check`: rules (a table of edge cases), configuration errors, baselines, outputs,
+and the issue's end-to-end story in a fresh folder."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from xml.etree import ElementTree
+
+import numpy as np
+import pytest
+import torch
+
+import gradscope
+from gradscope.check import (
+    Exit,
+    rule_baseline,
+    rule_finite,
+    rule_max_growth,
+    rule_min_horizon,
+    rule_min_slope,
+)
+from gradscope.cli import main
+from gradscope.errors import ConfigError
+
+# --- rules ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("slope, zero, limit, passed, shortfall", [
+    (-0.01, False, -0.02, True, ""),
+    (-0.02, False, -0.02, True, ""),  # the limit itself passes
+    (-0.03, False, -0.02, False, "0.0100 log10/step"),
+    (None, True, -0.02, False, "exactly zero"),
+    (None, False, -0.02, False, "no slope (under two finite values)"),
+])
+def test_min_slope(slope, zero, limit, passed, shortfall):
+    r = rule_min_slope(slope, zero, limit)
+    assert r.passed is passed and r.shortfall == shortfall
+
+
+@pytest.mark.parametrize("horizon, limit, passed", [(None, 150, True), (150, 150, True),
+                                                    (149, 150, False)])
+def test_min_horizon(horizon, limit, passed):
+    r = rule_min_horizon(horizon, 200, limit)
+    assert r.passed is passed
+    assert r.measured == ("never within 200 steps" if horizon is None else f"{horizon} steps")
+
+
+def test_max_growth_and_finite():
+    assert rule_max_growth(np.array([0.0, 1.0, 2.0]), 2.0).passed
+    r = rule_max_growth(np.array([-1.0, 1.5, np.nan]), 2.0)
+    assert not r.passed and r.shortfall == "0.50 decades"
+    assert rule_finite(None).passed
+    assert not rule_finite({"step": 7, "where": "state"}).passed
+
+
+def test_baseline_windows_name_the_worst_window():
+    base = -0.1 * np.arange(100)
+    same = rule_baseline(base.copy(), base, 1.0, 4)
+    assert same.passed and same.measured.startswith("+0.00")
+    worse = base.copy()
+    worse[75:] -= 3.0  # the last quarter lost 3 decades
+    r = rule_baseline(worse, base, 1.0, 4)
+    assert not r.passed and "window 4/4 (steps 76-100) is 3.00 decades below" in r.detail
+    assert rule_baseline(worse, base, 3.0, 4).passed
+    with pytest.raises(ConfigError, match="the baseline has 100 steps and the profile 50"):
+        rule_baseline(base[:50], base, 1.0, 4)
+
+
+# --- the story of the issue, in a fresh folder --------------------------------------------------
+
+MODELS = '''
+import torch
+
+def make_encoder(forget_bias=3.0):
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(8, 32, num_layers=2)
+    with torch.no_grad():   # the usual remedy: a raised forget-gate bias in every layer
+        for k in range(2):
+            getattr(lstm, f"bias_ih_l{k}")[32:64] = forget_bias
+            getattr(lstm, f"bias_hh_l{k}")[32:64] = 0.0
+    return lstm
+
+def small_tanh():
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(8, 32)
+    with torch.no_grad():
+        for p in rnn.parameters():
+            p.mul_(0.3)
+    return rnn
+'''
+
+CONFIG = '''
+[project]
+name = "myproject"
+version = "0.1"
+
+[tool.gradscope.checks.encoder]
+model = "{module}:{factory}"
+seq-len = 200
+probe = "grad_h0"
+min-slope = -0.02
+min-horizon = 150
+'''
+
+
+def _project(tmp_path, factory="make_encoder", module="models"):
+    (tmp_path / f"{module}.py").write_text(MODELS)
+    (tmp_path / "pyproject.toml").write_text(CONFIG.format(module=module, factory=factory))
+    return tmp_path
+
+
+def _check(tmp_path, *args, env=None):
+    return subprocess.run([sys.executable, "-m", "gradscope", "check", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "COLUMNS": "160", **(env or {})})
+
+
+def test_lstm_passes_small_tanh_fails_broken_config_exits_2(tmp_path):
+    _project(tmp_path)
+    summary = tmp_path / "summary.md"
+    ok = _check(tmp_path, "--junit-xml", "junit.xml", env={"GITHUB_STEP_SUMMARY": str(summary)})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "1 check passed" in ok.stdout
+    suite = ElementTree.parse(tmp_path / "junit.xml").getroot()
+    assert suite.tag == "testsuite" and suite.get("failures") == "0"
+    assert "gradscope check: passed" in summary.read_text()
+
+    _project(tmp_path, factory="small_tanh")
+    bad = _check(tmp_path, "--junit-xml", "junit.xml")
+    assert bad.returncode == 1
+    assert "min-slope" in bad.stdout and "FAIL by" in bad.stdout and "failed: encoder" in bad.stdout
+    suite = ElementTree.parse(tmp_path / "junit.xml").getroot()
+    failures = [c for c in suite if c.find("failure") is not None]
+    assert suite.get("failures") == str(len(failures)) and len(failures) == 2
+    assert "below the minimum -0.0200" in failures[0].find("failure").get("message")
+
+    text = (tmp_path / "pyproject.toml").read_text().replace("min-slope", "min-slop")
+    (tmp_path / "pyproject.toml").write_text(text)
+    broken = _check(tmp_path)
+    assert broken.returncode == 2
+    assert broken.stderr.count("\n") == 1 and "check 'encoder': unknown key 'min-slop'" in \
+        broken.stderr
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, request):
+    """A fresh folder with a uniquely named models module, as the current directory."""
+    module = f"models_{request.node.name.replace('[', '_').replace(']', '').replace('-', '_')}"
+    monkeypatch.chdir(tmp_path)
+    return _project(tmp_path, module=module), module
+
+
+def _main(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("min-slope = -0.02", "min-slope = 'steep'"),
+     "check 'encoder': min-slope must be int or float, got 'steep'"),
+    (("seq-len = 200", "seq-len = 100"), "min-horizon 150 exceeds seq-len 100"),
+    (("probe = \"grad_h0\"", "probe = \"grad_x\""), "probe 'grad_x' does not apply"),
+    ((":make_encoder", ":missing"), "has no callable 'missing'"),
+    (("model = \"", "model = \"nowhere."), "cannot import nowhere."),
+    (("model = ", "cell = \"lstm\"\nmodel = "), "a factory and built-in options"),
+])
+def test_configuration_errors_name_the_file_the_check_and_the_key(project, capsys, edit,
+                                                                  message):
+    folder, _ = project
+    path = folder / "pyproject.toml"
+    path.write_text(path.read_text().replace(*edit))
+    code, _, err = _main(["check"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert message in err and "pyproject.toml" in err
+
+
+def test_no_configuration_at_all(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(["check"], capsys)
+    assert code == 2 and "no gradscope.toml and no [tool.gradscope]" in err
+
+
+def test_factory_that_raises_or_returns_the_wrong_type(project, capsys):
+    folder, module = project
+    (folder / f"{module}.py").write_text(MODELS + "\ndef broken():\n    raise ValueError('no')\n"
+                                         "\ndef wrong():\n    return 42\n")
+    path = folder / "pyproject.toml"
+    for factory, message in (("broken", "raised ValueError: no"), ("wrong", "the model is a int")):
+        path.write_text(CONFIG.format(module=module, factory=factory))
+        code, _, err = _main(["check"], capsys)
+        assert code == 2 and message in err
+
+
+def test_baseline_then_a_regression_fails_by_window(project, capsys):
+    folder, module = project
+    code, out, _ = _main(["check", "--update-baseline"], capsys)
+    assert code == 0 and (folder / "gradscope-baseline.json").exists()
+    code, out, _ = _main(["check", "--format", "json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and [r["rule"] for r in report["checks"][0]["rules"]] == [
+        "finite", "min-slope", "min-horizon", "baseline"]
+    # a change lowers the forget bias: still within the rules' limits, but below the baseline
+    path = folder / "pyproject.toml"
+    path.write_text(path.read_text().replace(
+        "min-horizon = 150", "min-horizon = 50\nmin-slope = -1\nmodel-args = {forget_bias = 1.0}"
+    ).replace("min-slope = -0.02\n", ""))
+    code, out, _ = _main(["check", "--format", "json"], capsys)
+    rules = {r["rule"]: r for r in json.loads(out)["checks"][0]["rules"]}
+    assert code == 1 and not rules["baseline"]["passed"] and rules["min-slope"]["passed"]
+    assert "decades below the baseline" in rules["baseline"]["detail"]
+    # flags override the file: a huge tolerance forgives it
+    code, _, _ = _main(["check", "--tolerance", "1000"], capsys)
+    assert code == 0
+
+
+def test_builtin_configurations_can_be_checked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gradscope.toml").write_text(textwrap.dedent('''
+        [checks.irnn]
+        cell = "rnn"
+        activation = "relu"
+        init = "identity"
+        seq-len = 100
+        min-slope = -0.01
+        [checks.default-tanh]
+        cell = "rnn"
+        seq-len = 100
+        probe = "jacobian"
+        min-slope = -0.05
+    '''))
+    code, out, _ = _main(["check", "--format", "json"], capsys)
+    checks = {c["name"]: c["passed"] for c in json.loads(out)["checks"]}
+    assert code == 1 and checks == {"irnn": True, "default-tanh": False}
+    code, _, _ = _main(["check", "--check", "irnn"], capsys)
+    assert code == 0
+    code, _, err = _main(["check", "--check", "nope"], capsys)
+    assert code == 2 and "no check 'nope'" in err
+
+
+def test_assert_gradient_health_raises_with_the_table():
+    torch.manual_seed(0)
+    healthy = torch.nn.RNN(4, 16)
+    torch.nn.init.orthogonal_(healthy.weight_hh_l0)
+    gradscope.assert_gradient_health(healthy, seq_len=50, probe="jacobian", min_slope=-0.1)
+    small = torch.nn.RNN(4, 16)
+    with torch.no_grad():
+        small.weight_hh_l0.mul_(0.1)
+    with pytest.raises(AssertionError) as info:
+        gradscope.assert_gradient_health(small, seq_len=50, probe="jacobian", min_slope=-0.1)
+    message = str(info.value)
+    assert "min-slope" in message and "FAIL" in message and "below the minimum" in message
+
+
+def test_exit_codes_have_names():
+    assert (Exit.PASSED, Exit.FAILED, Exit.USAGE) == (0, 1, 2)
