@@ -40,26 +40,28 @@ def check_writable_dir(path: Path, option: str = "--out") -> None:
         what = "exists and is not a directory" if existing == path else \
             f"cannot be made: {existing} is not a directory"
         raise ConfigError(f"{option} {path} {what}; give a directory")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"{option} {path} is not writable ({e.strerror}); give a writable "
-                          "directory") from None
+    _prove_writable(existing, path, option)
 
 
 def ensure_writable_dir(path: Path, option: str = "--out") -> Path:
     """Create ``path`` if needed and prove that files can be created in it, or raise ConfigError."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{option} {path} exists and is not a directory; give a directory")
+    check_writable_dir(path, option)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+    except OSError as e:
+        raise ConfigError(f"{option} {path} cannot be made ({e.strerror}); give a writable "
+                          "directory") from None
+    _prove_writable(path, path, option)
+    return path
+
+
+def _prove_writable(folder: Path, path: Path, option: str) -> None:
+    """Create and remove a file in ``folder``; ``path`` is what the message names."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"{option} {path} is not writable ({e.strerror}); give a writable "
                           "directory") from None
-    return path
