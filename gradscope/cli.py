@@ -67,6 +67,8 @@ def run_command(
     clip: float = typer.Option(DEFAULTS.clip, help="Gradient-norm clipping; 0 turns it off."),
     profile_every: int = typer.Option(DEFAULTS.profile_every,
                                       help="Also measure every K training steps."),
+    theory_k: int = typer.Option(DEFAULTS.theory_k, help="Lyapunov exponents to compute beside "
+                                                         "the theory; 0 turns theory off."),
     horizon_drop: float = typer.Option(DEFAULTS.horizon_drop,
                                        help="Decades of fall that define the horizon."),
     stable_decades: float = typer.Option(
@@ -85,7 +87,7 @@ def run_command(
         seq_len=seq_len, hidden=hidden, batch=batch, seed=seed, dtype=dtype, device=device,
         probes=_comma_list(probes), horizon_drop=horizon_drop, stable_decades=stable_decades,
         steps=steps, optimizer=optimizer, lr=lr, clip=clip if clip != 0 else None,
-        profile_every=profile_every,
+        profile_every=profile_every, theory_k=theory_k,
     )
     out = out if out is not None else Path("runs") / _default_name(config)
     result = api.run(config, out=out, command=" ".join(["gradscope", *_ARGV]))
@@ -330,6 +332,8 @@ def print_result(result: RunResult) -> None:
                       _fmt(s.end, ".1f", "-inf (exact 0)"),
                       f"[{colour[s.verdict]}]{s.verdict}[/]")
     out_console.print(table)
+    if result.theory is not None:
+        print_theory(result.theory)
     t = result.training
     if t is not None:
         if t.diverged_at is not None:
@@ -347,6 +351,24 @@ def print_result(result: RunResult) -> None:
         out_console.print(f"[magenta]the forward pass left float range ({result.nonfinite['where']}"
                           f" not finite) at step {result.nonfinite['step']}; later steps are not "
                           "computed[/]")
+
+
+def print_theory(theory: dict) -> None:
+    table = Table(title="theory vs measurement (slopes, log10 per step)")
+    for col in ("prediction", "probe", "predicted", "measured", "agrees", "caveats"):
+        table.add_column(col, overflow="fold")
+    for p in theory["predictions"]:
+        agrees = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[p["agrees"]]
+        table.add_row(p["name"], p["probe"], _fmt(p["predicted"], "+.4f"),
+                      _fmt(p["measured"], "+.4f"), agrees, "; ".join(p["caveats"]))
+    out_console.print(table)
+    lyap = ", ".join(f"{x:+.3f}" for x in theory["lyapunov"][:4] if x is not None)
+    line = f"Lyapunov exponents (ln/step): {lyap}; sigma_max(W_hh) = {theory['sigma_max']:.3f}"
+    if theory["spectral_radius"] is not None:
+        line += f", spectral radius {theory['spectral_radius']:.3f}"
+    out_console.print(line + f"; {theory['pascanu_case']}")
+    if theory["bound_holds"] is False:
+        out_console.print("[red]the measured jacobian exceeds the Pascanu bound[/]")
 
 
 def _fmt(v: float | None, spec: str, none: str = "-") -> str:

@@ -39,6 +39,7 @@ class RunConfig:
     lr: float = 1e-3  # learning rate
     clip: float | None = 1.0  # gradient-norm clipping threshold (Pascanu et al. 2013); None: off
     profile_every: int = 0  # also measure every K training steps (0: at the start and end only)
+    theory_k: int = 8  # Lyapunov exponents computed beside the theory; 0 turns theory off
     horizon_drop: float = 6.0  # horizon = first step where a profile has fallen this many decades
     stable_decades: float = 1.0  # a profile whose fitted change stays within +-this is "stable"
 
@@ -47,7 +48,7 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("steps", "profile_every"):
+        for name in ("steps", "profile_every", "theory_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{_flag(name)} must be a non-negative integer, got {value!r}")

@@ -28,6 +28,7 @@ def profile_figure(result: RunResult) -> plt.Figure:
             continue
         ax.plot(steps[finite], values[finite], lw=1.6,
                 label=f"{name} [{AXIS_LABEL[result.axes[name]]}]")
+    _theory_lines(ax, result)
     if result.nonfinite:
         ax.axvline(result.nonfinite["step"], color="red", ls="--", lw=1,
                    label=f"non-finite {result.nonfinite['where']} at t={result.nonfinite['step']}")
@@ -41,6 +42,27 @@ def profile_figure(result: RunResult) -> plt.Figure:
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
+
+
+def _theory_lines(ax: plt.Axes, result: RunResult) -> None:
+    """Beside the measured jacobian: the Pascanu bound and the predicted slopes."""
+    theory, jac = result.theory, result.profiles.get("jacobian")
+    if theory is None or jac is None or not np.isfinite(jac).any():
+        return
+    t = result.steps("jacobian")
+    t0, y0 = t[np.isfinite(jac)][0], jac[np.isfinite(jac)][0]
+    if theory.get("pascanu_slope") is not None:
+        bound = 0.5 * np.log10(result.config.hidden) + t * theory["pascanu_slope"]
+        ax.plot(t, bound, color="grey", ls="--", lw=1, label="Pascanu bound on jacobian")
+    for p in theory["predictions"]:
+        if p["probe"] == "jacobian" and p["predicted"] is not None:
+            ax.plot(t, y0 + p["predicted"] * (t - t0), ls=":", lw=1.2,
+                    label=f"{p['name']} prediction ({p['predicted']:+.3f}/step)")
+    # keep the measured profiles in view: a bound that grows would flatten them
+    measured = np.concatenate([v[np.isfinite(v)] for v in result.profiles.values()])
+    lo, hi = measured.min(), measured.max()
+    pad = 0.08 * (hi - lo) + 0.5
+    ax.set_ylim(lo - pad, hi + pad)
 
 
 def save_figure(fig: plt.Figure, path: Path) -> None:

@@ -11,6 +11,10 @@ result.json layout::
      "training": null | {"steps_done", "diverged_at", "final_loss", "chance_loss", "accuracy",
                          "learned", "curve": [...], "snapshots": [{"step", "profiles",
                          "summary", "nonfinite"}, ...]},
+     "theory": null | {"lyapunov", "spectral_radius", "sigma_max", "gamma", "pascanu_slope",
+                       "pascanu_case", "bound_holds", "mean_field", "gate_mean",
+                       "predictions": [{"name", "probe", "predicted", "measured", "agrees",
+                                        "caveats"}]},
      "meta": {"gradscope", "torch", "python", "device", "dtype", "time_utc", "command"}}
 
 ``profiles`` and ``summary`` are measured at initialisation; with training, ``snapshots`` holds
@@ -106,6 +110,7 @@ class RunResult:
     nonfinite: dict | None  # {"step", "where"} when the forward pass left float range
     meta: dict
     training: Training | None = None  # with --steps: the training run and its snapshots
+    theory: dict | None = None  # gradscope.theory.Theory.to_dict() at initialisation
 
     @property
     def initial(self) -> Snapshot:
@@ -137,6 +142,7 @@ class RunResult:
             "summary": {name: s.to_dict() for name, s in self.summary.items()},
             "nonfinite": self.nonfinite,
             "training": None if self.training is None else self.training.to_dict(),
+            "theory": self.theory,
             "meta": self.meta,
         }
 
@@ -169,6 +175,7 @@ class RunResult:
             nonfinite=d["nonfinite"],
             meta=d["meta"],
             training=None if d.get("training") is None else Training.from_dict(d["training"]),
+            theory=d.get("theory"),
         )
 
     @classmethod

@@ -19,6 +19,7 @@ from .measure import snapshot
 from .model import Built, build, generator, validate
 from .probes import PROBES, Probe, probes_for
 from .results import RunResult, Snapshot, Training
+from .theory import predict
 from .train import EVAL_BATCH, OPTIMIZERS, train
 from .version import __version__
 
@@ -40,12 +41,19 @@ def execute(config: RunConfig, command: str | None = None) -> RunResult:
     """
     device, probes = check_config(config)
     built = build(config, device)
+    built.model.requires_grad_(False)  # measurement differentiates states only; train() flips it
 
     def measure_now(step: int) -> Snapshot:
         return snapshot(built.model, built.batch, probes, step=step, drop=config.horizon_drop,
                         band=config.stable_decades)
 
     initial = measure_now(0)
+    theory = None
+    if config.theory_k > 0 and initial.nonfinite is None:
+        measured = {name: s.slope for name, s in initial.summary.items()}
+        theory = predict(built.model, built.model.unroll(built.batch), measured,
+                         k=config.theory_k, init=config.init,
+                         jacobian=initial.profiles.get("jacobian")).to_dict()
     chance = built.task.chance(config.seq_len)
     training = None
     if config.steps > 0:
@@ -60,6 +68,7 @@ def execute(config: RunConfig, command: str | None = None) -> RunResult:
         nonfinite=initial.nonfinite,
         meta=_meta(device, config.dtype, command),
         training=training,
+        theory=theory,
     )
     return result
 

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS runs (
     task_info TEXT,
     meta TEXT,
     nonfinite TEXT,
+    theory TEXT,
     steps_done INTEGER, diverged_at INTEGER, final_loss REAL, chance_loss REAL,
     accuracy REAL, learned INTEGER,
     duration_s REAL,
@@ -148,6 +149,7 @@ class Store:
             t = result.training
             row.update(task_info=json.dumps(result.task), meta=json.dumps(result.meta),
                        nonfinite=json.dumps(result.nonfinite),
+                       theory=json.dumps(result.theory),
                        chance_loss=result.task["chance_loss"])
             if t is not None:
                 row.update(steps_done=t.steps_done, diverged_at=t.diverged_at,
@@ -202,7 +204,7 @@ class Store:
         """Tidy: one row per run, measurement (train_step) and probe, with the run's
         configuration, status and training outcome beside the summary. Failed runs appear
         once, with no probe."""
-        runs = self.runs().drop(columns=["config", "task_info", "meta", "nonfinite"])
+        runs = self.runs().drop(columns=["config", "task_info", "meta", "nonfinite", "theory"])
         return runs.merge(self.summaries(), on="run_id", how="left")
 
     def sweeps(self) -> pd.DataFrame:
@@ -210,17 +212,19 @@ class Store:
 
     def result(self, rid: str) -> RunResult:
         """Rebuild one finished run's RunResult."""
-        row = self.db.execute("SELECT config, task_info, meta, nonfinite, steps_done, "
-                              "diverged_at, final_loss, chance_loss, accuracy, learned "
-                              "FROM runs WHERE run_id = ? AND status = 'ok'", (rid,)).fetchone()
-        if row is None:
+        columns = ("config", "task_info", "meta", "nonfinite", "theory", "steps_done",
+                   "diverged_at", "final_loss", "chance_loss", "accuracy", "learned")
+        values = self.db.execute(f"SELECT {', '.join(columns)} FROM runs WHERE run_id = ? "
+                                 "AND status = 'ok'", (rid,)).fetchone()
+        if values is None:
             raise KeyError(rid)
-        config, task, meta, nonfinite = (json.loads(v) for v in row[:4])
+        row = dict(zip(columns, values, strict=True))
+        config, task, meta, nonfinite, theory = (json.loads(row[c]) for c in columns[:5])
         snaps: dict[int, dict] = {}
         axes: dict[str, str] = {}
-        for _, step, probe, axis, _, values in self.profiles(rid):
+        for _, step, probe, axis, _, profile in self.profiles(rid):
             axes[probe] = axis
-            snaps.setdefault(step, {})[probe] = values
+            snaps.setdefault(step, {})[probe] = profile
         sums: dict[int, dict] = {}
         for step, probe, *fields in self.db.execute(
                 "SELECT train_step, probe, slope, half_life, horizon, verdict, start, end_ "
@@ -229,15 +233,16 @@ class Store:
         snapshots = [Snapshot(step, snaps[step], sums[step], nonfinite if step == 0 else None)
                      for step in sorted(snaps)]
         training = None
-        if row[4] is not None:
+        if row["steps_done"] is not None:
             curve = [math.nan if v is None else v for (v,) in self.db.execute(
                 "SELECT loss FROM curves WHERE run_id = ? ORDER BY step", (rid,))]
-            training = Training(curve=curve, steps_done=row[4], diverged_at=row[5],
-                                final_loss=row[6], chance_loss=row[7], accuracy=row[8],
-                                learned=bool(row[9]), snapshots=snapshots[1:])
+            training = Training(curve=curve, steps_done=row["steps_done"],
+                                diverged_at=row["diverged_at"], final_loss=row["final_loss"],
+                                chance_loss=row["chance_loss"], accuracy=row["accuracy"],
+                                learned=bool(row["learned"]), snapshots=snapshots[1:])
         first = snapshots[0]
         return RunResult(RunConfig.from_dict(config), task, first.profiles, axes, first.summary,
-                         nonfinite, meta, training)
+                         nonfinite, meta, training, theory)
 
 
 def _nullable(s: Summary) -> tuple:

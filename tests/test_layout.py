@@ -16,7 +16,7 @@ LAYERS = [
     {"engine"},
     {"model", "usermodel"},
     {"results", "train", "check"},
-    {"plots", "measure", "store"},
+    {"plots", "measure", "store", "theory"},
     {"runner"},
     {"sweep", "report", "gate"},
     {"api", "__init__"},

@@ -53,16 +53,20 @@ def test_report_has_every_section_and_png_files(sweep_folder):
     assert index == sweep_folder / "report" / "index.html"
     page = index.read_text()
     for section in ("activations", "initialisations", "gated", "cell-state", "ranking",
-                    "heatmap", "training-curves", "over-training", "metadata"):
+                    "theory", "heatmap", "training-curves", "over-training", "metadata"):
         assert f'id="{section}"' in page, section
     files = {p.name for p in index.parent.iterdir()}
     assert {"compare-activations.png", "compare-gated.png", "heatmap.png",
             "training-curves.png", "over-training.png", "index.html"} <= files
     assert not [f for f in files if f.startswith(".")]  # no temp files left
     # the ranking: best (least vanishing) first, with trained loss against chance
-    rows = re.findall(r"<tr><td>([^<]+)</td>", page)
+    ranking = page[page.index('id="ranking"'):page.index("</section>", page.index('id="ranking"'))]
+    rows = re.findall(r"<tr><td>([^<]+)</td>", ranking)
     assert len(rows) == 5 and rows[0] != "rnn/sigmoid pytorch" and rows[-1] == "rnn/sigmoid pytorch"
     assert "/2</td>" in page  # learned k/2 seeds
+    theory = page[page.index('id="theory"'):page.index("</section>", page.index('id="theory"'))]
+    for prediction in ("lyapunov", "mean-field", "gate-product"):
+        assert f"<td>{prediction}</td>" in theory
 
 
 def test_report_is_self_contained_and_escapes_user_text(sweep_folder):

@@ -31,6 +31,7 @@ class Line:
     low: np.ndarray
     high: np.ndarray
     seeds: int
+    theory_slope: float | None = None  # the Lyapunov prediction (log10 per step), median
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,19 @@ class Row:
 
 
 @dataclass(frozen=True)
+class TheoryRow:
+    """One prediction for one configuration: medians over seeds."""
+
+    label: str
+    prediction: str  # lyapunov | mean-field | gate-product
+    probe: str
+    predicted: float | None  # slope, log10 per step
+    measured: float | None
+    agrees: str  # "k/n" seeds whose prediction agreed within the margin
+    caveats: str
+
+
+@dataclass(frozen=True)
 class ReportData:
     probe: str  # the probe the comparisons and ranking use
     comparisons: list[Comparison]
@@ -70,6 +84,7 @@ class ReportData:
     over_training: dict[str, list[Line]]  # label -> one line per training step measured
     failed: list[tuple[str, str]]  # (configuration, error) for runs that failed
     meta: dict = field(default_factory=dict)
+    theory: list[TheoryRow] = field(default_factory=list)
 
 
 def build(store: Store, probe: str = "grad_h0") -> ReportData:
@@ -82,10 +97,18 @@ def build(store: Store, probe: str = "grad_h0") -> ReportData:
     summaries = store.summaries()
     groups = {label: frame for label, frame in ok.groupby("label", sort=False)}
 
+    theories = {rid: json.loads(t) for rid, t in zip(ok.run_id, ok.theory, strict=True)
+                if isinstance(t, str) and t != "null"}
+
     def line(label: str, which: str, step: int = 0) -> Line | None:
         arrays = [profiles.get((rid, step, which)) for rid in groups[label].run_id]
         arrays = [a for a in arrays if a is not None]
-        return _aggregate(label, arrays) if arrays else None
+        if not arrays:
+            return None
+        slopes = [theories[rid]["lyapunov"][0] / np.log(10) for rid in groups[label].run_id
+                  if rid in theories and theories[rid]["lyapunov"][0] is not None]
+        theory = float(np.median(slopes)) if slopes and step == 0 else None
+        return _with_theory(_aggregate(label, arrays), theory)
 
     comparisons = [c for c in _comparisons(ok, probe, line) if c.lines]
     order = _ranking(ok, summaries, probe, groups)
@@ -118,7 +141,29 @@ def build(store: Store, probe: str = "grad_h0") -> ReportData:
     failed = [(_label(json.loads(r.config), varying) + f" seed {r.seed:g}", r.error or "")
               for r in runs[runs.status != "ok"].itertuples()]
     return ReportData(probe, comparisons, heat_labels, heatmap, order, curve_lines,
-                      over_training, failed, _meta(store, runs))
+                      over_training, failed, _meta(store, runs), _theory_rows(groups, theories))
+
+
+def _theory_rows(groups: dict, theories: dict[str, dict]) -> list[TheoryRow]:
+    rows = []
+    for label, frame in groups.items():
+        found = [theories[rid] for rid in frame.run_id if rid in theories]
+        if not found:
+            continue
+        for i, first in enumerate(found[0]["predictions"]):
+            preds = [t["predictions"][i] for t in found if len(t["predictions"]) > i]
+            verdicts = [p["agrees"] for p in preds if p["agrees"] is not None]
+            rows.append(TheoryRow(
+                label, first["name"], first["probe"],
+                _median(pd.Series([p["predicted"] for p in preds], dtype=float)),
+                _median(pd.Series([p["measured"] for p in preds], dtype=float)),
+                f"{sum(verdicts)}/{len(verdicts)}" if verdicts else "-",
+                "; ".join(dict.fromkeys(c for p in preds for c in p["caveats"]))))
+    return rows
+
+
+def _with_theory(line: Line, theory: float | None) -> Line:
+    return Line(line.label, line.steps, line.median, line.low, line.high, line.seeds, theory)
 
 
 def _label(c: dict, varying: list[str]) -> str:

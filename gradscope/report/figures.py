@@ -29,13 +29,18 @@ def _lines(ax: plt.Axes, lines: list[Line], bands: bool = True) -> None:
         if bands and line.seeds > 1 and band.any():
             ax.fill_between(line.steps[band], line.low[band], line.high[band], color=colour,
                             alpha=0.18, lw=0)
+        if line.theory_slope is not None and finite.any():  # Lyapunov: the asymptotic rate
+            x0, y0 = line.steps[finite][0], line.median[finite][0]
+            xs = line.steps[finite][[0, -1]]
+            ax.plot(xs, y0 + line.theory_slope * (xs - x0), color=colour, lw=1, ls=":")
 
 
 def comparison(c: Comparison) -> plt.Figure:
     """One probe against time distance, one line per configuration, min-max band over seeds."""
     fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=100)
     _lines(ax, c.lines)
-    ax.set_title(f"{c.title}: {c.probe} ({c.fixed})", fontsize=10)
+    ax.set_title(f"{c.title}: {c.probe} ({c.fixed}); dotted: Lyapunov prediction",
+                 fontsize=9)
     ax.set_xlabel(AXIS.get(c.probe, "step"))
     ax.set_ylabel(f"log10 {c.probe}")
     ax.grid(True, alpha=0.3)

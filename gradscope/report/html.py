@@ -88,6 +88,23 @@ def render(data: ReportData, images: dict[str, bytes], title: str) -> str:
         "<th>half-life</th><th>horizon</th><th>verdict</th><th>trained loss / chance</th>"
         "<th>learned</th><th>accuracy</th></tr></thead><tbody>"
         f"{_ranking_rows(data.ranking)}</tbody></table></section>")
+    theory = ""
+    if data.theory:
+        rows = "".join(
+            f"<tr><td>{escape(t.label)}</td><td>{escape(t.prediction)}</td>"
+            f"<td>{escape(t.probe)}</td><td class=num>{_num(t.predicted, '+.4f')}</td>"
+            f"<td class=num>{_num(t.measured, '+.4f')}</td><td class=num>{escape(t.agrees)}</td>"
+            f"<td class=muted>{escape(t.caveats)}</td></tr>" for t in data.theory)
+        theory = (
+            '<section id="theory"><h2>Theory vs measurement</h2><p class=muted>Predicted and '
+            "measured slopes at initialisation (log10 per step, medians over seeds). Lyapunov: "
+            "the largest exponent of the forward dynamics over ln 10; mean field: 1/2 log10 chi; "
+            "gate product: mean log10 of the keep gate. Agrees: seeds within 0.02 + 25% of the "
+            "measured slope. A disagreement is a diagnostic: chaos, saturation, or an "
+            "initialisation that is not what it claims to be.</p><table><thead><tr>"
+            "<th>configuration</th><th>prediction</th><th>probe</th><th>predicted</th>"
+            "<th>measured</th><th>agrees</th><th>caveats</th></tr></thead><tbody>"
+            f"{rows}</tbody></table></section>")
     extra = []
     for key, heading, caption in (
         ("heatmap.png", "Heatmap", "Every configuration against every step."),
@@ -120,9 +137,11 @@ def render(data: ReportData, images: dict[str, bytes], title: str) -> str:
 <p class="lead">How the gradient with respect to the initial state vanishes or explodes with
 time distance, measured exactly per step (log10, no float floor), for the three remedies:
 activation functions, initialisation and gated cells.</p>
-<nav>{nav} <a href="#ranking">Ranking</a> <a href="#metadata">Metadata</a></nav>
+<nav>{nav} <a href="#ranking">Ranking</a>{' <a href="#theory">Theory</a>' if theory else ''}
+<a href="#metadata">Metadata</a></nav>
 {''.join(sections)}
 {ranking}
+{theory}
 {''.join(extra)}
 {failed}
 <section id="metadata"><h2>Metadata</h2><table>{meta_rows}</table></section>
