@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +19,7 @@ from .check import CheckResult, Exit, exit_code, to_text
 from .checkconfig import CheckFile
 from .config import RunConfig
 from .errors import ConfigError
+from .executors import DEFAULT_RETRIES, Outcome, make_executor
 from .files import atomic_write, check_writable_dir, ensure_writable_dir
 from .gate import judge, run_checks
 from .plots import comparison_figure, profile_figure, save_figure
@@ -26,8 +27,8 @@ from .registry import ALL
 from .report import write_report
 from .results import RunResult
 from .runner import check_config, execute
-from .store import Store
-from .sweep import Outcome, SweepReport, SweepSpec
+from .store import Store, run_id
+from .sweep import SweepReport, SweepSpec
 
 
 def run(config: RunConfig | None = None, *, out: str | Path | None = None,
@@ -108,27 +109,34 @@ def sweep_spec(*, preset: str | None = None, config_file: str | Path | None = No
     return sweeps.from_mapping(data, source, overrides=options, seeds=seeds)
 
 
-def sweep(spec: SweepSpec, out: str | Path, *, workers: int | None = None,
-          report: bool = True, command: str | None = None,
+def sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local",
+          workers: int | None = None, retries: int = DEFAULT_RETRIES,
+          address: str | None = None, gpus_per_run: float = 0.0, report: bool = True,
+          command: str | None = None,
           on_progress: Callable[[Outcome, int, int], None] = lambda *a: None,
           on_start: Callable[[int, int], None] = lambda todo, skipped: None,
           ) -> tuple[SweepReport, Path | None]:
-    """Run every configuration of ``spec`` not yet finished in ``out``'s store, in parallel,
-    then (with ``report``) write ``out/report/index.html``. Rerun to resume.
+    """Run every configuration of ``spec`` not yet finished in ``out``'s store, then (with
+    ``report``) write ``out/report/index.html``. Rerun to resume.
+
+    ``executor``: "local" (``workers`` processes; 1 runs in this process) or "ray" (Ray tasks;
+    ``address`` None starts a local Ray, "auto" joins a cluster; ``gpus_per_run``). A run whose
+    worker dies is retried ``retries`` times, then recorded as failed.
 
     >>> outcome, index = sweep(sweep_spec(preset="smoke"), "runs/smoke")
     """
     for config in spec.runs:
         check_config(config)
-    executor = sweeps.make_executor(sweeps.default_workers() if workers is None else workers)
+    runner = make_executor(executor, workers=workers, retries=retries, address=address,
+                           gpus_per_run=gpus_per_run)
     folder = ensure_writable_dir(Path(out))
-    with Store(folder) as store:
-        skipped = len(store.finished_ids() & {sweeps.run_id(c) for c in spec.runs})
+    with Store(folder) as store, store.writer():
+        skipped = len(store.finished_ids() & {run_id(c) for c in spec.runs})
         on_start(len(spec.runs) - skipped, skipped)
         result = sweeps.run_sweep(
-            spec, store, executor, command=command or "gradscope.sweep()",
-            meta={"notes": list(spec.notes), "runs": len(spec.runs),
-                  "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            spec, store, runner, command=command or "gradscope.sweep()",
+            meta={"notes": list(spec.notes), "runs": len(spec.runs), "executor": executor,
+                  "time_utc": datetime.now(UTC).isoformat(timespec="seconds")},
             on_progress=on_progress)
     index = write_report(folder) if report else None
     return result, index

@@ -17,10 +17,9 @@ No torch here. Every error names the file, the check and the key.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import tomllib
 
 from .config import RunConfig
 from .errors import ConfigError

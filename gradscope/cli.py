@@ -23,7 +23,7 @@ from rich.table import Table
 from . import api
 from .check import to_json, to_junit, to_markdown
 from .config import RunConfig
-from .errors import ConfigError
+from .errors import ConfigError, GradscopeError
 from .files import atomic_write_text, check_writable_dir
 from .plots import label
 from .results import RunResult
@@ -163,7 +163,13 @@ def sweep_command(
     dtype: str = typer.Option(None, help="float32 | float64."),
     seeds: int = typer.Option(None, help="Seeds per configuration [default: the preset's, "
                                          "or 1]."),
-    workers: int = typer.Option(None, help="Worker processes [default: the CPU count]."),
+    workers: int = typer.Option(None, help="Worker processes [default: the CPU count]; with "
+                                           "ray, the CPUs of a local Ray instance."),
+    executor: str = typer.Option("local", help="local | ray (pip install 'gradscope[ray]')."),
+    address: str = typer.Option(None, help="ray: auto or ray://host:port joins a cluster "
+                                           "[default: a local Ray instance]."),
+    gpus_per_run: float = typer.Option(0.0, help="ray: GPUs per run (0.25 packs four on one)."),
+    retries: int = typer.Option(2, help="Tries more for a run whose worker process dies."),
     out: Path = typer.Option(Path("reports"), help="Folder of the store and the report."),
     report: bool = typer.Option(True, help="Write the report when the sweep ends."),
 ) -> None:
@@ -205,7 +211,9 @@ def sweep_command(
                         failed=f"[red]{failures} failed[/]" if failures else "")
 
     try:
-        result, index = api.sweep(spec, out, workers=workers, report=report,
+        result, index = api.sweep(spec, out, executor=executor, workers=workers,
+                                  retries=retries, address=address, gpus_per_run=gpus_per_run,
+                                  report=report,
                                   command=" ".join(["gradscope", *_ARGV]),
                                   on_progress=on_progress, on_start=on_start)
     finally:
@@ -399,7 +407,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         err_console.print(f"gradscope: error: {message}", markup=False, soft_wrap=True)
         sys.exit(2)
+    except GradscopeError as e:  # not the user's input: the store, the disk, a lock
+        err_console.print(f"gradscope: error: {e}", markup=False, soft_wrap=True)
+        sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("gradscope: interrupted", markup=False)
+        err_console.print("gradscope: interrupted; finished runs are saved: run the same "
+                          "command again to resume", markup=False)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -10,3 +10,8 @@ class GradscopeError(Exception):
 class ConfigError(GradscopeError, ValueError):
     """Bad input from a user: an unknown name, an impossible size, a combination that makes no
     sense. The CLI prints the message as one line and exits with code 2."""
+
+
+class StoreError(GradscopeError):
+    """The results store could not be written (disk full, I/O error) or is held by another
+    sweep. Finished runs are kept; the CLI prints one line and exits with code 1."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import platform
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -132,6 +132,6 @@ def _meta(device: torch.device, dtype: str, command: str | None) -> dict:
         "device": str(device),
         "device_name": device_name,
         "dtype": dtype,
-        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command if command is not None else " ".join(sys.argv),
     }

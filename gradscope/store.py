@@ -15,18 +15,20 @@ only whole runs behind; a rerun skips them by run_id (a primary key: no duplicat
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .config import RunConfig
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 from .results import RunResult, Snapshot, Training
 from .summary import Summary
 
@@ -92,7 +94,7 @@ class Store:
             raise ConfigError(f"{folder} holds no results ({FILENAME} not found); run "
                               "`gradscope sweep --out DIR` first")
         try:
-            self.db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+            self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             schema = self._schema()
             if schema is None:
@@ -101,6 +103,12 @@ class Store:
             elif schema != SCHEMA:
                 raise ConfigError(f"{self.path} is a {schema} store; this gradscope reads "
                                   f"{SCHEMA}")
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e):
+                raise StoreError(f"{self.path} is locked by another process; wait for it or "
+                                 "choose another --out") from None
+            raise ConfigError(f"{self.path} cannot be used as a results store ({e}); move it "
+                              "away or choose another --out") from None
         except sqlite3.DatabaseError as e:
             raise ConfigError(f"{self.path} cannot be used as a results store ({e}); move it "
                               "away or choose another --out") from None
@@ -154,15 +162,34 @@ class Store:
             if t is not None:
                 row.update(steps_done=t.steps_done, diverged_at=t.diverged_at,
                            final_loss=t.final_loss, accuracy=t.accuracy, learned=int(t.learned))
-        with self.db:  # BEGIN ... COMMIT, or ROLLBACK on any error
-            self.db.execute("BEGIN IMMEDIATE")
-            for table in ("runs", "summaries", "profiles", "curves"):
-                self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (rid,))
-            self.db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES "
-                            f"({', '.join('?' * len(row))})", tuple(row.values()))
-            if result is not None:
-                self._add_snapshots(rid, result)
+        try:
+            with self.db:  # BEGIN ... COMMIT, or ROLLBACK on any error
+                self.db.execute("BEGIN IMMEDIATE")
+                for table in ("runs", "summaries", "profiles", "curves"):
+                    self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (rid,))
+                self.db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES "
+                                f"({', '.join('?' * len(row))})", tuple(row.values()))
+                if result is not None:
+                    self._add_snapshots(rid, result)
+        except sqlite3.Error as e:
+            raise StoreError(f"could not save a run to {self.path} ({e}); the runs saved "
+                             "before are kept: fix the cause and rerun the same command to "
+                             "resume") from None
         return rid
+
+    @contextmanager
+    def writer(self) -> Iterator[None]:
+        """Hold the folder for one sweep: a second sweep into the same folder is refused."""
+        lock = open(self.path.with_suffix(".lock"), "a+")  # noqa: SIM115 (held until exit)
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise StoreError(f"another gradscope sweep is writing to {self.path.parent}; "
+                                 "wait for it to finish or choose another --out") from None
+            yield
+        finally:
+            lock.close()
 
     def _add_snapshots(self, rid: str, result: RunResult) -> None:
         for snap in result.snapshots:

@@ -1,5 +1,6 @@
-"""Sweeps: expand a grid (or a preset, or a TOML file) into runs, execute them in parallel, and
-stream every finished run into the store. Executors sit behind one small interface.
+"""Sweeps: expand a grid (or a preset, or a TOML file) into runs, execute them with an executor
+(``gradscope.executors``: local processes or Ray), and stream every finished run into the
+store, which only this process writes.
 
 A sweep's runs are RunConfigs. Axes that make no sense for a cell collapse instead of failing:
 an LSTM or GRU ignores the activation axis, a vanilla RNN the gate options; each collapse is
@@ -9,26 +10,17 @@ reported once as a note, and the duplicates it makes are dropped.
 from __future__ import annotations
 
 import itertools
-import os
-import time
-import traceback
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, fields
-from datetime import datetime, timezone
-from multiprocessing import get_context
-from pathlib import Path
-from typing import Protocol
-
 import tomllib
-import torch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
 
 from .cells import CELLS
 from .config import RunConfig
 from .errors import ConfigError
+from .executors import Executor, Outcome
 from .registry import Registry
-from .results import RunResult
-from .runner import execute
 from .store import Store, run_id
 
 RUN_FIELDS = {f.name for f in fields(RunConfig)}
@@ -208,87 +200,6 @@ def preset(name: str, **options) -> SweepSpec:
     return from_mapping(PRESETS.get(name), f"preset {name}", **options)
 
 
-# --- executors --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Outcome:
-    config: RunConfig
-    result: RunResult | None  # None when the run failed
-    error: str | None  # the failure, in one line
-    duration_s: float
-
-
-def execute_one(config: RunConfig) -> Outcome:
-    """Run one configuration with one torch thread; never raises (failures become Outcomes)."""
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    try:
-        result = execute(config, command="gradscope sweep")
-        return Outcome(config, result, None, time.perf_counter() - start)
-    except Exception as e:  # a run that fails must not stop the sweep
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        error = f"{type(e).__name__}: {e} ({Path(where.filename).name}:{where.lineno})"
-        return Outcome(config, None, error, time.perf_counter() - start)
-
-
-class Executor(Protocol):
-    """Runs configurations and yields their outcomes as they finish, in any order."""
-
-    def run(self, configs: list[RunConfig]) -> Iterator[Outcome]: ...
-
-
-class InlineExecutor:
-    """In this process, one after another (workers = 1)."""
-
-    def run(self, configs: list[RunConfig]) -> Iterator[Outcome]:
-        threads = torch.get_num_threads()
-        try:
-            for config in configs:
-                yield execute_one(config)
-        finally:
-            torch.set_num_threads(threads)
-
-
-class LocalExecutor:
-    """A pool of local worker processes, one torch thread each."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-
-    def run(self, configs: list[RunConfig]) -> Iterator[Outcome]:
-        pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
-        try:
-            pending: set[Future] = set()
-            futures_config: dict[Future, RunConfig] = {}
-            queue = list(reversed(configs))
-            while queue or pending:
-                while queue and len(pending) < 2 * self.workers:  # submit as slots free up
-                    config = queue.pop()
-                    future = pool.submit(execute_one, config)
-                    futures_config[future] = config
-                    pending.add(future)
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    config = futures_config.pop(future)
-                    try:
-                        yield future.result()
-                    except Exception as e:  # the worker process itself died
-                        yield Outcome(config, None, f"worker failed: {type(e).__name__}: {e}",
-                                      0.0)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-def default_workers() -> int:
-    return max(1, min(os.cpu_count() or 1, 8))
-
-
-def make_executor(workers: int) -> Executor:
-    if workers < 1:
-        raise ConfigError(f"--workers must be a positive integer, got {workers}")
-    return InlineExecutor() if workers == 1 else LocalExecutor(workers)
-
-
 # --- the sweep --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -324,4 +235,4 @@ def run_sweep(spec: SweepSpec, store: Store, executor: Executor, *, command: str
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
