@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import typer
@@ -396,9 +398,19 @@ def _default_name(c: RunConfig) -> str:
     return f"{cell}-{c.init}-{c.task}-T{c.seq_len}-s{c.seed}"
 
 
+_INTERRUPTED = ("gradscope: interrupted; nothing half-written is left, and a sweep's finished "
+                "runs are saved: run the same command again to resume")
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage and configuration errors are one line on stderr and exit code 2."""
     _ARGV[:] = sys.argv[1:] if argv is None else argv  # recorded in result metadata
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # like Ctrl-C: stop workers, keep results
     try:
         code = app(args=argv, prog_name="gradscope", standalone_mode=False)
     except (ConfigError, typer.TyperException) as e:
@@ -411,7 +423,8 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print(f"gradscope: error: {e}", markup=False, soft_wrap=True)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("gradscope: interrupted; finished runs are saved: run the same "
-                          "command again to resume", markup=False)
+        err_console.print(_INTERRUPTED, markup=False)
         sys.exit(130)
+    if code == 130:  # typer turns Ctrl-C (and our SIGTERM) into this exit code
+        err_console.print(_INTERRUPTED, markup=False)
     sys.exit(code if isinstance(code, int) else 0)

@@ -15,3 +15,8 @@ class ConfigError(GradscopeError, ValueError):
 class StoreError(GradscopeError):
     """The results store could not be written (disk full, I/O error) or is held by another
     sweep. Finished runs are kept; the CLI prints one line and exits with code 1."""
+
+
+class OutputError(GradscopeError):
+    """An output file could not be written (disk full, permissions). Whatever was there before
+    is unchanged; the CLI prints one line and exits with code 1."""

@@ -30,7 +30,44 @@ def check_config(config: RunConfig) -> tuple[torch.device, list[Probe]]:
     device = resolve_device(config.device)
     probes = resolve_probes(config)
     OPTIMIZERS.get(config.optimizer)
+    check_memory(config, probes, device)
     return device, probes
+
+
+def memory_estimate(config: RunConfig, probes: list[Probe]) -> int:
+    """Bytes a run holds at its peak, before anything is allocated: the stored trajectory and
+    loss gradients (2 x T x B x S), the inputs' projections (T x B x G x H), and the forward
+    probes' K directions (a few copies of K x B x S)."""
+    cell = CELLS.get(config.cell)
+    itemsize = 8 if config.dtype == "float64" else 4
+    T = config.seq_len + (20 if config.task == "copy" else 0)
+    B, H = config.batch, config.hidden
+    S = H * len(cell.parts)
+    K = H * len({p.wrt for p in probes if p.pass_ == "forward"})
+    return itemsize * (2 * (T + 1) * B * S + T * B * len(cell.gates) * H + 4 * K * B * S)
+
+
+def check_memory(config: RunConfig, probes: list[Probe], device: torch.device) -> None:
+    need = memory_estimate(config, probes)
+    have = _available_bytes(device)
+    if have is not None and need > 0.8 * have:
+        raise ConfigError(
+            f"this run needs about {need / 2**30:.1f} GiB (--seq-len {config.seq_len} x --batch "
+            f"{config.batch} x --hidden {config.hidden}, {config.dtype}) and about "
+            f"{have / 2**30:.1f} GiB is free on {device}: lower --seq-len, --batch or "
+            "--hidden, use --dtype float32, or choose fewer --probes")
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def execute(config: RunConfig, command: str | None = None) -> RunResult:

@@ -88,6 +88,15 @@ def test_a_failed_render_keeps_the_previous_report(sweep_folder, monkeypatch):
     monkeypatch.setattr("gradscope.report.render", broken)
     with pytest.raises(OSError):
         gradscope.write_report(sweep_folder)
+    # a disk that fills while the file is written: a clear error, the old file stays
+    monkeypatch.undo()
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pathlib.Path.write_text", full)
+    with pytest.raises(gradscope.GradscopeError, match="No space left on device"):
+        gradscope.write_report(sweep_folder)
     assert index.read_bytes() == before
     assert not [p for p in index.parent.iterdir() if p.name.startswith(".")]
 

@@ -1,0 +1,144 @@
+"""Faults, each one tested: dying workers, interrupted drivers, held or broken stores, full
+disks, sizes that cannot fit. Nothing finished is ever lost or duplicated."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+import gradscope
+from gradscope.errors import ConfigError, StoreError
+from gradscope.executors import CRASH_SEED_ENV
+from gradscope.store import Store
+
+TINY = {"hidden": [3], "batch": [2], "seq_len": [8], "steps": [2]}
+
+
+def test_a_worker_that_dies_is_retried_then_recorded_as_failed(tmp_path, monkeypatch):
+    monkeypatch.setenv(CRASH_SEED_ENV, "1")  # the run with seed 1 kills its own process
+    spec = gradscope.sweep_spec(options={"cell": ["rnn", "gru"], **TINY}, seeds=3)
+    outcome, _ = gradscope.sweep(spec, tmp_path, workers=2, retries=2, report=False)
+    assert outcome.finished == 4 and len(outcome.failed) == 2
+    for config, reason in outcome.failed:
+        assert config.seed == 1
+        assert reason == "worker process died (killed by SIGKILL) on each of 3 tries"
+    with Store(tmp_path) as store:
+        runs = store.runs()
+    assert len(runs) == 6 and runs.run_id.is_unique
+    assert sorted(runs[runs.status == "failed"].seed) == [1, 1]
+    # a rerun without the fault retries only the failed runs
+    monkeypatch.delenv(CRASH_SEED_ENV)
+    again, _ = gradscope.sweep(spec, tmp_path, workers=2, report=False)
+    assert (again.skipped, again.finished, again.failed) == (4, 2, [])
+
+
+def _count(db):
+    try:
+        with sqlite3.connect(db, timeout=5) as c:
+            return c.execute("SELECT COUNT(*) FROM runs WHERE status = 'ok'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_driver_stops_cleanly_and_resumes(tmp_path, sig):
+    argv = [sys.executable, "-m", "gradscope", "sweep", "--cell", "rnn,gru", "--seeds", "4",
+            "--seq-len", "30", "--hidden", "8", "--batch", "4", "--steps", "30", "--workers",
+            "2", "--out", str(tmp_path), "--no-report"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while _count(tmp_path / "gradscope.sqlite") < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err
+    done = _count(tmp_path / "gradscope.sqlite")
+    assert 2 <= done < 8
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"{done} already done" in again.stdout
+    with Store(tmp_path) as store:
+        runs = store.runs()
+    assert len(runs) == 8 and runs.run_id.is_unique and (runs.status == "ok").all()
+
+
+def test_a_second_sweep_into_the_same_folder_is_refused(tmp_path):
+    spec = gradscope.sweep_spec(options={"cell": ["rnn"], **TINY})
+    with Store(tmp_path) as store, store.writer():
+        with pytest.raises(StoreError, match="another gradscope sweep is writing to"):
+            gradscope.sweep(spec, tmp_path, workers=1, report=False)
+    assert gradscope.sweep(spec, tmp_path, workers=1, report=False)[0].finished == 1
+
+
+def test_a_corrupt_store_is_refused_by_the_command_line_and_kept(tmp_path):
+    db = tmp_path / "gradscope.sqlite"
+    db.write_bytes(b"\x00garbage" * 1000)
+    done = subprocess.run([sys.executable, "-m", "gradscope", "sweep", "--preset", "smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "cannot be used as a results store" in done.stderr
+    assert db.read_bytes() == b"\x00garbage" * 1000
+
+
+def test_a_full_disk_while_storing_stops_the_sweep_and_keeps_what_was_saved(tmp_path,
+                                                                           monkeypatch):
+    spec = gradscope.sweep_spec(options={"cell": ["rnn", "gru", "lstm"], **TINY})
+    calls = []
+    original = Store._add_snapshots
+
+    def fill_up(self, rid, result):
+        calls.append(rid)
+        if len(calls) == 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        return original(self, rid, result)
+
+    monkeypatch.setattr(Store, "_add_snapshots", fill_up)
+    with pytest.raises(StoreError, match="database or disk is full.*rerun the same command"):
+        gradscope.sweep(spec, tmp_path, workers=1, report=False)
+    with Store(tmp_path) as store:
+        assert len(store.runs()) == 1  # the first run, whole; the second rolled back
+        assert store.db.execute("SELECT COUNT(DISTINCT run_id) FROM profiles").fetchone() == (1,)
+    monkeypatch.undo()
+    outcome, _ = gradscope.sweep(spec, tmp_path, workers=1, report=False)
+    assert (outcome.skipped, outcome.finished) == (1, 2)
+
+
+def test_a_full_disk_on_the_command_line_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    from gradscope.cli import main
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pathlib.Path.write_text", full)
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--hidden", "2", "--batch", "2", "--seq-len", "5", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "No space left on device" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "result.json").exists()
+
+
+@pytest.mark.parametrize("options", [
+    dict(seq_len=10_000_000, batch=1024, hidden=1024),
+    dict(seq_len=2_000_000, batch=256, hidden=512, cell="lstm", dtype="float32"),
+])
+def test_sizes_that_cannot_fit_are_refused_with_an_estimate(tmp_path, options):
+    with pytest.raises(ConfigError, match=r"this run needs about [\d.]+ GiB .* GiB is free"):
+        gradscope.run(out=tmp_path / "never", **options)
+    assert not (tmp_path / "never").exists()
+    spec = gradscope.sweep_spec(options={k: [v] for k, v in options.items()})
+    with pytest.raises(ConfigError, match="this run needs about"):
+        gradscope.sweep(spec, tmp_path / "sweep", workers=1)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_bad_values_in_a_sweep_file(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text("[base]\ngain = nan\n")
+    with pytest.raises(ConfigError, match="s.toml: --gain must be a finite number"):
+        gradscope.sweep_spec(config_file=path)
+    os.environ.pop(CRASH_SEED_ENV, None)
