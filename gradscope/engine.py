@@ -25,7 +25,7 @@ a non-finite forward step).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,9 +33,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from .linear import StepOps
 from .probes import ForwardStep, Probe, ReverseStep
 
 LN10 = math.log(10.0)
+CHUNK = 64  # steps whose Jacobian coefficients the fast back end holds at once
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,20 @@ class Unrolled:
     # names of the state parts, of equal size H; part i occupies s[:, i*H:(i+1)*H]. The first
     # layer's are "h" (and "c"); a stacked model's deeper layers' are "h@2", "c@2", ...
     parts: tuple[str, ...]
-    losses: Callable[[Tensor], Tensor]  # states (T', B, S) of steps 1..T' -> (T', B) losses
+    # (states (n, B, S) of steps first..first+n-1, first) -> (n, B) per-sample losses
+    losses: Callable[[Tensor, int], Tensor]
     weights: Tensor  # (T,): the task loss is L = sum_t weights[t-1] * mean_b losses[t-1]
     mask: Tensor | None = None  # (T, B) bool; False: sample b has ended, its state is held
+    # The fast back end, where the step's Jacobian is known in closed form (built-in cells):
+    # (states (C+1, B, S), xs (C, B, X), mask (C, B) | None) -> the chunk's StepOps
+    # (gradscope.linear). None: forward-mode AD and autograd, one call per step.
+    linearize: Callable[[Tensor, Tensor, Tensor | None], StepOps] | None = None
+
+    def ops(self, states: Tensor, t0: int) -> StepOps:
+        """The fast back end's maps for steps t0+1..t0+n, ``states`` = s_t0..s_t0+n."""
+        t1 = t0 + states.shape[0] - 1
+        mask = None if self.mask is None else self.mask[t0:t1]
+        return self.linearize(states, self.xs[t0:t1], mask)
 
     @property
     def seq_len(self) -> int:
@@ -88,21 +101,57 @@ def measure(u: Unrolled, probes: Sequence[Probe]) -> Profiles:
     """Every probe's per-step profile, exactly, in O(T) sequential steps."""
     T = u.seq_len
     out = {p.name: np.full(T, np.nan) for p in probes}
-    with torch.no_grad():
-        states, bad = _trajectory(u)  # (T'+1, B, S)
-    n = states.shape[0] - 1  # steps with a finite state
     forward = [p for p in probes if p.pass_ == "forward"]
     reverse = [p for p in probes if p.pass_ == "reverse"]
+    if not reverse:  # forward probes alone keep nothing of the past: memory independent of T
+        chunks = _streamed_chunks(u)
+        stop = _forward_pass(u, chunks, forward, out)
+        return Profiles({k: v / LN10 for k, v in out.items()}, stop)
+    with torch.no_grad():
+        states, bad = _trajectory(u)  # (T'+1, B, S): the adjoint needs all of it
     nonfinite = None if bad is None else NonFinite(bad, "state")
-    if n == 0:
+    if states.shape[0] == 1:
         return Profiles(out, nonfinite)
     g = _loss_grads(u, states[1:])  # (T', B, S)
     if forward:
-        stop = _forward_pass(u, states, g, forward, out)
+        stop = _forward_pass(u, _stored_chunks(states, g), forward, out)
         nonfinite = nonfinite or stop
-    if reverse and bad is None:  # the task loss needs the whole, finite trajectory
+    if bad is None:  # the task loss needs the whole, finite trajectory
         _reverse_pass(u, states, g, reverse, out)
     return Profiles({k: v / LN10 for k, v in out.items()}, nonfinite)
+
+
+Chunk = tuple[int, Tensor, Tensor, NonFinite | None]  # t0, s_t0..s_t1, g_t0+1..g_t1, stop
+
+
+def _stored_chunks(states: Tensor, g: Tensor) -> Iterator[Chunk]:
+    T = states.shape[0] - 1
+    for t0 in range(0, T, CHUNK):
+        t1 = min(t0 + CHUNK, T)
+        yield t0, states[t0:t1 + 1], g[t0:t1], None
+
+
+def _streamed_chunks(u: Unrolled) -> Iterator[Chunk]:
+    """The trajectory and its loss gradients a chunk at a time, forgetting the last one."""
+    s = u.s0
+    for t0 in range(0, u.seq_len, CHUNK):
+        t1 = min(t0 + CHUNK, u.seq_len)
+        with torch.no_grad():
+            chunk = [s]
+            for t in range(t0 + 1, t1 + 1):
+                chunk.append(u.step_at(t)(chunk[-1]))
+            states = torch.stack(chunk)
+        finite = torch.isfinite(states.flatten(1)).all(dim=1)
+        stop = None
+        if not finite.all():  # cut at the first step that left float range
+            first = int(torch.nonzero(~finite)[0])
+            stop = NonFinite(t0 + first, "state")
+            states = states[:first]
+        g = _loss_grads(u, states[1:], t0 + 1) if states.shape[0] > 1 else states[1:]
+        yield t0, states, g, stop
+        if stop is not None:
+            return
+        s = states[-1]
 
 
 def push(u: Unrolled, t: int, s_prev: Tensor, tangent: Tensor) -> Tensor:
@@ -136,11 +185,12 @@ def _trajectory(u: Unrolled) -> tuple[Tensor, int | None]:
     return torch.stack(states), None
 
 
-def _loss_grads(u: Unrolled, states: Tensor) -> Tensor:
-    """dL_t/ds_t for t = 1..T' at once: L_t is the batch mean of row t-1 of ``u.losses``."""
+def _loss_grads(u: Unrolled, states: Tensor, first: int = 1) -> Tensor:
+    """dL_t/ds_t for the steps of ``states`` at once (L_t reads only s_t): L_t is the batch
+    mean of ``u.losses``."""
     with torch.enable_grad():
         leaf = states.detach().requires_grad_(True)
-        total = u.losses(leaf).mean(dim=1).sum()
+        total = u.losses(leaf, first).mean(dim=1).sum()
         (g,) = torch.autograd.grad(total, leaf)
     return g
 
@@ -152,7 +202,7 @@ def _unit(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     return unit, torch.log(n.squeeze(dim).double())
 
 
-def _forward_pass(u: Unrolled, states: Tensor, g: Tensor, probes: Sequence[Probe],
+def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
                   out: dict[str, np.ndarray]) -> NonFinite | None:
     rows = u.rows()
     parts = [p for p in u.parts if any(pr.wrt == p for pr in probes)]
@@ -166,17 +216,33 @@ def _forward_pass(u: Unrolled, states: Tensor, g: Tensor, probes: Sequence[Probe
     tangent[torch.arange(K), :, coords] = 1.0
     log_scale = torch.zeros(K, B, dtype=torch.float64, device=u.s0.device)
 
-    for t in range(1, states.shape[0]):
-        # 2. Push every direction through J_t = ds_t/ds_{t-1} (forward mode, no graph kept).
-        tangent = push(u, t, states[t - 1], tangent)
-        # 3. Renormalise each direction and carry the factor in log space.
-        tangent, ln_norm = _unit(tangent)
-        if not torch.isfinite(tangent).all():
-            return NonFinite(t, "tangent")
-        log_scale = log_scale + ln_norm
-        ctx = ForwardStep(tangent, log_scale, columns, rows, g[t - 1])
-        for probe in probes:
-            out[probe.name][t - 1] = probe(ctx).item()
+    for t0, states, g, stop in chunks:
+        n = states.shape[0] - 1
+        values = {p.name: torch.empty(n, dtype=torch.float64) for p in probes}
+        growth = torch.empty(n, dtype=torch.float64)
+        ops = u.ops(states, t0) if u.linearize is not None and n else None
+        for i in range(n):
+            # 2. Push every direction through J_t = ds_t/ds_{t-1} (no graph kept): by the
+            #    cell's closed form where it has one, else by forward-mode AD.
+            if ops is not None:
+                tangent = ops.jvp(i, tangent)
+            else:
+                tangent = push(u, t0 + i + 1, states[i], tangent)
+            # 3. Renormalise each direction and carry the factor in log space.
+            tangent, ln_norm = _unit(tangent)
+            log_scale = log_scale + ln_norm
+            growth[i] = ln_norm.max()  # NaN or +inf once a direction leaves float range
+            ctx = ForwardStep(tangent, log_scale, columns, rows, g[i])
+            for probe in probes:
+                values[probe.name][i] = probe(ctx)
+        bad = torch.nonzero(torch.isnan(growth) | torch.isposinf(growth))  # one sync a chunk
+        keep = int(bad[0]) if len(bad) else n
+        for name, v in values.items():
+            out[name][t0:t0 + keep] = v[:keep].numpy()
+        if len(bad):
+            return NonFinite(t0 + keep + 1, "tangent")
+        if stop is not None:
+            return stop
     return None
 
 
@@ -186,20 +252,32 @@ def _reverse_pass(u: Unrolled, states: Tensor, g: Tensor, probes: Sequence[Probe
     B = u.s0.shape[0]
     direct = u.weights.to(g.dtype)[:, None, None] * g  # (T, B, S): dL/ds_t through step t's loss
     adj, log_scale = _unit(direct[T - 1])  # lambda_T, per sample
-    per_sample = {p.name: torch.empty(T, B, dtype=torch.float64) for p in probes}  # ln, by k
+    has_direct = (u.weights != 0).tolist()
+    per_sample = {p.name: torch.empty(T, B, dtype=torch.float64, device=adj.device)
+                  for p in probes}  # ln, by k
+    ops, ops_start = None, -1
     for t in range(T, 0, -1):
         ctx = ReverseStep(adj, log_scale, rows)
         for probe in probes:
-            per_sample[probe.name][T - t] = probe(ctx).cpu()
+            per_sample[probe.name][T - t] = probe(ctx)
         if t == 1:
             break
         # lambda_{t-1} = J_t^T lambda_t + dL/ds_{t-1}, combined without leaving float range.
-        with torch.enable_grad():
-            s_prev = states[t - 1].detach().requires_grad_(True)
-            (back,) = torch.autograd.grad(u.step_at(t)(s_prev), s_prev, adj)
+        if u.linearize is not None:
+            t0 = ((t - 1) // CHUNK) * CHUNK
+            if ops is None or ops_start != t0:
+                ops, ops_start = u.ops(states[t0:min(t0 + CHUNK, T) + 1], t0), t0
+            back = ops.vjp(t - 1 - t0, adj)
+        else:
+            with torch.enable_grad():
+                s_prev = states[t - 1].detach().requires_grad_(True)
+                (back,) = torch.autograd.grad(u.step_at(t)(s_prev), s_prev, adj)
         back, ln_back = _unit(back)
-        here, ln_here = _unit(direct[t - 2])
         ln_back = ln_back + log_scale
+        if not has_direct[t - 2]:  # most tasks score one step: nothing to add here
+            adj, log_scale = back, ln_back
+            continue
+        here, ln_here = _unit(direct[t - 2])
         top = torch.maximum(ln_back, ln_here)  # (B,)
         live = torch.isfinite(top)
         w_back = torch.where(live, torch.exp(ln_back - top), 0.0).to(adj.dtype)
@@ -208,7 +286,7 @@ def _reverse_pass(u: Unrolled, states: Tensor, g: Tensor, probes: Sequence[Probe
         log_scale = torch.where(live, top + ln_sum, -math.inf)
     lengths = None if u.mask is None else u.mask.sum(0).cpu()
     for name, ln in per_sample.items():
-        out[name][:] = _end_aligned_norm(ln, lengths).numpy()
+        out[name][:] = _end_aligned_norm(ln.cpu(), lengths).numpy()
 
 
 def _end_aligned_norm(ln: Tensor, lengths: Tensor | None) -> Tensor:

@@ -14,6 +14,7 @@ from .cells import CELLS, Cell
 from .config import RunConfig
 from .engine import Unrolled
 from .inits import check_schemes, initialise
+from .linear import linearize
 from .tasks import TASKS, Batch, Task
 
 EMBEDDING_DIM = 32  # token tasks: size of the embedding that feeds the cell
@@ -31,16 +32,16 @@ class Model(nn.Module):
         """(T, B, D) features or (T, B) token ids -> (T, B, D) cell inputs."""
         return self.embedding(inputs) if self.embedding is not None else inputs
 
-    def step_losses(self, h: Tensor, batch: Batch) -> Tensor:
-        """h (T', B, H) of steps 1..T' -> (T', B) per-sample loss of the readout at each step.
+    def step_losses(self, h: Tensor, batch: Batch, first: int = 1) -> Tensor:
+        """h (n, B, H) of steps first..first+n-1 -> (n, B) per-sample loss of the readout.
 
         Final-target tasks score every step against the one target; per-step tasks against
         that step's target.
         """
-        y = self.readout(h)  # (T', B, n_out)
+        y = self.readout(h)  # (n, B, n_out)
         n = h.shape[0]
         if self.task.per_step:
-            target = batch.targets[:n]  # (T', B)
+            target = batch.targets[first - 1:first - 1 + n]  # (n, B)
         else:
             target = batch.targets.expand(n, *batch.targets.shape)
         if self.task.loss == "mse":
@@ -105,8 +106,8 @@ class Model(nn.Module):
         def step(xp: Tensor, s: Tensor) -> Tensor:
             return torch.cat(cell.step(xp, s.split(H, dim=-1)), dim=-1)
 
-        def losses(states: Tensor) -> Tensor:
-            return self.step_losses(states[..., :H], batch)
+        def losses(states: Tensor, first: int) -> Tensor:
+            return self.step_losses(states[..., :H], batch, first)
 
         s0 = torch.cat(cell.initial_state(batch.inputs.shape[1]), dim=-1)  # (B, n_parts*H)
         assert s0.shape[1] == n_parts * H
@@ -118,6 +119,7 @@ class Model(nn.Module):
             losses=losses,
             weights=self.loss_weights(batch).to(s0.device),
             mask=self.mask(batch),
+            linearize=lambda states, xp, mask: linearize(cell, states, xp, mask),
         )
 
 

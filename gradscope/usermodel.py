@@ -199,7 +199,7 @@ def unroll(a: Adapted, *, seq_len: int, batch: int, seed: int, input_size: int |
     weights[-1] = 1.0
     a.module.to(device)
     return Unrolled(step=a.step, s0=s0, xs=xs, parts=a.parts,
-                    losses=lambda states: states[..., top] @ r, weights=weights)
+                    losses=lambda states, first: states[..., top] @ r, weights=weights)
 
 
 def projection(hidden: int, seed: int) -> Tensor:

@@ -66,3 +66,24 @@ def test_float32_agrees_with_float64(make):
     p64, p32 = _engine(m64, b64), _engine(m32, b32)
     for name in p64:
         np.testing.assert_allclose(p32[name], p64[name], atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("options", [
+    *({"cell": "rnn", "activation": a, "init": "normal", "gain": 1.3}
+      for a in ACTIVATIONS.names()),
+    {"cell": "lstm"}, {"cell": "gru"}, {"cell": "lstm", "task": "language", "seq_len": 150},
+    {"cell": "gru", "task": "copy"},
+])
+def test_the_fast_back_end_matches_the_generic_one(make, options):
+    """The cells' closed-form Jacobians (gradscope.linear) against forward-mode AD and
+    autograd, over several chunks, with and without variable lengths."""
+    from dataclasses import replace
+
+    model, batch = make(**{"hidden": 6, "batch": 3, "seq_len": 150, **options})
+    fast = model.unroll(batch)
+    assert fast.linearize is not None
+    slow = replace(fast, linearize=None)
+    probes = [PROBES.get(n) for n in probes_for(model.cell.parts)]
+    got, want = measure(fast, probes).log10, measure(slow, probes).log10
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-10, err_msg=name)

@@ -19,7 +19,7 @@ def test_model_loss_is_the_task_loss_the_adjoint_traces(make):
         for t in range(1, batch.seq_len + 1):
             s = unrolled.step_at(t)(s)
             states.append(s)
-        per_step = unrolled.losses(torch.stack(states)).mean(dim=1)
+        per_step = unrolled.losses(torch.stack(states), 1).mean(dim=1)
         expected = (unrolled.weights.to(per_step) * per_step).sum()
         assert float(model.loss(batch)) == pytest.approx(float(expected), rel=1e-12)
 
