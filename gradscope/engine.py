@@ -248,14 +248,63 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
 
 def _reverse_pass(u: Unrolled, states: Tensor, g: Tensor, probes: Sequence[Probe],
                   out: dict[str, np.ndarray]) -> None:
-    T, rows = u.seq_len, u.rows()
-    B = u.s0.shape[0]
+    T, B = u.seq_len, u.s0.shape[0]
     direct = u.weights.to(g.dtype)[:, None, None] * g  # (T, B, S): dL/ds_t through step t's loss
     adj, log_scale = _unit(direct[T - 1])  # lambda_T, per sample
     has_direct = (u.weights != 0).tolist()
     per_sample = {p.name: torch.empty(T, B, dtype=torch.float64, device=adj.device)
                   for p in probes}  # ln, by k
-    ops, ops_start = None, -1
+    if not any(has_direct[:-1]) and u.linearize is not None:
+        _reverse_fast(u, states, adj, log_scale, probes, per_sample)
+    else:
+        _reverse_general(u, states, direct, has_direct, adj, log_scale, probes, per_sample)
+    lengths = None if u.mask is None else u.mask.sum(0).cpu()
+    for name, ln in per_sample.items():
+        out[name][:] = _end_aligned_norm(ln.cpu(), lengths).numpy()
+
+
+def _step_back(u: Unrolled, states: Tensor, t: int, adj: Tensor, cache: list) -> Tensor:
+    """J_t^T adj: by the cell's closed form (chunks cached in ``cache``) or by autograd."""
+    if u.linearize is None:
+        with torch.enable_grad():
+            s_prev = states[t - 1].detach().requires_grad_(True)
+            (back,) = torch.autograd.grad(u.step_at(t)(s_prev), s_prev, adj)
+        return back
+    t0 = ((t - 1) // CHUNK) * CHUNK
+    if not cache or cache[0] != t0:
+        cache[:] = [t0, u.ops(states[t0:min(t0 + CHUNK, u.seq_len) + 1], t0)]
+    return cache[1].vjp(t - 1 - t0, adj)
+
+
+def _reverse_fast(u: Unrolled, states: Tensor, adj: Tensor, log_scale: Tensor,
+                  probes: Sequence[Probe], per_sample: dict[str, Tensor]) -> None:
+    """The loss is read at step T only: no term to add on the way back, so each step is one
+    closed-form vjp and one renormalisation, and every log is taken at the end, at once."""
+    T, rows = u.seq_len, u.rows()
+    zero = torch.zeros_like(log_scale)
+    factors = torch.ones(T, *log_scale.shape, dtype=adj.dtype, device=adj.device)  # (T, B)
+    cache: list = []
+    for t in range(T, 0, -1):
+        ctx = ReverseStep(adj, zero, rows)  # log-scales are added below
+        for probe in probes:
+            per_sample[probe.name][T - t] = probe(ctx)
+        if t == 1:
+            break
+        back = _step_back(u, states, t, adj, cache)
+        n = torch.linalg.vector_norm(back, dim=-1, keepdim=True)  # (B, 1)
+        adj = back / n.clamp_min(torch.finfo(n.dtype).tiny)  # zero stays zero
+        factors[T - t + 1] = n[:, 0]
+    scale = log_scale + torch.cumsum(torch.log(factors.double()), dim=0)  # (T, B)
+    for name in per_sample:
+        per_sample[name] += scale
+
+
+def _reverse_general(u: Unrolled, states: Tensor, direct: Tensor, has_direct: list[bool],
+                     adj: Tensor, log_scale: Tensor, probes: Sequence[Probe],
+                     per_sample: dict[str, Tensor]) -> None:
+    """Losses at many steps (copy): combine each step's term with what comes back."""
+    T, rows = u.seq_len, u.rows()
+    cache: list = []
     for t in range(T, 0, -1):
         ctx = ReverseStep(adj, log_scale, rows)
         for probe in probes:
@@ -263,16 +312,7 @@ def _reverse_pass(u: Unrolled, states: Tensor, g: Tensor, probes: Sequence[Probe
         if t == 1:
             break
         # lambda_{t-1} = J_t^T lambda_t + dL/ds_{t-1}, combined without leaving float range.
-        if u.linearize is not None:
-            t0 = ((t - 1) // CHUNK) * CHUNK
-            if ops is None or ops_start != t0:
-                ops, ops_start = u.ops(states[t0:min(t0 + CHUNK, T) + 1], t0), t0
-            back = ops.vjp(t - 1 - t0, adj)
-        else:
-            with torch.enable_grad():
-                s_prev = states[t - 1].detach().requires_grad_(True)
-                (back,) = torch.autograd.grad(u.step_at(t)(s_prev), s_prev, adj)
-        back, ln_back = _unit(back)
+        back, ln_back = _unit(_step_back(u, states, t, adj, cache))
         ln_back = ln_back + log_scale
         if not has_direct[t - 2]:  # most tasks score one step: nothing to add here
             adj, log_scale = back, ln_back
@@ -284,9 +324,6 @@ def _reverse_pass(u: Unrolled, states: Tensor, g: Tensor, probes: Sequence[Probe
         w_here = torch.where(live, torch.exp(ln_here - top), 0.0).to(adj.dtype)
         adj, ln_sum = _unit(w_back[:, None] * back + w_here[:, None] * here)
         log_scale = torch.where(live, top + ln_sum, -math.inf)
-    lengths = None if u.mask is None else u.mask.sum(0).cpu()
-    for name, ln in per_sample.items():
-        out[name][:] = _end_aligned_norm(ln.cpu(), lengths).numpy()
 
 
 def _end_aligned_norm(ln: Tensor, lengths: Tensor | None) -> Tensor:
