@@ -71,6 +71,9 @@ def run_command(
                                       help="Also measure every K training steps."),
     theory_k: int = typer.Option(DEFAULTS.theory_k, help="Lyapunov exponents to compute beside "
                                                          "the theory; 0 turns theory off."),
+    jacobian_samples: int = typer.Option(None, help="Forward probes on the first N sequences "
+                                                    "(cost ~ H forward passes each) [default: "
+                                                    "all]."),
     horizon_drop: float = typer.Option(DEFAULTS.horizon_drop,
                                        help="Decades of fall that define the horizon."),
     stable_decades: float = typer.Option(
@@ -89,7 +92,7 @@ def run_command(
         seq_len=seq_len, hidden=hidden, batch=batch, seed=seed, dtype=dtype, device=device,
         probes=_comma_list(probes), horizon_drop=horizon_drop, stable_decades=stable_decades,
         steps=steps, optimizer=optimizer, lr=lr, clip=clip if clip != 0 else None,
-        profile_every=profile_every, theory_k=theory_k,
+        profile_every=profile_every, theory_k=theory_k, jacobian_samples=jacobian_samples,
     )
     out = out if out is not None else Path("runs") / _default_name(config)
     result = api.run(config, out=out, command=" ".join(["gradscope", *_ARGV]))

@@ -40,6 +40,7 @@ class RunConfig:
     clip: float | None = 1.0  # gradient-norm clipping threshold (Pascanu et al. 2013); None: off
     profile_every: int = 0  # also measure every K training steps (0: at the start and end only)
     theory_k: int = 8  # Lyapunov exponents computed beside the theory; 0 turns theory off
+    jacobian_samples: int | None = None  # forward probes on the first N sequences; None: all
     horizon_drop: float = 6.0  # horizon = first step where a profile has fallen this many decades
     stable_decades: float = 1.0  # a profile whose fitted change stays within +-this is "stable"
 
@@ -73,6 +74,11 @@ class RunConfig:
             raise ConfigError(f"--gain must be positive, got {self.gain!r}")
         if self.forget_bias is not None:
             _finite("forget_bias", self.forget_bias)
+        if self.jacobian_samples is not None and (
+            not isinstance(self.jacobian_samples, int) or self.jacobian_samples < 1
+        ):
+            raise ConfigError("--jacobian-samples must be a positive integer, got "
+                              f"{self.jacobian_samples!r}")
         if self.chrono_tmax is not None and (
             not isinstance(self.chrono_tmax, int) or self.chrono_tmax < 3
         ):

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .engine import measure
+from .engine import Profiles, measure
 from .model import Model
 from .probes import Probe
 from .results import FIRST_STEP, Snapshot
@@ -15,12 +15,24 @@ from .tasks import Batch
 
 
 def snapshot(model: Model, batch: Batch, probes: Sequence[Probe], *, step: int = 0,
-             drop: float, band: float) -> Snapshot:
-    """Measure ``model`` as it is now (``step`` training steps in)."""
+             drop: float, band: float, jacobian_samples: int | None = None) -> Snapshot:
+    """Measure ``model`` as it is now (``step`` training steps in). With ``jacobian_samples``
+    N, the forward probes (grad_*, jacobian*) see the first N sequences only: their cost is
+    about H times a forward pass per sequence."""
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # the engine differentiates with respect to states only
     try:
-        profiles = measure(model.unroll(batch), probes)
+        subset = batch.take(jacobian_samples) if jacobian_samples else batch
+        if subset is batch:
+            profiles = measure(model.unroll(batch), probes)
+        else:
+            forward = [p for p in probes if p.pass_ == "forward"]
+            reverse = [p for p in probes if p.pass_ == "reverse"]
+            a = measure(model.unroll(subset), forward)
+            b = measure(model.unroll(batch), reverse)
+            profiles = Profiles({**a.log10, **b.log10}, b.nonfinite or a.nonfinite)
+            profiles = Profiles({p.name: profiles.log10[p.name] for p in probes},
+                                profiles.nonfinite)
     finally:
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)

@@ -82,7 +82,7 @@ def execute(config: RunConfig, command: str | None = None) -> RunResult:
 
     def measure_now(step: int) -> Snapshot:
         return snapshot(built.model, built.batch, probes, step=step, drop=config.horizon_drop,
-                        band=config.stable_decades)
+                        band=config.stable_decades, jacobian_samples=config.jacobian_samples)
 
     initial = measure_now(0)
     theory = None

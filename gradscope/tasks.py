@@ -23,10 +23,17 @@ class Batch:
     inputs: Tensor  # (T, B, D) float features, or (T, B) int64 token ids for a token task
     targets: Tensor  # final target: (B,) int64 classes or (B, 1) float; per step: (T, B) int64
     lengths: Tensor | None = None  # (B,) int64 real lengths when they vary; None: all T
+    per_step: bool = False  # targets are (T, B), one per step
 
     @property
     def seq_len(self) -> int:
         return self.inputs.shape[0]
+
+    def take(self, n: int) -> Batch:
+        """The first n sequences."""
+        targets = self.targets[:, :n] if self.per_step else self.targets[:n]
+        lengths = None if self.lengths is None else self.lengths[:n]
+        return Batch(self.inputs[:, :n], targets, lengths, self.per_step)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Batch:
         def move(x: Tensor | None) -> Tensor | None:
@@ -34,7 +41,7 @@ class Batch:
                 return None
             return x.to(device, dtype if x.is_floating_point() else None)
 
-        return Batch(move(self.inputs), move(self.targets), move(self.lengths))
+        return Batch(move(self.inputs), move(self.targets), move(self.lengths), self.per_step)
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,7 @@ def _copy(T: int, B: int, gen: torch.Generator) -> Batch:
     tail = torch.zeros(COPY_DATA, B, dtype=torch.long)
     symbols = torch.cat([data, blank, delim, tail])  # (T + 20, B)
     targets = torch.cat([torch.zeros(T + COPY_DATA, B, dtype=torch.long), data])
-    return Batch(_one_hot(symbols, COPY_SYMBOLS), targets)
+    return Batch(_one_hot(symbols, COPY_SYMBOLS), targets, per_step=True)
 
 
 TASKS.add("copy", Task(

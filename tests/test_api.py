@@ -78,3 +78,20 @@ def test_compare_loads_runs_and_checks_the_probe(tmp_path):
         gradscope.compare([tmp_path / "a", tmp_path / "b"], "jacobian_c")
     with pytest.raises(gradscope.ConfigError, match="holds no readable gradscope result"):
         gradscope.compare([tmp_path / "missing"], "jacobian")
+
+
+def test_jacobian_samples_measure_forward_probes_on_the_first_sequences(make):
+    from gradscope.engine import measure
+    from gradscope.measure import snapshot
+    from gradscope.probes import PROBES, probes_for
+
+    model, batch = make(cell="lstm", hidden=5, batch=6, seq_len=30)
+    probes = [PROBES.get(n) for n in probes_for(model.cell.parts)]
+    snap = snapshot(model, batch, probes, drop=6.0, band=1.0, jacobian_samples=2)
+    sub = measure(model.unroll(batch.take(2)), [p for p in probes if p.pass_ == "forward"])
+    full = measure(model.unroll(batch), [PROBES.get("adjoint")])
+    for name, values in sub.log10.items():
+        np.testing.assert_array_equal(snap.profiles[name], values)
+    np.testing.assert_array_equal(snap.profiles["adjoint"], full.log10["adjoint"])
+    assert list(snap.profiles) == [p.name for p in probes]
+    assert batch.take(2).inputs.shape[1] == 2

@@ -1,0 +1,170 @@
+"""gradscope's benchmark: profile cost against naive per-timestep autograd and against the
+fused torch.nn kernel's forward+backward, measured side by side in one run, as ratios.
+
+    .venv/bin/python benchmarks/run.py            # the CPU target cases (a few minutes)
+    .venv/bin/python benchmarks/run.py --full     # every case: LSTM, tanh RNN; H 128, 512;
+                                                  # T 1000, 10000; and T = 1e6 memory
+    .venv/bin/python benchmarks/run.py --device cuda --full
+
+Prints a markdown table (paste it into docs/benchmarks.md). Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from gradscope.config import RunConfig
+from gradscope.engine import measure
+from gradscope.model import build
+from gradscope.probes import PROBES, probes_for
+
+B = 32
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """The best of ``repeats`` wall times, after one warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def fused(cell: str, H: int, T: int, device: str, dtype: torch.dtype) -> float:
+    module = (torch.nn.LSTM(2, H) if cell == "lstm" else torch.nn.RNN(2, H)).to(device, dtype)
+    x = torch.randn(T, B, 2, device=device, dtype=dtype)
+
+    def step():
+        module.zero_grad()
+        out, _ = module(x)
+        out[-1].sum().backward()
+
+    return timed(step, 2, device)
+
+
+def setup(cell: str, H: int, T: int, device: str, dtype: str, batch: int = B):
+    options = dict(cell=cell, hidden=H, batch=batch, seq_len=T, dtype=dtype, device=device)
+    built = build(RunConfig(**options), torch.device(device))
+    built.model.requires_grad_(False)
+    return built
+
+
+def ours(cell: str, H: int, T: int, device: str, dtype: str, samples: int | None
+         ) -> tuple[float, float]:
+    """(adjoint alone, every probe with forward probes on ``samples`` sequences)."""
+    built = setup(cell, H, T, device, dtype)
+    full = built.model.unroll(built.batch)
+    adjoint = timed(lambda: measure(full, [PROBES.get("adjoint")]), 2, device)
+    forward = [PROBES.get(n) for n in probes_for(built.model.cell.parts) if n != "adjoint"]
+    sub = built.model.unroll(built.batch.take(samples)) if samples else full
+    everything = timed(lambda: (measure(full, [PROBES.get("adjoint")]), measure(sub, forward)),
+                       1, device)
+    return adjoint, everything
+
+
+def naive(cell: str, H: int, T: int, device: str, dtype: str) -> float:
+    """grad_h0 the way users write it by hand: one backward pass per t (O(T^2))."""
+    built = setup(cell, H, T, device, dtype)
+    model, batch = built.model, built.batch
+    c = model.cell
+    model.requires_grad_(False)
+
+    def run():
+        state = tuple(torch.zeros(B, H, device=device, dtype=getattr(torch, dtype),
+                                  requires_grad=True) for _ in c.parts)
+        xs = c.project(model.encode(batch.inputs))
+        s, hs = state, []
+        for t in range(T):
+            s = c.step(xs[t], s)
+            hs.append(s[0])
+        losses = model.step_losses(torch.stack(hs), batch).mean(dim=1)
+        for t in range(T):
+            torch.autograd.grad(losses[t], state[0], retain_graph=True)
+
+    return timed(run, 1, device)
+
+
+def memory_case(T: int, device: str) -> dict:
+    """Peak RSS of a forward-probe run of length T, in a fresh process."""
+    code = (
+        "import resource, torch, json; from gradscope.config import RunConfig;"
+        "from gradscope.model import build; from gradscope.engine import measure;"
+        "from gradscope.probes import PROBES;"
+        f"b = build(RunConfig(cell='rnn', hidden=32, batch=4, seq_len={T}, dtype='float32',"
+        f" device='{device}'), torch.device('{device}')); b.model.requires_grad_(False);"
+        "import time; t = time.perf_counter();"
+        "measure(b.model.unroll(b.batch), [PROBES.get('jacobian')]);"
+        "print(json.dumps({'seconds': time.perf_counter() - t,"
+        " 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="every case, not just the targets")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--samples", type=int, default=2,
+                        help="sequences the Jacobian (forward) probes use")
+    parser.add_argument("--naive-t", type=int, default=200,
+                        help="the naive baseline runs at this T and is scaled by (T/this)^2")
+    args = parser.parse_args()
+    dtype = "float32"
+    cases = [("lstm", 128, 1000), ("rnn", 128, 1000)]
+    if args.full:
+        cases = [(c, H, T) for c in ("lstm", "rnn") for H in (128, 512) for T in (1000, 10000)]
+    if args.device == "cuda":
+        cases = [("lstm", 256, 10000), *cases]
+    print(f"machine: {machine(args.device)}; torch {torch.__version__}; B = {B}; {dtype}; "
+          f"forward probes on {args.samples} sequences\n")
+    print("| cell | H | T | fused fwd+bwd (s) | adjoint (s) | adjoint / fused | all probes (s) "
+          "| all / fused | naive O(T^2) (s) | naive / all |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for cell, H, T in cases:
+        base = fused(cell, H, T, args.device, getattr(torch, dtype))
+        adjoint, everything = ours(cell, H, T, args.device, dtype, args.samples)
+        t_naive = min(T, args.naive_t)
+        slow = naive(cell, H, t_naive, args.device, dtype) * (T / t_naive) ** 2
+        mark = "" if t_naive == T else f" (from T={t_naive}, x(T/{t_naive})^2)"
+        print(f"| {cell} | {H} | {T} | {base:.3f} | {adjoint:.3f} | {adjoint / base:.2f}x | "
+              f"{everything:.3f} | {everything / base:.2f}x | {slow:.1f}{mark} | "
+              f"{slow / everything:.0f}x |", flush=True)
+    lengths = (10_000, 100_000, 1_000_000) if args.full else (10_000, 100_000)
+    print("\n| forward probe (jacobian), rnn H=32 B=4 | T | seconds | peak RSS (MB) |")
+    print("|---|---|---|---|")
+    for T in lengths:
+        m = memory_case(T, args.device)
+        print(f"| streamed, float32 | {T} | {m['seconds']:.1f} | {m['peak_rss_mb']:.0f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
