@@ -38,6 +38,7 @@ from .probes import ForwardStep, Probe, ReverseStep
 
 LN10 = math.log(10.0)
 CHUNK = 64  # steps whose Jacobian coefficients the fast back end holds at once
+_STACKED = 2**22  # elements of tangents the forward pass stacks before its probes read them
 
 
 @dataclass(frozen=True)
@@ -218,29 +219,36 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
 
     for t0, states, g, stop in chunks:
         n = states.shape[0] - 1
-        values = {p.name: torch.empty(n, dtype=torch.float64) for p in probes}
-        growth = torch.empty(n, dtype=torch.float64)
         ops = u.ops(states, t0) if u.linearize is not None and n else None
-        for i in range(n):
-            # 2. Push every direction through J_t = ds_t/ds_{t-1} (no graph kept): by the
-            #    cell's closed form where it has one, else by forward-mode AD.
-            if ops is not None:
-                tangent = ops.jvp(i, tangent)
-            else:
-                tangent = push(u, t0 + i + 1, states[i], tangent)
-            # 3. Renormalise each direction and carry the factor in log space.
-            tangent, ln_norm = _unit(tangent)
-            log_scale = log_scale + ln_norm
-            growth[i] = ln_norm.max()  # NaN or +inf once a direction leaves float range
-            ctx = ForwardStep(tangent, log_scale, columns, rows, g[i])
-            for probe in probes:
-                values[probe.name][i] = probe(ctx)
-        bad = torch.nonzero(torch.isnan(growth) | torch.isposinf(growth))  # one sync a chunk
-        keep = int(bad[0]) if len(bad) else n
-        for name, v in values.items():
-            out[name][t0:t0 + keep] = v[:keep].numpy()
-        if len(bad):
-            return NonFinite(t0 + keep + 1, "tangent")
+        done = 0
+        while done < n:  # in slices whose stacked tangents stay small
+            m = min(n - done, max(1, _STACKED // tangent.numel()))
+            stacked, ln_norms = [], []
+            for i in range(done, done + m):
+                # 2. Push every direction through J_t = ds_t/ds_{t-1} (no graph kept): by the
+                #    cell's closed form where it has one, else by forward-mode AD.
+                if ops is not None:
+                    tangent = ops.jvp(i, tangent)
+                else:
+                    tangent = push(u, t0 + i + 1, states[i], tangent)
+                # 3. Renormalise each direction; the factors' logs are summed below, at once.
+                norm = torch.linalg.vector_norm(tangent, dim=-1, keepdim=True)
+                tangent = tangent / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+                stacked.append(tangent)
+                ln_norms.append(norm[..., 0])
+            # 4. The probes, over the slice: log-scales as running sums of ln(norm).
+            scales = log_scale + torch.cumsum(torch.log(torch.stack(ln_norms).double()), dim=0)
+            log_scale = scales[-1]
+            ctx = ForwardStep(torch.stack(stacked), scales, columns, rows, g[done:done + m])
+            values = {probe.name: probe(ctx).cpu().numpy() for probe in probes}
+            grown = torch.isnan(scales) | torch.isposinf(scales)  # left float range
+            bad = torch.nonzero(grown.flatten(1).any(dim=1))
+            keep = int(bad[0]) if len(bad) else m
+            for name, v in values.items():
+                out[name][t0 + done:t0 + done + keep] = v[:keep]
+            if len(bad):
+                return NonFinite(t0 + done + keep + 1, "tangent")
+            done += m
         if stop is not None:
             return stop
     return None

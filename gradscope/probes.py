@@ -32,13 +32,14 @@ from .registry import Registry
 
 @dataclass(frozen=True)
 class ForwardStep:
-    """The forward pass at step t: d s_t / d(initial state), renormalised per direction."""
+    """The forward pass at C consecutive steps t: d s_t / d(initial state), renormalised per
+    direction (the engine hands probes a chunk of steps at once)."""
 
-    tangent: Tensor  # (K, B, S): column k of ds_t/ds_0 per sample, unit norm (or zero)
-    log_scale: Tensor  # (K, B) float64: ln of the factor each column was divided by
+    tangent: Tensor  # (C, K, B, S): column k of ds_t/ds_0 per sample, unit norm (or zero)
+    log_scale: Tensor  # (C, K, B) float64: ln of the factor each column was divided by
     columns: dict[str, slice]  # part -> which of the K directions start in that part of s_0
     rows: dict[str, slice]  # part -> which of the S state coordinates belong to it
-    grad: Tensor  # (B, S): dL_t/ds_t, the loss gradient at this step (zero outside "h")
+    grad: Tensor  # (C, B, S): dL_t/ds_t, the loss gradient at each step (zero outside "h")
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,9 @@ class Probe:
     wrt: str | None  # forward: the part of the initial state it differentiates with respect to
     of: str  # the part of the state at step t it reads ("h", "c"; "h@2" for a second layer)
     axis: str  # "t" (steps 1..T after h_0) or "k" (steps 0..T-1 back from T)
-    # (step context, probe) -> ln magnitude in float64: forward probes return it combined over
-    # the batch (0-dim); reverse probes per sample (B,), for the engine to align and combine.
+    # (context, probe) -> ln magnitude in float64: forward probes get a chunk of C steps and
+    # return (C,), combined over the batch; reverse probes get one step and return (B,), per
+    # sample, for the engine to align and combine.
     measure: Callable[..., Tensor]
 
     def __call__(self, ctx: ForwardStep | ReverseStep) -> Tensor:
@@ -77,21 +79,22 @@ def _ln_norm(x: Tensor, dim: int) -> Tensor:
 
 
 def _ln_rms_batch(ln_sq: Tensor) -> Tensor:
-    """(B,) ln of squared norms -> ln sqrt(mean_b exp(ln_sq))."""
-    return 0.5 * (torch.logsumexp(ln_sq, 0) - math.log(ln_sq.shape[0]))
+    """(..., B) ln of squared norms -> (...) ln sqrt(mean_b exp(ln_sq))."""
+    return 0.5 * (torch.logsumexp(ln_sq, -1) - math.log(ln_sq.shape[-1]))
 
 
 def _jacobian(ctx: ForwardStep, probe: Probe) -> Tensor:
     cols, rows = ctx.columns[probe.wrt], ctx.rows[probe.of]
-    ln_col = _ln_norm(ctx.tangent[cols, :, rows], -1) + ctx.log_scale[cols]  # (K_p, B)
-    return _ln_rms_batch(torch.logsumexp(2 * ln_col, 0))
+    ln_col = _ln_norm(ctx.tangent[:, cols, :, rows], -1) + ctx.log_scale[:, cols]  # (C, K_p, B)
+    return _ln_rms_batch(torch.logsumexp(2 * ln_col, -2))
 
 
 def _grad(ctx: ForwardStep, probe: Probe) -> Tensor:
     cols = ctx.columns[probe.wrt]
-    dots = (ctx.tangent[cols] * ctx.grad).sum(-1)  # (K_p, B): entries of (ds_t/dp_0)^T g_t
-    ln_abs = torch.log(dots.abs().double()) + ctx.log_scale[cols]
-    return 0.5 * torch.logsumexp((2 * ln_abs).flatten(), 0)
+    # (C, K_p, B): the entries of (ds_t/dp_0)^T g_t
+    dots = torch.einsum("ckbs,cbs->ckb", ctx.tangent[:, cols], ctx.grad)
+    ln_abs = torch.log(dots.abs().double()) + ctx.log_scale[:, cols]
+    return 0.5 * torch.logsumexp((2 * ln_abs).flatten(-2), -1)
 
 
 def _adjoint(ctx: ReverseStep, probe: Probe) -> Tensor:
