@@ -71,6 +71,9 @@ def run_command(
                                       help="Also measure every K training steps."),
     theory_k: int = typer.Option(DEFAULTS.theory_k, help="Lyapunov exponents to compute beside "
                                                          "the theory; 0 turns theory off."),
+    projections: int = typer.Option(None, help="Estimate the forward probes from P random "
+                                               "directions per part (error ~ sqrt(2/P)) "
+                                               "[default: exact]."),
     jacobian_samples: int = typer.Option(None, help="Forward probes on the first N sequences "
                                                     "(cost ~ H forward passes each) [default: "
                                                     "all]."),
@@ -93,6 +96,7 @@ def run_command(
         probes=_comma_list(probes), horizon_drop=horizon_drop, stable_decades=stable_decades,
         steps=steps, optimizer=optimizer, lr=lr, clip=clip if clip != 0 else None,
         profile_every=profile_every, theory_k=theory_k, jacobian_samples=jacobian_samples,
+        projections=projections,
     )
     out = out if out is not None else Path("runs") / _default_name(config)
     result = api.run(config, out=out, command=" ".join(["gradscope", *_ARGV]))

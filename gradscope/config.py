@@ -41,6 +41,7 @@ class RunConfig:
     profile_every: int = 0  # also measure every K training steps (0: at the start and end only)
     theory_k: int = 8  # Lyapunov exponents computed beside the theory; 0 turns theory off
     jacobian_samples: int | None = None  # forward probes on the first N sequences; None: all
+    projections: int | None = None  # forward probes estimated from P random directions; None: exact
     horizon_drop: float = 6.0  # horizon = first step where a profile has fallen this many decades
     stable_decades: float = 1.0  # a profile whose fitted change stays within +-this is "stable"
 
@@ -79,6 +80,11 @@ class RunConfig:
         ):
             raise ConfigError("--jacobian-samples must be a positive integer, got "
                               f"{self.jacobian_samples!r}")
+        if self.projections is not None and (
+            not isinstance(self.projections, int) or self.projections < 1
+        ):
+            raise ConfigError(f"--projections must be a positive integer, got "
+                              f"{self.projections!r}")
         if self.chrono_tmax is not None and (
             not isinstance(self.chrono_tmax, int) or self.chrono_tmax < 3
         ):

@@ -15,20 +15,22 @@ from .tasks import Batch
 
 
 def snapshot(model: Model, batch: Batch, probes: Sequence[Probe], *, step: int = 0,
-             drop: float, band: float, jacobian_samples: int | None = None) -> Snapshot:
+             drop: float, band: float, jacobian_samples: int | None = None,
+             projections: int | None = None, seed: int = 0) -> Snapshot:
     """Measure ``model`` as it is now (``step`` training steps in). With ``jacobian_samples``
     N, the forward probes (grad_*, jacobian*) see the first N sequences only: their cost is
-    about H times a forward pass per sequence."""
+    about H times a forward pass per sequence. With ``projections`` P they are estimates from P
+    random directions per part (see ``engine.measure``)."""
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # the engine differentiates with respect to states only
     try:
         subset = batch.take(jacobian_samples) if jacobian_samples else batch
         if subset is batch:
-            profiles = measure(model.unroll(batch), probes)
+            profiles = measure(model.unroll(batch), probes, projections=projections, seed=seed)
         else:
             forward = [p for p in probes if p.pass_ == "forward"]
             reverse = [p for p in probes if p.pass_ == "reverse"]
-            a = measure(model.unroll(subset), forward)
+            a = measure(model.unroll(subset), forward, projections=projections, seed=seed)
             b = measure(model.unroll(batch), reverse)
             profiles = Profiles({**a.log10, **b.log10}, b.nonfinite or a.nonfinite)
             profiles = Profiles({p.name: profiles.log10[p.name] for p in probes},

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -40,6 +40,9 @@ class ForwardStep:
     columns: dict[str, slice]  # part -> which of the K directions start in that part of s_0
     rows: dict[str, slice]  # part -> which of the S state coordinates belong to it
     grad: Tensor  # (C, B, S): dL_t/ds_t, the loss gradient at each step (zero outside "h")
+    # part -> ln of the weight of a squared column sum: 0 for unit directions (exact), -ln P
+    # for P random projections (then a sum over columns estimates the squared norm)
+    ln_weight: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def _ln_rms_batch(ln_sq: Tensor) -> Tensor:
 def _jacobian(ctx: ForwardStep, probe: Probe) -> Tensor:
     cols, rows = ctx.columns[probe.wrt], ctx.rows[probe.of]
     ln_col = _ln_norm(ctx.tangent[:, cols, :, rows], -1) + ctx.log_scale[:, cols]  # (C, K_p, B)
-    return _ln_rms_batch(torch.logsumexp(2 * ln_col, -2))
+    return _ln_rms_batch(torch.logsumexp(2 * ln_col, -2) + ctx.ln_weight.get(probe.wrt, 0.0))
 
 
 def _grad(ctx: ForwardStep, probe: Probe) -> Tensor:
@@ -94,7 +97,8 @@ def _grad(ctx: ForwardStep, probe: Probe) -> Tensor:
     # (C, K_p, B): the entries of (ds_t/dp_0)^T g_t
     dots = torch.einsum("ckbs,cbs->ckb", ctx.tangent[:, cols], ctx.grad)
     ln_abs = torch.log(dots.abs().double()) + ctx.log_scale[:, cols]
-    return 0.5 * torch.logsumexp((2 * ln_abs).flatten(-2), -1)
+    return 0.5 * (torch.logsumexp((2 * ln_abs).flatten(-2), -1)
+                  + ctx.ln_weight.get(probe.wrt, 0.0))
 
 
 def _adjoint(ctx: ReverseStep, probe: Probe) -> Tensor:

@@ -82,7 +82,8 @@ def execute(config: RunConfig, command: str | None = None) -> RunResult:
 
     def measure_now(step: int) -> Snapshot:
         return snapshot(built.model, built.batch, probes, step=step, drop=config.horizon_drop,
-                        band=config.stable_decades, jacobian_samples=config.jacobian_samples)
+                        band=config.stable_decades, jacobian_samples=config.jacobian_samples,
+                        projections=config.projections, seed=config.seed)
 
     initial = measure_now(0)
     theory = None
