@@ -62,6 +62,8 @@ class Unrolled:
     # (states (C+1, B, S), xs (C, B, X), mask (C, B) | None) -> the chunk's StepOps
     # (gradscope.linear). None: forward-mode AD and autograd, one call per step.
     linearize: Callable[[Tensor, Tensor, Tensor | None], StepOps] | None = None
+    # s_0..s_T at once with fewer ops per step than ``step`` (built-in cells, one length)
+    fast_trajectory: Callable[[], Tensor] | None = None
 
     def ops(self, states: Tensor, t0: int) -> StepOps:
         """The fast back end's maps for steps t0+1..t0+n, ``states`` = s_t0..s_t0+n."""
@@ -182,6 +184,13 @@ def trajectory(u: Unrolled) -> tuple[Tensor, int | None]:
 
 
 def _trajectory(u: Unrolled) -> tuple[Tensor, int | None]:
+    if u.fast_trajectory is not None:
+        states = u.fast_trajectory()
+        finite = torch.isfinite(states.flatten(1)).all(dim=1)  # one check for all steps
+        if finite.all():
+            return states, None
+        first = int(torch.nonzero(~finite)[0])
+        return states[:first], first
     s = u.s0
     states = [s]
     for t in range(1, u.seq_len + 1):

@@ -121,3 +121,37 @@ def linearize(cell: Cell, states: Tensor, xp: Tensor, mask: Tensor | None) -> St
     return OPS[cell.name](cell, states, xp, mask)
 
 
+
+
+def trajectory(cell: Cell, xp: Tensor, s0: Tensor) -> Tensor:
+    """s_0..s_T (T+1, B, S) with few ops per step (fused adds, one sigmoid over all gates);
+    the same recurrence as ``cell.step``, for sequences of one length."""
+    T, H = xp.shape[0], cell.hidden
+    states = torch.empty(T + 1, *s0.shape, dtype=s0.dtype, device=s0.device)
+    states[0] = s0
+    xpb = xp + cell.bias_hh  # (T, B, G*H)
+    w = cell.weight_hh.T
+    h = s0[:, :H]
+    if cell.name == "lstm":
+        c = s0[:, H:]
+        for t in range(T):
+            a = torch.addmm(xpb[t], h, w)
+            gates = torch.sigmoid(a)
+            c = torch.addcmul(gates[:, H:2 * H] * c, gates[:, :H], torch.tanh(a[:, 2 * H:3 * H]))
+            h = gates[:, 3 * H:] * torch.tanh(c)
+            states[t + 1, :, :H] = h
+            states[t + 1, :, H:] = c
+        return states
+    if cell.name == "gru":
+        for t in range(T):
+            hr, hz, hn = torch.addmm(cell.bias_hh, h, w).chunk(3, dim=-1)
+            x = xp[t]
+            rz = torch.sigmoid(x[:, :2 * H] + torch.cat([hr, hz], dim=-1))
+            n = torch.tanh(torch.addcmul(x[:, 2 * H:], rz[:, :H], hn))
+            h = torch.lerp(n, h, rz[:, H:])  # (1 - z) n + z h
+            states[t + 1] = h
+        return states
+    for t in range(T):
+        h = cell.phi(torch.addmm(xpb[t], h, w))
+        states[t + 1] = h
+    return states

@@ -14,7 +14,7 @@ from .cells import CELLS, Cell
 from .config import RunConfig
 from .engine import Unrolled
 from .inits import check_schemes, initialise
-from .linear import linearize
+from .linear import linearize, trajectory
 from .tasks import TASKS, Batch, Task
 
 EMBEDDING_DIM = 32  # token tasks: size of the embedding that feeds the cell
@@ -111,15 +111,18 @@ class Model(nn.Module):
 
         s0 = torch.cat(cell.initial_state(batch.inputs.shape[1]), dim=-1)  # (B, n_parts*H)
         assert s0.shape[1] == n_parts * H
+        xs = cell.project(self.encode(batch.inputs)).detach()  # (T, B, G*H)
         return Unrolled(
             step=step,
             s0=s0,
-            xs=cell.project(self.encode(batch.inputs)).detach(),  # (T, B, G*H)
+            xs=xs,
             parts=cell.parts,
             losses=losses,
             weights=self.loss_weights(batch).to(s0.device),
             mask=self.mask(batch),
             linearize=lambda states, xp, mask: linearize(cell, states, xp, mask),
+            fast_trajectory=None if batch.lengths is not None else
+            lambda: trajectory(cell, xs, s0),
         )
 
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from twins import assert_log10_close, brute_force
 
 from gradscope.activations import ACTIVATIONS
@@ -103,3 +104,19 @@ def test_random_projections_estimate_the_exact_forward_probes(make, cell):
         assert np.median(err) < 0.03 and err.max() < 0.12, (name, err.max())
     again = measure(u, probes, projections=400, seed=3).log10
     assert all(np.array_equal(again[n], estimate[n]) for n in exact)  # seeded
+
+
+@pytest.mark.parametrize("options", [
+    *({"cell": "rnn", "activation": a} for a in ACTIVATIONS.names()),
+    {"cell": "lstm"}, {"cell": "gru"}])
+def test_the_fast_trajectory_is_the_step_by_step_one(make, options):
+    from dataclasses import replace
+
+    from gradscope.engine import trajectory
+
+    model, batch = make(hidden=5, batch=3, seq_len=40, **options)
+    u = model.unroll(batch)
+    assert u.fast_trajectory is not None
+    fast, _ = trajectory(u)
+    slow, _ = trajectory(replace(u, fast_trajectory=None))
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
