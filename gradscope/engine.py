@@ -50,7 +50,7 @@ class Unrolled:
     # respect to states only, and graphs built for weights would be wasted work.
     step: Callable[[Tensor, Tensor], Tensor]
     s0: Tensor  # (B, S): the initial state
-    xs: Tensor  # (T, B, X): the per-step inputs of ``step``
+    xs: Tensor  # (T, B, X): the per-step inputs of ``step`` (or a lazy view with [t], [a:b])
     # names of the state parts, of equal size H; part i occupies s[:, i*H:(i+1)*H]. The first
     # layer's are "h" (and "c"); a stacked model's deeper layers' are "h@2", "c@2", ...
     parts: tuple[str, ...]

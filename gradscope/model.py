@@ -20,6 +20,31 @@ from .tasks import TASKS, Batch, Task
 EMBEDDING_DIM = 32  # token tasks: size of the embedding that feeds the cell
 
 
+class Projected:
+    """The cell's input drive W_ih x_t + b_ih, (T, B, G*H), computed a chunk of steps at a time
+    and cached, so that streamed probes never hold it whole (it is G*H/D times the inputs)."""
+
+    CHUNK = 256
+
+    def __init__(self, model: Model, inputs: Tensor) -> None:
+        self.model, self.inputs = model, inputs
+        cell = model.cell
+        self.shape = (inputs.shape[0], inputs.shape[1], len(cell.gates) * cell.hidden)
+        self._cached: tuple[int, Tensor] | None = None
+
+    def _project(self, index: slice) -> Tensor:
+        with torch.no_grad():
+            return self.model.cell.project(self.model.encode(self.inputs[index]))
+
+    def __getitem__(self, index: int | slice) -> Tensor:
+        if isinstance(index, slice):
+            return self._project(index)
+        t0 = (index // self.CHUNK) * self.CHUNK
+        if self._cached is None or self._cached[0] != t0:
+            self._cached = (t0, self._project(slice(t0, t0 + self.CHUNK)))
+        return self._cached[1][index - t0]
+
+
 class Model(nn.Module):
     def __init__(self, cell: Cell, task: Task, embedding: nn.Embedding | None) -> None:
         super().__init__()
@@ -111,7 +136,7 @@ class Model(nn.Module):
 
         s0 = torch.cat(cell.initial_state(batch.inputs.shape[1]), dim=-1)  # (B, n_parts*H)
         assert s0.shape[1] == n_parts * H
-        xs = cell.project(self.encode(batch.inputs)).detach()  # (T, B, G*H)
+        xs = Projected(self, batch.inputs)  # (T, B, G*H), a chunk at a time
         return Unrolled(
             step=step,
             s0=s0,
@@ -122,7 +147,7 @@ class Model(nn.Module):
             mask=self.mask(batch),
             linearize=lambda states, xp, mask: linearize(cell, states, xp, mask),
             fast_trajectory=None if batch.lengths is not None else
-            lambda: trajectory(cell, xs, s0),
+            lambda: trajectory(cell, xs[:], s0),
         )
 
 

@@ -161,7 +161,7 @@ def predict(model: Model, u: Unrolled, measured: dict[str, float | None], *, k: 
             bound = 0.5 * math.log10(H) + t * pascanu
             ok = np.isnan(jacobian) | (jacobian <= bound + 1e-9)
             bound_holds = bool(ok.all())
-        xs = u.xs.detach().double()
+        xs = u.xs[:].detach().double()
         s2 = float(((xs + cell.bias_hh.detach().double()) ** 2).mean())
         mf = mean_field(ACTIVATIONS.get(cell.activation).fn, float((w**2).sum() / H), s2)
         caveats = []
@@ -195,7 +195,7 @@ def _gate_product(model: Model, u: Unrolled) -> tuple[float, float]:
     H = cell.hidden
     g = cell.gate_slice(cell.keep_gate)
     h_prev = states[:T, :, :H]  # (T, B, H): h_{t-1}
-    a = u.xs[:T, :, g] + h_prev @ cell.weight_hh[g].T + cell.bias_hh[g]
+    a = u.xs[:T][..., g] + h_prev @ cell.weight_hh[g].T + cell.bias_hh[g]
     mask = torch.ones(a.shape[:2], dtype=torch.bool) if u.mask is None else u.mask[:T]
     gates = torch.sigmoid(a.double())[mask]  # ended sequences hold: leave them out
     return float(gates.mean()), float(torch.log10(gates).mean())
