@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from helpers import count_finished
 
 import gradscope
 from gradscope.errors import ConfigError, StoreError
@@ -36,12 +37,6 @@ def test_a_worker_that_dies_is_retried_then_recorded_as_failed(tmp_path, monkeyp
     assert (again.skipped, again.finished, again.failed) == (4, 2, [])
 
 
-def _count(db):
-    try:
-        with sqlite3.connect(db, timeout=5) as c:
-            return c.execute("SELECT COUNT(*) FROM runs WHERE status = 'ok'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -51,14 +46,14 @@ def test_an_interrupted_driver_stops_cleanly_and_resumes(tmp_path, sig):
             "2", "--out", str(tmp_path), "--no-report"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while _count(tmp_path / "gradscope.sqlite") < 2 and time.time() < deadline:
+    while count_finished(tmp_path / "gradscope.sqlite") < 2 and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "run the same command again to resume" in err
     assert "Traceback" not in err
-    done = _count(tmp_path / "gradscope.sqlite")
+    done = count_finished(tmp_path / "gradscope.sqlite")
     assert 2 <= done < 8
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"{done} already done" in again.stdout

@@ -3,13 +3,13 @@ executor, a killed task retried then recorded, and a killed driver that resumes.
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from helpers import count_finished
 
 import gradscope
 from gradscope.executors import CRASH_SEED_ENV
@@ -66,12 +66,6 @@ def test_a_ray_task_whose_worker_dies_is_retried_then_recorded(tmp_path, local_r
     assert len(runs) == CRASH_SEED + 1 and runs.run_id.is_unique
 
 
-def _count(db):
-    try:
-        with sqlite3.connect(db, timeout=5) as c:
-            return c.execute("SELECT COUNT(*) FROM runs WHERE status = 'ok'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
 
 
 def test_a_killed_ray_driver_resumes_with_every_run_exactly_once(tmp_path):
@@ -82,11 +76,11 @@ def test_a_killed_ray_driver_resumes_with_every_run_exactly_once(tmp_path):
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=env)
     deadline = time.time() + 180
-    while _count(tmp_path / "gradscope.sqlite") < 2 and time.time() < deadline:
+    while count_finished(tmp_path / "gradscope.sqlite") < 2 and time.time() < deadline:
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = _count(tmp_path / "gradscope.sqlite")
+    done = count_finished(tmp_path / "gradscope.sqlite")
     assert 2 <= done < 8
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr

@@ -2,13 +2,13 @@
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from helpers import count_finished
 
 import gradscope
 from gradscope.errors import ConfigError
@@ -106,14 +106,6 @@ def test_load_and_export(tmp_path):
         gradscope.export(tmp_path, "xlsx")
 
 
-def _count(db_path):
-    if not db_path.exists():
-        return 0
-    try:
-        with sqlite3.connect(db_path, timeout=5) as db:
-            return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
 
 
 def test_sigkill_halfway_then_resume_gives_every_run_exactly_once(tmp_path):
@@ -126,11 +118,11 @@ def test_sigkill_halfway_then_resume_gives_every_run_exactly_once(tmp_path):
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 120
-    while _count(out / "gradscope.sqlite") < 3 and time.time() < deadline:
+    while count_finished(out / "gradscope.sqlite") < 3 and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, at once
     proc.wait()
-    done_at_kill = _count(out / "gradscope.sqlite")
+    done_at_kill = count_finished(out / "gradscope.sqlite")
     assert 3 <= done_at_kill < total, "the kill should land halfway"
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
