@@ -158,7 +158,7 @@ def _theory_rows(groups: dict, theories: dict[str, dict]) -> list[TheoryRow]:
                 _median(pd.Series([p["predicted"] for p in preds], dtype=float)),
                 _median(pd.Series([p["measured"] for p in preds], dtype=float)),
                 f"{sum(verdicts)}/{len(verdicts)}" if verdicts else "-",
-                "; ".join(dict.fromkeys(c for p in preds for c in p["caveats"]))))
+                "; ".join(first["caveats"])))  # the first seed's: others differ in digits
     return rows
 
 
