@@ -2,19 +2,23 @@
 
 Boundary: the engine sees only an ``Unrolled`` recurrence (a step function over a flat state, its
 inputs, and per-step losses) and a list of probes; it knows nothing of cells, tasks or reports.
-Other back ends (fused kernels, GPU) plug in here behind ``measure``.
+Back ends plug in through the recurrence: ``linearize`` (closed-form step Jacobians, as the
+built-in cells give in gradscope.linear) and ``fast_trajectory``; without them, forward-mode
+AD and autograd, one call per step. Both are held to each other in the tests.
 
 The algorithm, for T steps:
 
-1. Trajectory: run the recurrence once without autograd, keeping s_0..s_T (memory O(T*B*S)).
-   The first step whose state is not finite stops the run; it is reported, not raised.
-2. Loss gradients: g_t = dL_t/ds_t for every t at once (one autograd call, since L_t reads only
-   s_t).
-3. Forward pass (probes grad_*, jacobian*): push the K unit directions of the initial state
-   through the step Jacobians by forward-mode AD (a vmap of jvp over directions). After every
-   step each direction is divided by its norm and ln(norm) is added to its log-scale, so values
-   far below float64's range (1e-3000) stay exact. Cost O(T * K * cost(step)), no backward pass.
-4. Reverse pass (probes adjoint*): lambda_T = dL/ds_T, then lambda_{t-1} = J_t^T lambda_t +
+1. Trajectory: run the recurrence without autograd. The first step whose state is not finite
+   stops the run; it is reported, not raised. With an adjoint probe, s_0..s_T are kept
+   (memory O(T*B*S)); forward probes alone stream them a chunk at a time (memory independent
+   of T).
+2. Loss gradients: g_t = dL_t/ds_t for a whole chunk (or all t) at once: one autograd call,
+   since L_t reads only s_t.
+3. Forward pass (probes grad_*, jacobian*): push the K directions of the initial state (unit
+   vectors, exact; or P random ones, an estimate) through the step Jacobians. After every step
+   each direction is divided by its norm and ln(norm) is added to its log-scale, so values far
+   below float64's range (1e-3000) stay exact. Cost O(T * K * cost(step)), no backward pass.
+4. Reverse pass (probe adjoint): lambda_T = dL/ds_T, then lambda_{t-1} = J_t^T lambda_t +
    dL/ds_{t-1}, one vjp per step, renormalised per sample with the same log-scale bookkeeping.
 
 Everything that is reported is ln-magnitude in float64, converted to log10 at the end. A value of
