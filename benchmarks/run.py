@@ -67,7 +67,7 @@ def fused(cell: str, H: int, T: int, device: str, dtype: torch.dtype) -> float:
         out, _ = module(x)
         out[-1].sum().backward()
 
-    return timed(step, 2, device)
+    return timed(step, 5 if T <= 1000 else 2, device)
 
 
 def setup(cell: str, H: int, T: int, device: str, dtype: str, batch: int = B):
@@ -86,7 +86,7 @@ def ours(cell: str, H: int, T: int, device: str, dtype: str, samples: int,
     adjoint = [PROBES.get("adjoint")]
     forward = [PROBES.get(n) for n in probes_for(built.model.cell.parts) if n != "adjoint"]
     sub = built.model.unroll(built.batch.take(samples))
-    t_adjoint = timed(lambda: measure(full, adjoint), 2, device)
+    t_adjoint = timed(lambda: measure(full, adjoint), 5 if T <= 1000 else 2, device)
     S = H * len(built.model.cell.parts)
     if device == "cpu" and S * S * samples * T > 2e10:  # hours on a CPU: say so, skip it
         t_exact = float("nan")

@@ -84,8 +84,9 @@ class LSTMOps(StepOps):
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
         H = self.H
-        dc = lam[..., H:] + self.oc[i] * lam[..., :H]
-        back = torch.cat([dc, dc, dc, lam[..., :H]], dim=-1) * self.coef[i]
+        lam_h = lam[..., :H]
+        dc = torch.addcmul(lam[..., H:], self.oc[i], lam_h)
+        back = torch.cat([dc, dc, dc, lam_h], dim=-1).mul_(self.coef[i])
         return torch.cat([back @ self.w, self.f[i] * dc], dim=-1)
 
 
