@@ -226,7 +226,8 @@ def sweep_command(
                                   command=" ".join(["gradscope", *_ARGV]),
                                   on_progress=on_progress, on_start=on_start)
     finally:
-        progress.stop()
+        if bar is not None:  # stopping a display that never started prints a stray line
+            progress.stop()
     out_console.print(f"{result.finished} runs finished, {result.skipped} already done, "
                       f"{len(result.failed)} failed, in {out / 'gradscope.sqlite'}")
     if index is not None:
