@@ -131,8 +131,9 @@ def memory_case(T: int, device: str) -> dict:
         "import time; t = time.perf_counter();"
         "measure(b.model.unroll(b.batch), [PROBES.get('jacobian')]);"
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
-        "print(json.dumps({'seconds': time.perf_counter() - t,"
-        " 'peak_rss_mb': int(hwm.split()[1]) / 1024}))")
+        "peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else"
+        " int(hwm.split()[1]) / 1024;"
+        "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_rss_mb': peak}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -179,7 +180,8 @@ def main() -> None:
               f"{exact} | {estimate:.3f} | {estimate / base:.2f}x | {slow:.1f}{mark} | "
               f"{versus} |", flush=True)
     lengths = (10_000, 100_000, 1_000_000) if args.full else (10_000, 100_000)
-    print("\n| forward probe (jacobian), rnn H=32 B=4 | T | seconds | peak RSS (MB) |")
+    memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
+    print(f"\n| forward probe (jacobian), rnn H=32 B=4 | T | seconds | {memory} (MB) |")
     print("|---|---|---|---|")
     for T in lengths:
         m = memory_case(T, args.device)
