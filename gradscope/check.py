@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .files import atomic_write_text
-from .summary import Summary
+from .summary import Summary, json_safe
 
 BASELINE_SCHEMA = "gradscope.baseline/1"
 
@@ -155,15 +155,11 @@ def read_baseline(path: Path) -> dict[str, np.ndarray]:
 
 def write_baseline(path: Path, results: list[CheckResult], keep: dict[str, np.ndarray]) -> None:
     """Write the measured profiles (other checks' entries in ``keep`` stay), atomically."""
-    checks = {name: {"probe": None, "log10": _json_list(v)} for name, v in keep.items()}
+    checks = {name: {"probe": None, "log10": json_safe(v)} for name, v in keep.items()}
     for r in results:
-        checks[r.name] = {"probe": r.probe, "log10": _json_list(r.profile)}
+        checks[r.name] = {"probe": r.probe, "log10": json_safe(r.profile)}
     atomic_write_text(path, json.dumps({"schema": BASELINE_SCHEMA, "checks": checks},
                                        indent=1) + "\n")
-
-
-def _json_list(values: np.ndarray) -> list[float | None]:
-    return [float(v) if math.isfinite(v) else None for v in values]
 
 
 # --- outputs ----------------------------------------------------------------------------------

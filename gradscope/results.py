@@ -36,14 +36,10 @@ import pandas as pd
 
 from .config import RunConfig
 from .files import atomic_write_text
-from .summary import Summary
+from .summary import Summary, json_safe
 
 SCHEMA = "gradscope.run/1"
 FIRST_STEP = {"t": 1, "k": 0}  # axis -> the step of the first value
-
-
-def _log10_list(values: np.ndarray) -> list[float | None]:
-    return [float(v) if math.isfinite(v) else None for v in values]
 
 
 def _log10_array(values: list[float | None]) -> np.ndarray:
@@ -61,7 +57,7 @@ class Snapshot:
 
     def to_dict(self) -> dict:
         return {"step": self.step,
-                "profiles": {k: _log10_list(v) for k, v in self.profiles.items()},
+                "profiles": {k: json_safe(v) for k, v in self.profiles.items()},
                 "summary": {k: s.to_dict() for k, s in self.summary.items()},
                 "nonfinite": self.nonfinite}
 
@@ -87,7 +83,7 @@ class Training:
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("steps_done", "diverged_at", "final_loss",
                                            "chance_loss", "accuracy", "learned")}
-        d["curve"] = [v if math.isfinite(v) else None for v in self.curve]
+        d["curve"] = json_safe(self.curve)
         d["snapshots"] = [s.to_dict() for s in self.snapshots]
         return d
 
@@ -135,7 +131,7 @@ class RunResult:
                 name: {
                     "axis": self.axes[name],
                     "first_step": FIRST_STEP[self.axes[name]],
-                    "log10": _log10_list(values),
+                    "log10": json_safe(values),
                 }
                 for name, values in self.profiles.items()
             },

@@ -30,7 +30,7 @@ import pandas as pd
 from .config import RunConfig
 from .errors import ConfigError, StoreError
 from .results import RunResult, Snapshot, Training
-from .summary import Summary
+from .summary import Summary, json_safe
 
 SCHEMA = "gradscope.store/1"
 FILENAME = "gradscope.sqlite"
@@ -196,15 +196,17 @@ class Store:
             for probe, values in snap.profiles.items():
                 s = snap.summary[probe]
                 self.db.execute("INSERT INTO summaries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                (rid, snap.step, probe, *_nullable(s)))
+                                (rid, snap.step, probe, *json_safe(
+                                    [s.slope, s.half_life, s.horizon, s.verdict, s.start,
+                                     s.end])))
                 axis = result.axes[probe]
                 self.db.execute("INSERT INTO profiles VALUES (?, ?, ?, ?, ?, ?)",
                                 (rid, snap.step, probe, axis, 1 if axis == "t" else 0,
                                  np.asarray(values, dtype="<f8").tobytes()))
         if result.training is not None:
             self.db.executemany("INSERT INTO curves VALUES (?, ?, ?)",
-                                [(rid, i + 1, v if math.isfinite(v) else None)
-                                 for i, v in enumerate(result.training.curve)])
+                                [(rid, i + 1, v)
+                                 for i, v in enumerate(json_safe(result.training.curve))])
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -271,7 +273,3 @@ class Store:
         return RunResult(RunConfig.from_dict(config), task, first.profiles, axes, first.summary,
                          nonfinite, meta, training, theory)
 
-
-def _nullable(s: Summary) -> tuple:
-    return tuple(None if isinstance(v, float) and not math.isfinite(v) else v
-                 for v in (s.slope, s.half_life, s.horizon, s.verdict, s.start, s.end))

@@ -36,7 +36,7 @@ class Summary:
     end: float | None  # last computed log10 value (-inf allowed)
 
     def to_dict(self) -> dict:
-        return {k: _json_number(v) for k, v in asdict(self).items()}
+        return json_safe(asdict(self))
 
 
 def summarize(
@@ -83,7 +83,14 @@ def _slope(x: np.ndarray, y: np.ndarray) -> float | None:
     return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
 
 
-def _json_number(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+def json_safe(x):
+    """Floats that are not finite become None, through dicts, lists, tuples and arrays: JSON,
+    SQLite and the stored profiles have no inf or NaN (what None stands for is documented
+    where each is written)."""
+    if isinstance(x, float):  # numpy's float64 too
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in x]
+    return x

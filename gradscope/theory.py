@@ -30,6 +30,7 @@ import torch
 from .activations import ACTIVATIONS
 from .engine import Unrolled, push, trajectory
 from .model import Model
+from .summary import json_safe
 
 MARGIN_ABS = 0.02  # log10 per step
 MARGIN_REL = 0.25  # of the measured slope's magnitude
@@ -60,18 +61,7 @@ class Theory:
     predictions: list[Prediction]
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return _finite_or_none(d)
-
-
-def _finite_or_none(x):
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite_or_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite_or_none(v) for v in x]
-    return x
+        return json_safe(asdict(self))
 
 
 def agrees(predicted: float, measured: float | None) -> bool | None:
