@@ -24,17 +24,17 @@ def snapshot(model: Model, batch: Batch, probes: Sequence[Probe], *, step: int =
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # the engine differentiates with respect to states only
     try:
-        subset = batch.take(jacobian_samples) if jacobian_samples else batch
-        if subset is batch:
+        if not jacobian_samples:
             profiles = measure(model.unroll(batch), probes, projections=projections, seed=seed)
-        else:
+        else:  # forward probes on the first sequences, the adjoint on all of them
             forward = [p for p in probes if p.pass_ == "forward"]
             reverse = [p for p in probes if p.pass_ == "reverse"]
-            a = measure(model.unroll(subset), forward, projections=projections, seed=seed)
+            a = measure(model.unroll(batch.take(jacobian_samples)), forward,
+                        projections=projections, seed=seed)
             b = measure(model.unroll(batch), reverse)
-            profiles = Profiles({**a.log10, **b.log10}, b.nonfinite or a.nonfinite)
-            profiles = Profiles({p.name: profiles.log10[p.name] for p in probes},
-                                profiles.nonfinite)
+            log10 = {**a.log10, **b.log10}
+            profiles = Profiles({p.name: log10[p.name] for p in probes},
+                                b.nonfinite or a.nonfinite)
     finally:
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
