@@ -335,9 +335,8 @@ def _parse_list(name: str, text: str) -> list:
 
 def print_result(result: RunResult) -> None:
     c = result.config
-    what = f"{c.cell}/{c.activation or 'tanh'}" if c.cell == "rnn" else c.cell
-    table = Table(title=f"{what}, init {c.init} (gain {c.gain:g}), task {c.task}, "
-                        f"T={result.task['seq_len']}, H={c.hidden}, B={c.batch}")
+    table = Table(title=f"{c.label()}, task {c.task}, T={result.task['seq_len']}, "
+                        f"H={c.hidden}, B={c.batch}")
     table.caption = ("slope: log10 per step; half-life, horizon: steps; last: log10 at the last "
                      "step")
     for col in ("probe", "slope", "half-life", "horizon", "last", "verdict"):

@@ -122,6 +122,26 @@ class RunConfig:
     def replace(self, **changes) -> RunConfig:
         return replace(self, **changes)
 
+    def label(self, context: tuple[str, ...] = ()) -> str:
+        """A short name for the model: 'rnn/tanh orthogonal', 'lstm pytorch forget-bias 3'."""
+        return describe(self.to_dict(), context)
+
+
+def describe(c: dict, context: tuple[str, ...] | list[str] = ()) -> str:
+    """The name of the model a config dict describes, plus the ``context`` fields named."""
+    parts = [c["cell"] if c["cell"] != "rnn" else f"rnn/{c.get('activation') or 'tanh'}",
+             c["init"]]
+    if c.get("gain", 1.0) != 1.0:
+        parts.append(f"g={c['gain']:g}")
+    if c.get("forget_bias") is not None:
+        parts.append(f"forget-bias {c['forget_bias']:g}")
+    if c.get("gate_init", "none") != "none":
+        parts.append(c["gate_init"])
+    if c.get("input_init", "pytorch") != "pytorch":
+        parts.append(f"input {c['input_init']}")
+    parts += [f"{k.replace('_', '-')} {c[k]}" for k in context]
+    return " ".join(parts)
+
 
 def _flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")

@@ -33,9 +33,8 @@ def profile_figure(result: RunResult) -> plt.Figure:
         ax.axvline(result.nonfinite["step"], color="red", ls="--", lw=1,
                    label=f"non-finite {result.nonfinite['where']} at t={result.nonfinite['step']}")
     c = result.config
-    what = c.cell if c.cell != "rnn" else f"rnn/{c.activation or 'tanh'}"
-    ax.set_title(f"{what}, init {c.init} (g={c.gain:g}), task {c.task}, H={c.hidden}, "
-                 f"T={result.task['seq_len']}", fontsize=10)
+    ax.set_title(f"{c.label()}, task {c.task}, H={c.hidden}, T={result.task['seq_len']}",
+                 fontsize=10)
     ax.set_xlabel("time distance (steps)")
     ax.set_ylabel("log10 gradient magnitude")
     ax.grid(True, alpha=0.3)
@@ -73,12 +72,8 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
 
 
 def label(result: RunResult) -> str:
-    """A short name for a configuration: 'rnn/tanh pytorch g=1 adding T=300'."""
-    c = result.config
-    what = f"rnn/{c.activation or 'tanh'}" if c.cell == "rnn" else c.cell
-    extra = f" fb={c.forget_bias:g}" if c.forget_bias is not None else ""
-    extra += " chrono" if c.gate_init == "chrono" else ""
-    return f"{what} {c.init} g={c.gain:g}{extra} {c.task} T={c.seq_len}"
+    """A short name for a run: 'rnn/tanh orthogonal task adding seq-len 300'."""
+    return result.config.label(("task", "seq_len"))
 
 
 def comparison_figure(results: list[RunResult], probe: str) -> plt.Figure:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..config import describe
 from ..store import Store
 
 # Options that name a configuration, in the order a label shows them.
@@ -92,7 +93,7 @@ def build(store: Store, probe: str = "grad_h0") -> ReportData:
     ok = runs[runs.status == "ok"].copy()
     configs = [json.loads(c) for c in ok.config]
     varying = [k for k in CONTEXT if len({json.dumps(c.get(k)) for c in configs}) > 1]
-    ok["label"] = [_label(c, varying) for c in configs]
+    ok["label"] = [describe(c, varying) for c in configs]
     profiles = _profiles(store, set(ok.run_id))
     summaries = store.summaries()
     groups = {label: frame for label, frame in ok.groupby("label", sort=False)}
@@ -138,7 +139,7 @@ def build(store: Store, probe: str = "grad_h0") -> ReportData:
             over_training[label] = [
                 _relabel(line(label, probe, s), f"after {s} steps") for s in steps]
 
-    failed = [(_label(json.loads(r.config), varying) + f" seed {r.seed:g}", r.error or "")
+    failed = [(describe(json.loads(r.config), varying) + f" seed {r.seed:g}", r.error or "")
               for r in runs[runs.status != "ok"].itertuples()]
     return ReportData(probe, comparisons, heat_labels, heatmap, order, curve_lines,
                       over_training, failed, _meta(store, runs), _theory_rows(groups, theories))
@@ -164,21 +165,6 @@ def _theory_rows(groups: dict, theories: dict[str, dict]) -> list[TheoryRow]:
 
 def _with_theory(line: Line, theory: float | None) -> Line:
     return Line(line.label, line.steps, line.median, line.low, line.high, line.seeds, theory)
-
-
-def _label(c: dict, varying: list[str]) -> str:
-    parts = [c["cell"] if c["cell"] != "rnn" else f"rnn/{c.get('activation') or 'tanh'}"]
-    parts.append(c["init"])
-    if c.get("gain", 1.0) != 1.0:
-        parts.append(f"g={c['gain']:g}")
-    if c.get("forget_bias") is not None:
-        parts.append(f"forget-bias {c['forget_bias']:g}")
-    if c.get("gate_init", "none") != "none":
-        parts.append(c["gate_init"])
-    if c.get("input_init", "pytorch") != "pytorch":
-        parts.append(f"input {c['input_init']}")
-    parts += [f"{k.replace('_', '-')} {c[k]}" for k in varying]
-    return " ".join(parts)
 
 
 def _profiles(store: Store, run_ids: set[str]) -> dict[tuple[str, int, str], np.ndarray]:
