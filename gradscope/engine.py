@@ -120,8 +120,7 @@ def measure(u: Unrolled, probes: Sequence[Probe], *, projections: int | None = N
         chunks = _streamed_chunks(u)
         stop = _forward_pass(u, chunks, forward, out, projections, seed)
         return Profiles({k: v / LN10 for k, v in out.items()}, stop)
-    with torch.no_grad():
-        states, bad = _trajectory(u)  # (T'+1, B, S): the adjoint needs all of it
+    states, bad = trajectory(u)  # (T'+1, B, S): the adjoint needs all of it
     nonfinite = None if bad is None else NonFinite(bad, "state")
     if states.shape[0] == 1:
         return Profiles(out, nonfinite)
