@@ -124,7 +124,7 @@ def measure(u: Unrolled, probes: Sequence[Probe], *, projections: int | None = N
     nonfinite = None if bad is None else NonFinite(bad, "state")
     if states.shape[0] == 1:
         return Profiles(out, nonfinite)
-    g = _loss_grads(u, states[1:])  # (T', B, S)
+    g = _loss_grads(u, states[1:]) if forward else None  # (T', B, S)
     if forward:
         stop = _forward_pass(u, _stored_chunks(states, g), forward, out, projections, seed)
         nonfinite = nonfinite or stop
@@ -281,17 +281,22 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
     return None
 
 
-def _reverse_pass(u: Unrolled, states: Tensor, g: Tensor, probes: Sequence[Probe],
+def _reverse_pass(u: Unrolled, states: Tensor, g: Tensor | None, probes: Sequence[Probe],
                   out: dict[str, np.ndarray]) -> None:
+    """``g``: the loss gradients of every step if the forward pass has them, else None (they
+    are computed here, at the steps that carry weight only when that is step T alone)."""
     T, B = u.seq_len, u.s0.shape[0]
-    direct = u.weights.to(g.dtype)[:, None, None] * g  # (T, B, S): dL/ds_t through step t's loss
-    adj, log_scale = _unit(direct[T - 1])  # lambda_T, per sample
     has_direct = (u.weights != 0).tolist()
-    per_sample = {p.name: torch.empty(T, B, dtype=torch.float64, device=adj.device)
+    per_sample = {p.name: torch.empty(T, B, dtype=torch.float64, device=states.device)
                   for p in probes}  # ln, by k
     if not any(has_direct[:-1]) and u.linearize is not None:
+        last = g[-1] if g is not None else _loss_grads(u, states[-1:], T)[0]
+        adj, log_scale = _unit(u.weights[-1].to(last.dtype) * last)  # lambda_T, per sample
         _reverse_fast(u, states, adj, log_scale, probes, per_sample)
     else:
+        g = g if g is not None else _loss_grads(u, states[1:])
+        direct = u.weights.to(g.dtype)[:, None, None] * g  # (T, B, S): dL/ds_t via L_t
+        adj, log_scale = _unit(direct[T - 1])  # lambda_T, per sample
         _reverse_general(u, states, direct, has_direct, adj, log_scale, probes, per_sample)
     lengths = None if u.mask is None else u.mask.sum(0).cpu()
     for name, ln in per_sample.items():
@@ -313,25 +318,43 @@ def _step_back(u: Unrolled, states: Tensor, t: int, adj: Tensor, cache: list) ->
 
 def _reverse_fast(u: Unrolled, states: Tensor, adj: Tensor, log_scale: Tensor,
                   probes: Sequence[Probe], per_sample: dict[str, Tensor]) -> None:
-    """The loss is read at step T only: no term to add on the way back, so each step is one
-    closed-form vjp and one renormalisation, and every log is taken at the end, at once."""
+    """The loss is read at step T only: no term to add on the way back, so the adjoint is a
+    product of closed-form vjps. It runs in blocks of steps that are renormalised together at
+    the block's end, so a step costs one vjp; a block whose values leave the safe range (or hit
+    zero) is redone a step at a time, so nothing underflows unseen."""
     T, rows = u.seq_len, u.rows()
-    zero = torch.zeros_like(log_scale)
-    factors = torch.ones(T, *log_scale.shape, dtype=adj.dtype, device=adj.device)  # (T, B)
     cache: list = []
-    for t in range(T, 0, -1):
-        ctx = ReverseStep(adj, zero, rows)  # log-scales are added below
+    safe = torch.finfo(adj.dtype)
+    low, high = math.sqrt(safe.tiny), math.sqrt(safe.max)  # a block's values stay within these
+    length, t = CHUNK, T  # adj = lambda_t / exp(log_scale), of norm 1 (or 0) per sample
+    while t >= 1:
+        # 1. A block: lambda_t, ..., lambda_{t-n+1} from adj, ending at an ops chunk's start;
+        #    exit = lambda_{t-n}, which starts the next block (not needed after step 1).
+        n = min(length, t - ((t - 1) // CHUNK) * CHUNK)
+        block = [adj]
+        for s in range(t, t - n, -1):
+            if s > 1:
+                block.append(_step_back(u, states, s, block[-1], cache))
+        values = torch.stack(block)  # (n or n+1, B, S)
+        norms = torch.linalg.vector_norm(values, dim=-1)  # (., B)
+        live = norms[0] > 0  # a zero adjoint stays exactly zero
+        ok = bool(((norms[1:] >= low) & (norms[1:] <= high) | ~live).all())
+        if not ok and n > 1:
+            length = 1  # 2. redo it with every step renormalised
+            continue
+        # 3. The probes over the block, then the block's exit renormalised.
+        ctx = ReverseStep(values[:n], log_scale.expand(n, -1), rows)
         for probe in probes:
-            per_sample[probe.name][T - t] = probe(ctx)
-        if t == 1:
-            break
-        back = _step_back(u, states, t, adj, cache)
-        n = torch.linalg.vector_norm(back, dim=-1, keepdim=True)  # (B, 1)
-        adj = back / n.clamp_min(torch.finfo(n.dtype).tiny)  # zero stays zero
-        factors[T - t + 1] = n[:, 0]
-    scale = log_scale + torch.cumsum(torch.log(factors.double()), dim=0)  # (T, B)
-    for name in per_sample:
-        per_sample[name] += scale
+            per_sample[probe.name][T - t:T - t + n] = probe(ctx)
+        if values.shape[0] > n:
+            exit_norm = norms[n]
+            adj = values[n] / exit_norm.clamp_min(safe.tiny)[:, None]
+            log_scale = log_scale + torch.log(exit_norm.double())
+            # the next block's length: what the decay seen here allows within the safe range
+            alive = exit_norm[exit_norm > 0]
+            moved = float(torch.log10(alive).abs().max()) / n if alive.numel() else 0.0
+            length = max(1, min(CHUNK, int(0.5 * math.log10(high) / max(moved, 1e-3))))
+        t -= n
 
 
 def _reverse_general(u: Unrolled, states: Tensor, direct: Tensor, has_direct: list[bool],
@@ -341,9 +364,9 @@ def _reverse_general(u: Unrolled, states: Tensor, direct: Tensor, has_direct: li
     T, rows = u.seq_len, u.rows()
     cache: list = []
     for t in range(T, 0, -1):
-        ctx = ReverseStep(adj, log_scale, rows)
+        ctx = ReverseStep(adj[None], log_scale[None], rows)
         for probe in probes:
-            per_sample[probe.name][T - t] = probe(ctx)
+            per_sample[probe.name][T - t] = probe(ctx)[0]
         if t == 1:
             break
         # lambda_{t-1} = J_t^T lambda_t + dL/ds_{t-1}, combined without leaving float range.

@@ -61,19 +61,21 @@ class LSTMOps(StepOps):
 
     def __init__(self, cell: Cell, states: Tensor, xp: Tensor, mask: Tensor | None) -> None:
         super().__init__(cell.weight_hh, mask)
-        H = cell.hidden
-        h, c = states[:-1, ..., :H], states[:-1, ..., H:]
-        a = xp + h @ cell.weight_hh.T + cell.bias_hh
-        i, f, g, o = a.chunk(4, dim=-1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        tc = torch.tanh(f * c + i * g)
+        H = self.H = cell.hidden
+        c, c_next = states[:-1, ..., H:], states[1:, ..., H:]
+        s, g = _lstm_gates(cell, states[:-1, ..., :H], xp)  # sigmoid of all four blocks, tanh g
+        i, f, o = s[..., :H], s[..., H:2 * H], s[..., 3 * H:]
+        tc = torch.tanh(c_next)
         # dc' = [i(1-i) g, f(1-f) c, i (1-g^2)] . da_{i,f,g} + f dc
         # dh' = o(1-o) tc da_o + o (1-tc^2) dc'
-        self.coef = torch.cat([i * (1 - i) * g, f * (1 - f) * c, i * (1 - g * g),
-                               o * (1 - o) * tc], dim=-1)  # (C, B, 4H)
+        coef = s * (1 - s)  # (C, B, 4H): sigmoid' of every block (g's is replaced below)
+        coef[..., :H] *= g
+        coef[..., H:2 * H] *= c
+        coef[..., 2 * H:3 * H] = i * (1 - g * g)
+        coef[..., 3 * H:] *= tc
+        self.coef = coef
         self.f = f
         self.oc = o * (1 - tc * tc)
-        self.H = H
 
     def _jvp(self, i: int, v: Tensor) -> Tensor:
         H = self.H
@@ -88,6 +90,15 @@ class LSTMOps(StepOps):
         dc = torch.addcmul(lam[..., H:], self.oc[i], lam_h)
         back = torch.cat([dc, dc, dc, lam_h], dim=-1).mul_(self.coef[i])
         return torch.cat([back @ self.w, self.f[i] * dc], dim=-1)
+
+
+def _lstm_gates(cell: Cell, h: Tensor, xp: Tensor) -> tuple[Tensor, Tensor]:
+    """h (C, B, H) of steps t-1 and xp (C, B, 4H) of steps t -> (sigmoid of all four gate
+    blocks (C, B, 4H), tanh of the g block (C, B, H))."""
+    H = cell.hidden
+    a = torch.addmm(xp.reshape(-1, 4 * H) + cell.bias_hh, h.reshape(-1, H), cell.weight_hh.T)
+    a = a.view(xp.shape)
+    return torch.sigmoid(a), torch.tanh(a[..., 2 * H:3 * H])
 
 
 class GRUOps(StepOps):
@@ -122,36 +133,45 @@ def linearize(cell: Cell, states: Tensor, xp: Tensor, mask: Tensor | None) -> St
     return OPS[cell.name](cell, states, xp, mask)
 
 
+_SCAN = 64  # steps of LSTM gates the cell-state scan holds at once
 
 
-def trajectory(cell: Cell, xp: Tensor, s0: Tensor) -> Tensor:
-    """s_0..s_T (T+1, B, S) with few ops per step (fused adds, one sigmoid over all gates);
-    the same recurrence as ``cell.step``, for sequences of one length."""
-    T, H = xp.shape[0], cell.hidden
+def trajectory(cell: Cell, x: Tensor, s0: Tensor) -> Tensor:
+    """s_0..s_T (T+1, B, S) for inputs x (T, B, D), sequences of one length; the same recurrence
+    as ``cell.step``, up to rounding.
+
+    The cells torch.nn has (rnn with tanh or relu, lstm, gru) run as its fused kernel
+    (oneDNN on the CPU, cuDNN on the GPU), which returns h_1..h_T; the LSTM's c_t then follows
+    from one matmul over all steps and a one-op-per-step scan. Other cells loop over the steps.
+    """
+    if cell.name == "rnn" and cell.activation not in ("tanh", "relu"):
+        return _looped(cell, cell.project(x), s0)
+    H = cell.hidden
+    module = cell.torch_module().to(device=s0.device)
+    states = torch.empty(x.shape[0] + 1, *s0.shape, dtype=s0.dtype, device=s0.device)
+    states[0] = s0
+    if cell.name != "lstm":
+        states[1:], _ = module(x, s0[None])
+        return states
+    states[1:, :, :H], _ = module(x, (s0[None, :, :H], s0[None, :, H:]))
+    c = states[:, :, H:]  # a view: the scan writes c_t in place
+    for t0 in range(0, x.shape[0], _SCAN):  # a chunk at a time, so the gates stay in cache
+        t1 = min(t0 + _SCAN, x.shape[0])
+        s, g = _lstm_gates(cell, states[t0:t1, :, :H], cell.project(x[t0:t1]))
+        torch.mul(s[..., :H], g, out=c[t0 + 1:t1 + 1])  # i_t g_t
+        f = s[..., H:2 * H]
+        for t in range(t0, t1):
+            c[t + 1].addcmul_(f[t - t0], c[t])  # c_t = f_t c_{t-1} + i_t g_t
+    return states
+
+
+def _looped(cell: Cell, xp: Tensor, s0: Tensor) -> Tensor:
+    T = xp.shape[0]
     states = torch.empty(T + 1, *s0.shape, dtype=s0.dtype, device=s0.device)
     states[0] = s0
-    xpb = xp + cell.bias_hh  # (T, B, G*H)
+    xpb = xp + cell.bias_hh  # (T, B, H)
     w = cell.weight_hh.T
-    h = s0[:, :H]
-    if cell.name == "lstm":
-        c = s0[:, H:]
-        for t in range(T):
-            a = torch.addmm(xpb[t], h, w)
-            gates = torch.sigmoid(a)
-            c = torch.addcmul(gates[:, H:2 * H] * c, gates[:, :H], torch.tanh(a[:, 2 * H:3 * H]))
-            h = gates[:, 3 * H:] * torch.tanh(c)
-            states[t + 1, :, :H] = h
-            states[t + 1, :, H:] = c
-        return states
-    if cell.name == "gru":
-        for t in range(T):
-            hr, hz, hn = torch.addmm(cell.bias_hh, h, w).chunk(3, dim=-1)
-            x = xp[t]
-            rz = torch.sigmoid(x[:, :2 * H] + torch.cat([hr, hz], dim=-1))
-            n = torch.tanh(torch.addcmul(x[:, 2 * H:], rz[:, :H], hn))
-            h = torch.lerp(n, h, rz[:, H:])  # (1 - z) n + z h
-            states[t + 1] = h
-        return states
+    h = s0
     for t in range(T):
         h = cell.phi(torch.addmm(xpb[t], h, w))
         states[t + 1] = h

@@ -147,7 +147,7 @@ class Model(nn.Module):
             mask=self.mask(batch),
             linearize=lambda states, xp, mask: linearize(cell, states, xp, mask),
             fast_trajectory=None if batch.lengths is not None else
-            lambda: trajectory(cell, xs[:], s0),
+            lambda: trajectory(cell, self.encode(batch.inputs), s0),
         )
 
 

@@ -47,10 +47,10 @@ class ForwardStep:
 
 @dataclass(frozen=True)
 class ReverseStep:
-    """The reverse pass at step T-k: dL/ds_{T-k}, renormalised per sample."""
+    """The reverse pass at n consecutive steps T-k: dL/ds_{T-k}, scaled per sample."""
 
-    adjoint: Tensor  # (B, S), unit norm per sample (or zero)
-    log_scale: Tensor  # (B,) float64
+    adjoint: Tensor  # (n, B, S), of norm near 1 per sample (or zero)
+    log_scale: Tensor  # (n, B) float64: ln of the factor each was divided by
     rows: dict[str, slice]
 
 
@@ -62,7 +62,7 @@ class Probe:
     of: str  # the part of the state at step t it reads ("h", "c"; "h@2" for a second layer)
     axis: str  # "t" (steps 1..T after h_0) or "k" (steps 0..T-1 back from T)
     # (context, probe) -> ln magnitude in float64: forward probes get a chunk of C steps and
-    # return (C,), combined over the batch; reverse probes get one step and return (B,), per
+    # return (C,), combined over the batch; reverse probes get n steps and return (n, B), per
     # sample, for the engine to align and combine.
     measure: Callable[..., Tensor]
 
@@ -103,7 +103,7 @@ def _grad(ctx: ForwardStep, probe: Probe) -> Tensor:
 
 def _adjoint(ctx: ReverseStep, probe: Probe) -> Tensor:
     # Per sample: the engine aligns sequences of different lengths at their ends, then combines.
-    return _ln_norm(ctx.adjoint[:, ctx.rows[probe.of]], -1) + ctx.log_scale  # (B,)
+    return _ln_norm(ctx.adjoint[..., ctx.rows[probe.of]], -1) + ctx.log_scale  # (n, B)
 
 
 PROBES.add("grad_h0", Probe("grad_h0", "forward", "h", "h", "t", _grad),

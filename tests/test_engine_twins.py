@@ -120,3 +120,37 @@ def test_the_fast_trajectory_is_the_step_by_step_one(make, options):
     fast, _ = trajectory(u)
     slow, _ = trajectory(replace(u, fast_trajectory=None))
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+_DECAYING = [{"cell": "rnn", "init": "normal", "gain": 0.03},  # about -1.5 decades a step
+             {"cell": "lstm", "init": "normal", "gain": 0.05},
+             {"cell": "gru", "init": "normal", "gain": 0.05}]
+# grows about 0.4 decades a step; in float32 the state itself would overflow first
+_GROWING = {"cell": "rnn", "activation": "linear", "init": "orthogonal", "gain": 2.5}
+
+
+@pytest.mark.parametrize(("dtype", "options"), [
+    *(("float32", o) for o in _DECAYING), *(("float64", o) for o in _DECAYING),
+    ("float64", _GROWING)])
+def test_the_blocked_adjoint_stays_exact_far_outside_float_range(make, dtype, options):
+    """The fast reverse pass renormalises a block of steps at once; where a block would leave
+    the safe range it is redone a step at a time. Over 300 steps the values here span hundreds
+    of decades, beyond float32's and float64's range, and must match the per-step generic pass."""
+    from dataclasses import replace
+
+    model, batch = make(hidden=6, batch=3, seq_len=300, dtype=dtype, **options)
+    fast = model.unroll(batch)
+    adjoint = [PROBES.get("adjoint")]
+    got = measure(fast, adjoint).log10["adjoint"]
+    want = measure(replace(fast, linearize=None), adjoint).log10["adjoint"]
+    assert np.isfinite(got).all()
+    assert abs(got[-1] - got[0]) > 45, "the case should leave float32's range"
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 if dtype == "float32" else 1e-9)
+
+
+def test_the_blocked_adjoint_keeps_exact_zeros(make):
+    """With W_hh = 0 nothing flows back: every adjoint before step T is exactly zero (-inf)."""
+    model, batch = make(cell="lstm", hidden=5, batch=3, seq_len=100)
+    model.cell.weight_hh.zero_()
+    got = measure(model.unroll(batch), [PROBES.get("adjoint")]).log10["adjoint"]
+    assert np.isfinite(got[0]) and np.isneginf(got[1:]).all()
