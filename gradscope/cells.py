@@ -7,6 +7,10 @@ to prove that the step functions compute the same thing.
 
 The input projection ``W_ih x + b_ih`` does not depend on the state, so it is computed for all
 steps at once (``project``) and the step function takes it as ``xp``.
+
+Seed-stacked weights: a weight may carry a leading dimension of S seeds (``(S, G*H, H)``, biases
+``(S, G*H)``; see gradscope.batched). The batch then holds S groups of equal size, seed-major,
+and ``affine`` applies each group's own weights: S independent models in one computation.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class Cell(nn.Module):
 
     def project(self, x: Tensor) -> Tensor:
         """(..., D) -> (..., G*H): the input drive W_ih x + b_ih of every step at once."""
-        return x @ self.weight_ih.T + self.bias_ih
+        return affine(x, self.weight_ih, self.bias_ih)
 
     def initial_state(self, batch: int) -> State:
         w = self.weight_hh
@@ -104,9 +108,20 @@ CELLS: Registry[type[Cell]] = Registry("cell", "--cell")
 # The step math, as functions of explicit weights, shared by the cells above and by the
 # adapters of users' torch.nn modules (gradscope.usermodel). ``xp`` is W_ih x + b_ih.
 
+def affine(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """x W^T + b. x (..., N, D); w (M, D) and b (M,), or seed-stacked w (S, M, D) and b (S, M),
+    which apply to the S consecutive groups of N/S rows each -> (..., N, M)."""
+    if w.dim() == 2:
+        y = x @ w.T
+        return y if b is None else y + b
+    y = x.unflatten(-2, (w.shape[0], -1)) @ w.mT  # (..., S, N/S, M)
+    if b is not None:
+        y = y + b[:, None, :]
+    return y.flatten(-3, -2)
+
+
 def _recurrent(h: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
-    a = h @ w_hh.T
-    return a if b_hh is None else a + b_hh
+    return affine(h, w_hh, b_hh)
 
 
 def rnn_step(xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,

@@ -68,6 +68,10 @@ class Unrolled:
     linearize: Callable[[Tensor, Tensor, Tensor | None], StepOps] | None = None
     # s_0..s_T at once with fewer ops per step than ``step`` (built-in cells, one length)
     fast_trajectory: Callable[[], Tensor] | None = None
+    # S > 1: the batch is S seeds' samples, seed-major, with S seeds' weights inside ``step``
+    # (gradscope.batched); the loss is the sum of each seed's batch mean and every probe is
+    # combined over each seed's samples apart: S measurements in one pass
+    groups: int = 1
 
     def ops(self, states: Tensor, t0: int) -> StepOps:
         """The fast back end's maps for steps t0+1..t0+n, ``states`` = s_t0..s_t0+n."""
@@ -112,25 +116,44 @@ def measure(u: Unrolled, probes: Sequence[Probe], *, projections: int | None = N
     the initial state instead of all H unit ones: an unbiased estimate of the squared norms,
     with a relative error of about sqrt(2/P), at P/H of the cost.
     """
-    T = u.seq_len
-    out = {p.name: np.full(T, np.nan) for p in probes}
+    assert u.groups == 1, "a seed stack is measured by measure_groups"
+    return _measure(u, probes, projections, [seed])[0]
+
+
+def measure_groups(u: Unrolled, probes: Sequence[Probe], *, projections: int | None = None,
+                   seeds: Sequence[int]) -> list[Profiles] | None:
+    """``measure`` for a seed stack of ``u.groups`` seeds: one Profiles per seed, as each seed
+    would get alone (``seeds``: each one's projection seed). None where the run left float
+    range: which seed stopped where is then for each seed alone to tell."""
+    profiles = _measure(u, probes, projections, seeds)
+    return None if any(p.nonfinite for p in profiles) else profiles
+
+
+def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
+             seeds: Sequence[int]) -> list[Profiles]:
+    T, G = u.seq_len, u.groups
+    out = {p.name: np.full((T, G), np.nan) for p in probes}
+
+    def profiles(nonfinite: NonFinite | None) -> list[Profiles]:
+        return [Profiles({k: v[:, g] / LN10 for k, v in out.items()}, nonfinite)
+                for g in range(G)]
+
     forward = [p for p in probes if p.pass_ == "forward"]
     reverse = [p for p in probes if p.pass_ == "reverse"]
     if not reverse:  # forward probes alone keep nothing of the past: memory independent of T
         chunks = _streamed_chunks(u)
-        stop = _forward_pass(u, chunks, forward, out, projections, seed)
-        return Profiles({k: v / LN10 for k, v in out.items()}, stop)
+        return profiles(_forward_pass(u, chunks, forward, out, projections, seeds))
     states, bad = trajectory(u)  # (T'+1, B, S): the adjoint needs all of it
     nonfinite = None if bad is None else NonFinite(bad, "state")
     if states.shape[0] == 1:
-        return Profiles(out, nonfinite)
+        return profiles(nonfinite)
     g = _loss_grads(u, states[1:]) if forward else None  # (T', B, S)
     if forward:
-        stop = _forward_pass(u, _stored_chunks(states, g), forward, out, projections, seed)
+        stop = _forward_pass(u, _stored_chunks(states, g), forward, out, projections, seeds)
         nonfinite = nonfinite or stop
     if bad is None:  # the task loss needs the whole, finite trajectory
         _reverse_pass(u, states, g, reverse, out)
-    return Profiles({k: v / LN10 for k, v in out.items()}, nonfinite)
+    return profiles(nonfinite)
 
 
 Chunk = tuple[int, Tensor, Tensor, NonFinite | None]  # t0, s_t0..s_t1, g_t0+1..g_t1, stop
@@ -206,10 +229,10 @@ def _trajectory(u: Unrolled) -> tuple[Tensor, int | None]:
 
 def _loss_grads(u: Unrolled, states: Tensor, first: int = 1) -> Tensor:
     """dL_t/ds_t for the steps of ``states`` at once (L_t reads only s_t): L_t is the batch
-    mean of ``u.losses``."""
+    mean of ``u.losses`` (each seed's, in a seed stack)."""
     with torch.enable_grad():
         leaf = states.detach().requires_grad_(True)
-        total = u.losses(leaf, first).mean(dim=1).sum()
+        total = u.losses(leaf, first).unflatten(1, (u.groups, -1)).mean(dim=2).sum()
         (g,) = torch.autograd.grad(total, leaf)
     return g
 
@@ -222,8 +245,8 @@ def _unit(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
 
 
 def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
-                  out: dict[str, np.ndarray], projections: int | None = None,
-                  seed: int = 0) -> NonFinite | None:
+                  out: dict[str, np.ndarray], projections: int | None,
+                  seeds: Sequence[int]) -> NonFinite | None:
     rows = u.rows()
     parts = [p for p in u.parts if any(pr.wrt == p for pr in probes)]
     B, S = u.s0.shape
@@ -234,11 +257,12 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
     columns = {p: slice(i * per, (i + 1) * per) for i, p in enumerate(parts)}
     weights = {p: -math.log(projections) if projections else 0.0 for p in parts}
     tangent = torch.zeros(per * len(parts), B, S, dtype=u.s0.dtype, device=u.s0.device)
-    gen = torch.Generator().manual_seed(seed)
+    gens = [torch.Generator().manual_seed(seed) for seed in seeds]  # one stream per seed
     for p in parts:
         block = tangent[columns[p], :, rows[p]]  # (per, B, h)
         if projections:
-            block.copy_(torch.randn(block.shape, generator=gen, dtype=torch.float64))
+            for gen, part in zip(gens, block.chunk(u.groups, dim=1), strict=True):
+                part.copy_(torch.randn(part.shape, generator=gen, dtype=torch.float64))
         else:
             block.copy_(torch.eye(h, dtype=tangent.dtype)[:, None, :].expand(h, B, h))
     log_scale = torch.zeros(tangent.shape[:2], dtype=torch.float64, device=u.s0.device)
@@ -266,7 +290,7 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
             scales = log_scale + torch.cumsum(torch.log(torch.stack(ln_norms).double()), dim=0)
             log_scale = scales[-1]
             ctx = ForwardStep(torch.stack(stacked), scales, columns, rows, g[done:done + m],
-                              weights)
+                              weights, u.groups)
             values = {probe.name: probe(ctx).cpu().numpy() for probe in probes}
             grown = torch.isnan(scales) | torch.isposinf(scales)  # left float range
             bad = torch.nonzero(grown.flatten(1).any(dim=1))
@@ -300,7 +324,9 @@ def _reverse_pass(u: Unrolled, states: Tensor, g: Tensor | None, probes: Sequenc
         _reverse_general(u, states, direct, has_direct, adj, log_scale, probes, per_sample)
     lengths = None if u.mask is None else u.mask.sum(0).cpu()
     for name, ln in per_sample.items():
-        out[name][:] = _end_aligned_norm(ln.cpu(), lengths).numpy()
+        for g, part in enumerate(ln.cpu().chunk(u.groups, dim=1)):  # each seed's samples
+            here = None if lengths is None else lengths.chunk(u.groups)[g]
+            out[name][:, g] = _end_aligned_norm(part, here).numpy()
 
 
 def _step_back(u: Unrolled, states: Tensor, t: int, adj: Tensor, cache: list) -> Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cells import Cell
+from .cells import Cell, affine
 
 
 class StepOps:
@@ -46,14 +46,14 @@ class RNNOps(StepOps):
     def __init__(self, cell: Cell, states: Tensor, xp: Tensor, mask: Tensor | None) -> None:
         super().__init__(cell.weight_hh, mask)
         with torch.enable_grad():
-            a = (xp + states[:-1] @ cell.weight_hh.T + cell.bias_hh).detach().requires_grad_()
+            a = (xp + affine(states[:-1], cell.weight_hh, cell.bias_hh)).detach().requires_grad_()
             (self.d,) = torch.autograd.grad(cell.phi(a).sum(), a)  # phi'(a), (C, B, H)
 
     def _jvp(self, i: int, v: Tensor) -> Tensor:
-        return self.d[i] * (v @ self.w.T)
+        return self.d[i] * affine(v, self.w)
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
-        return (self.d[i] * lam) @ self.w
+        return affine(self.d[i] * lam, self.w.mT)
 
 
 class LSTMOps(StepOps):
@@ -79,7 +79,7 @@ class LSTMOps(StepOps):
 
     def _jvp(self, i: int, v: Tensor) -> Tensor:
         H = self.H
-        da = self.coef[i] * (v[..., :H] @ self.w.T)  # (..., 4H)
+        da = self.coef[i] * affine(v[..., :H], self.w)  # (..., 4H)
         dc = da[..., :H] + da[..., H:2 * H] + da[..., 2 * H:3 * H] + self.f[i] * v[..., H:]
         dh = da[..., 3 * H:] + self.oc[i] * dc
         return torch.cat([dh, dc], dim=-1)
@@ -89,15 +89,18 @@ class LSTMOps(StepOps):
         lam_h = lam[..., :H]
         dc = torch.addcmul(lam[..., H:], self.oc[i], lam_h)
         back = torch.cat([dc, dc, dc, lam_h], dim=-1).mul_(self.coef[i])
-        return torch.cat([back @ self.w, self.f[i] * dc], dim=-1)
+        return torch.cat([affine(back, self.w.mT), self.f[i] * dc], dim=-1)
 
 
 def _lstm_gates(cell: Cell, h: Tensor, xp: Tensor) -> tuple[Tensor, Tensor]:
     """h (C, B, H) of steps t-1 and xp (C, B, 4H) of steps t -> (sigmoid of all four gate
     blocks (C, B, 4H), tanh of the g block (C, B, H))."""
     H = cell.hidden
-    a = torch.addmm(xp.reshape(-1, 4 * H) + cell.bias_hh, h.reshape(-1, H), cell.weight_hh.T)
-    a = a.view(xp.shape)
+    if cell.weight_hh.dim() == 2:  # one addmm over the whole chunk
+        a = torch.addmm(xp.reshape(-1, 4 * H) + cell.bias_hh, h.reshape(-1, H),
+                        cell.weight_hh.T).view(xp.shape)
+    else:
+        a = xp + affine(h, cell.weight_hh, cell.bias_hh)
     return torch.sigmoid(a), torch.tanh(a[..., 2 * H:3 * H])
 
 
@@ -108,7 +111,7 @@ class GRUOps(StepOps):
         super().__init__(cell.weight_hh, mask)
         h = states[:-1]
         xr, xz, xn = xp.chunk(3, dim=-1)
-        hr, hz, hn = (h @ cell.weight_hh.T + cell.bias_hh).chunk(3, dim=-1)
+        hr, hz, hn = affine(h, cell.weight_hh, cell.bias_hh).chunk(3, dim=-1)
         r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
         n = torch.tanh(xn + r * hn)
         un = (1 - z) * (1 - n * n)
@@ -119,11 +122,11 @@ class GRUOps(StepOps):
 
     def _jvp(self, i: int, v: Tensor) -> Tensor:
         H = self.H
-        d = self.coef[i] * (v @ self.w.T)
+        d = self.coef[i] * affine(v, self.w)
         return d[..., :H] + d[..., H:2 * H] + d[..., 2 * H:] + self.z[i] * v
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
-        return (self.coef[i] * lam.tile(3)) @ self.w + self.z[i] * lam
+        return affine(self.coef[i] * lam.tile(3), self.w.mT) + self.z[i] * lam
 
 
 OPS = {"rnn": RNNOps, "lstm": LSTMOps, "gru": GRUOps}

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cells import CELLS, Cell
+from .cells import CELLS, Cell, affine
 from .config import RunConfig
 from .engine import Unrolled
 from .inits import check_schemes, initialise
@@ -52,10 +52,23 @@ class Model(nn.Module):
         self.task = task
         self.embedding = embedding
         self.readout = nn.Linear(cell.hidden, task.n_out)
+        # S > 1: every weight is seed-stacked (gradscope.batched) and the batch is S groups
+        self.groups = 1
 
     def encode(self, inputs: Tensor) -> Tensor:
         """(T, B, D) features or (T, B) token ids -> (T, B, D) cell inputs."""
-        return self.embedding(inputs) if self.embedding is not None else inputs
+        if self.embedding is None:
+            return inputs
+        table = self.embedding.weight
+        if table.dim() == 2:
+            return self.embedding(inputs)
+        ids = inputs.unflatten(1, (self.groups, -1))  # (T, S, B/S): each group its own table
+        seed = torch.arange(self.groups, device=ids.device)[:, None]
+        return table[seed, ids].flatten(1, 2)
+
+    def group_mean(self, x: Tensor) -> Tensor:
+        """(..., B) -> (..., S): the mean over each seed's samples (S = 1: the batch mean)."""
+        return x.unflatten(-1, (self.groups, -1)).mean(dim=-1)
 
     def step_losses(self, h: Tensor, batch: Batch, first: int = 1) -> Tensor:
         """h (n, B, H) of steps first..first+n-1 -> (n, B) per-sample loss of the readout.
@@ -63,7 +76,7 @@ class Model(nn.Module):
         Final-target tasks score every step against the one target; per-step tasks against
         that step's target.
         """
-        y = self.readout(h)  # (n, B, n_out)
+        y = affine(h, self.readout.weight, self.readout.bias)  # (n, B, n_out)
         n = h.shape[0]
         if self.task.per_step:
             target = batch.targets[first - 1:first - 1 + n]  # (n, B)
@@ -90,24 +103,29 @@ class Model(nn.Module):
 
     def loss(self, batch: Batch) -> Tensor:
         """The task loss L = sum_t w_t mean_b loss_t, the quantity the engine's adjoint traces."""
+        return self.group_losses(batch).sum()
+
+    def group_losses(self, batch: Batch) -> Tensor:
+        """(S,): each seed's task loss (S = 1: the task loss); their sum trains all S at once,
+        each seed's weights receiving exactly its own gradient."""
         hs = self.hidden_states(batch)
         if self.task.per_step:
             weights = self.loss_weights(batch).to(hs)
-            return (weights * self.step_losses(hs, batch).mean(dim=1)).sum()
-        return self.step_losses(hs[-1:], batch).mean()  # only step T carries weight
+            return (weights[:, None] * self.group_mean(self.step_losses(hs, batch))).sum(0)
+        return self.group_mean(self.step_losses(hs[-1:], batch))[0]  # only step T has weight
 
     @torch.no_grad()
-    def accuracy(self, batch: Batch) -> float | None:
-        """Fraction of correct predictions where the task is scored; None for regression."""
+    def accuracy(self, batch: Batch) -> list[float] | None:
+        """Each seed's fraction of correct predictions where the task is scored; None for
+        regression."""
         if self.task.loss != "ce":
             return None
         hs = self.hidden_states(batch)
-        if self.task.per_step:
-            tail = self.task.accuracy_tail or batch.seq_len
-            predicted = self.readout(hs[-tail:]).argmax(-1)
-            return float((predicted == batch.targets[-tail:]).double().mean())
-        predicted = self.readout(hs[-1]).argmax(-1)
-        return float((predicted == batch.targets).double().mean())
+        tail = (self.task.accuracy_tail or batch.seq_len) if self.task.per_step else 1
+        y = affine(hs[-tail:], self.readout.weight, self.readout.bias)
+        targets = batch.targets[-tail:] if self.task.per_step else batch.targets[None]
+        hits = (y.argmax(-1) == targets).double()  # (tail, B)
+        return self.group_mean(hits).mean(0).tolist()
 
     def loss_weights(self, batch: Batch) -> Tensor:
         """(T,) weights that turn per-step losses into the task loss L."""
@@ -145,8 +163,9 @@ class Model(nn.Module):
             losses=losses,
             weights=self.loss_weights(batch).to(s0.device),
             mask=self.mask(batch),
+            groups=self.groups,
             linearize=lambda states, xp, mask: linearize(cell, states, xp, mask),
-            fast_trajectory=None if batch.lengths is not None else
+            fast_trajectory=None if batch.lengths is not None or self.groups > 1 else
             lambda: trajectory(cell, self.encode(batch.inputs), s0),
         )
 

@@ -43,6 +43,7 @@ class ForwardStep:
     # part -> ln of the weight of a squared column sum: 0 for unit directions (exact), -ln P
     # for P random projections (then a sum over columns estimates the squared norm)
     ln_weight: dict[str, float] = field(default_factory=dict)
+    groups: int = 1  # the batch is this many seeds' samples, seed-major: combine each apart
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,9 @@ class Probe:
     of: str  # the part of the state at step t it reads ("h", "c"; "h@2" for a second layer)
     axis: str  # "t" (steps 1..T after h_0) or "k" (steps 0..T-1 back from T)
     # (context, probe) -> ln magnitude in float64: forward probes get a chunk of C steps and
-    # return (C,), combined over the batch; reverse probes get n steps and return (n, B), per
-    # sample, for the engine to align and combine.
+    # return (C, S), combined over each seed's part of the batch (S = 1 but for seed stacks);
+    # reverse probes get n steps and return (n, B), per sample, for the engine to align and
+    # combine.
     measure: Callable[..., Tensor]
 
     def __call__(self, ctx: ForwardStep | ReverseStep) -> Tensor:
@@ -81,15 +83,17 @@ def _ln_norm(x: Tensor, dim: int) -> Tensor:
     return torch.log(torch.linalg.vector_norm(x, dim=dim).double())
 
 
-def _ln_rms_batch(ln_sq: Tensor) -> Tensor:
-    """(..., B) ln of squared norms -> (...) ln sqrt(mean_b exp(ln_sq))."""
+def _ln_rms_batch(ln_sq: Tensor, groups: int) -> Tensor:
+    """(..., B) ln of squared norms -> (..., S) ln sqrt(mean_b exp(ln_sq)) over each group."""
+    ln_sq = ln_sq.unflatten(-1, (groups, -1))
     return 0.5 * (torch.logsumexp(ln_sq, -1) - math.log(ln_sq.shape[-1]))
 
 
 def _jacobian(ctx: ForwardStep, probe: Probe) -> Tensor:
     cols, rows = ctx.columns[probe.wrt], ctx.rows[probe.of]
     ln_col = _ln_norm(ctx.tangent[:, cols, :, rows], -1) + ctx.log_scale[:, cols]  # (C, K_p, B)
-    return _ln_rms_batch(torch.logsumexp(2 * ln_col, -2) + ctx.ln_weight.get(probe.wrt, 0.0))
+    return _ln_rms_batch(torch.logsumexp(2 * ln_col, -2) + ctx.ln_weight.get(probe.wrt, 0.0),
+                         ctx.groups)  # (C, S)
 
 
 def _grad(ctx: ForwardStep, probe: Probe) -> Tensor:
@@ -97,8 +101,8 @@ def _grad(ctx: ForwardStep, probe: Probe) -> Tensor:
     # (C, K_p, B): the entries of (ds_t/dp_0)^T g_t
     dots = torch.einsum("ckbs,cbs->ckb", ctx.tangent[:, cols], ctx.grad)
     ln_abs = torch.log(dots.abs().double()) + ctx.log_scale[:, cols]
-    return 0.5 * (torch.logsumexp((2 * ln_abs).flatten(-2), -1)
-                  + ctx.ln_weight.get(probe.wrt, 0.0))
+    per_group = (2 * ln_abs).unflatten(-1, (ctx.groups, -1))  # (C, K_p, S, B/S)
+    return 0.5 * (torch.logsumexp(per_group, (1, 3)) + ctx.ln_weight.get(probe.wrt, 0.0))
 
 
 def _adjoint(ctx: ReverseStep, probe: Probe) -> Tensor:

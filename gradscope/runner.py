@@ -122,7 +122,7 @@ def _train(config: RunConfig, built: Built, device: torch.device, chance: float,
         if config.profile_every and step % config.profile_every == 0:
             snapshots.append(measure_now(step))
 
-    outcome = train(
+    [outcome] = train(
         built.model, steps=config.steps, optimizer=config.optimizer, lr=config.lr,
         clip=config.clip,
         next_batch=lambda: built.task.generate(config.seq_len, config.batch,

@@ -73,13 +73,14 @@ def agrees(predicted: float, measured: float | None) -> bool | None:
 # --- 1. Lyapunov exponents --------------------------------------------------------------------
 
 def lyapunov(u: Unrolled, k: int, seed: int = 0) -> np.ndarray:
-    """The top-k Lyapunov exponents (ln per step), each averaged over the batch."""
+    """The top-k Lyapunov exponents (ln per step), each averaged over the batch; (S, k), each
+    seed's, for a seed stack of S (``u.groups``), else (k,)."""
     states, bad = trajectory(u)
     T = states.shape[0] - 1
     B, S = u.s0.shape
     k = min(k, S)
     if T == 0:
-        return np.full(k, np.nan)
+        return np.full(k, np.nan) if u.groups == 1 else np.full((u.groups, k), np.nan)
     gen = torch.Generator().manual_seed(seed)
     q = torch.linalg.qr(torch.randn(S, k, generator=gen, dtype=torch.float64))[0]
     tangent = q.T.to(u.s0)[:, None, :].expand(k, B, S).contiguous()  # (k, B, S)
@@ -89,8 +90,9 @@ def lyapunov(u: Unrolled, k: int, seed: int = 0) -> np.ndarray:
         q, r = torch.linalg.qr(v.permute(1, 2, 0))  # (B, S, k), (B, k, k)
         sums += torch.log(torch.diagonal(r, dim1=-2, dim2=-1).abs().double()).cpu()
         tangent = q.permute(2, 0, 1).contiguous()
-    exponents = (sums / T).mean(dim=0).numpy()
-    return np.sort(exponents)[::-1]
+    exponents = (sums / T).unflatten(0, (u.groups, -1)).mean(dim=1).numpy()  # (groups, k)
+    exponents = np.sort(exponents, axis=-1)[:, ::-1]
+    return exponents[0] if u.groups == 1 else exponents
 
 
 # --- 3. mean field ----------------------------------------------------------------------------
@@ -127,13 +129,15 @@ def mean_field(phi, sigma_w2: float, s2: float) -> dict:
 # --- everything, for one built-in model -------------------------------------------------------
 
 def predict(model: Model, u: Unrolled, measured: dict[str, float | None], *, k: int = 8,
-            init: str = "", jacobian: np.ndarray | None = None) -> Theory:
-    """Theory for ``model`` on the recurrence ``u``; ``measured`` maps probe -> slope."""
+            init: str = "", jacobian: np.ndarray | None = None,
+            exponents: np.ndarray | None = None) -> Theory:
+    """Theory for ``model`` on the recurrence ``u``; ``measured`` maps probe -> slope.
+    ``exponents``: the top-k Lyapunov exponents, where already computed (for a seed stack)."""
     cell = model.cell
     H = cell.hidden
     w = cell.weight_hh.detach().double().cpu()
     sigma_max = float(torch.linalg.matrix_norm(w, ord=2))
-    exps = lyapunov(u, k)
+    exps = lyapunov(u, k) if exponents is None else exponents
     predictions = [Prediction("lyapunov", "jacobian", float(exps[0] / LN10),
                               measured.get("jacobian"),
                               agrees(float(exps[0] / LN10), measured.get("jacobian")))]

@@ -48,30 +48,67 @@ def train(
     eval_batch: Batch,
     chance: float,
     on_step: Callable[[int], None] = lambda step: None,
-) -> TrainOutcome:
-    """Train ``model`` in place; ``on_step(step)`` runs after every optimiser step."""
+) -> list[TrainOutcome]:
+    """Train ``model`` in place; ``on_step(step)`` runs after every optimiser step. One outcome
+    per seed of a seed-stacked model (gradscope.batched), else one.
+
+    The optimisers act elementwise, so the seeds of a stacked model train exactly as they would
+    alone, given that the gradient is clipped per seed. A seed that diverges is zeroed and left
+    out from then on (the caller reruns it alone); a lone model stops there.
+    """
     opt = OPTIMIZERS.get(optimizer)(model.parameters(), lr=lr)
     model.requires_grad_(True)
-    curve: list[float] = []
-    diverged_at = None
+    S = model.groups
+    curves: list[list[float]] = [[] for _ in range(S)]
+    diverged: list[int | None] = [None] * S
     for step in range(1, steps + 1):
-        loss = model.loss(next_batch())
+        losses = model.group_losses(next_batch())  # (S,)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else math.inf)
-        value = float(loss.detach())
-        if not (math.isfinite(value) and math.isfinite(float(norm))):
-            diverged_at = step
+        losses.sum().backward()
+        norms = _clip(model, clip)
+        values = losses.detach().tolist()
+        for g in range(S):
+            if diverged[g] is None and not (math.isfinite(values[g]) and math.isfinite(norms[g])):
+                diverged[g] = step
+        if S == 1 and diverged[0] is not None:
             break
         opt.step()
-        curve.append(value)
+        for g in range(S):
+            if diverged[g] is None:
+                curves[g].append(values[g])
+            elif S > 1:
+                _zero_group(model, g)
         on_step(step)
     model.requires_grad_(False)
-    final_loss = accuracy = None
-    if diverged_at is None:
-        with torch.no_grad():
-            value = float(model.loss(eval_batch))
-        final_loss = value if math.isfinite(value) else None
-        accuracy = model.accuracy(eval_batch)
-    learned = final_loss is not None and final_loss <= LEARNED_FRACTION * chance
-    return TrainOutcome(curve, len(curve), diverged_at, final_loss, accuracy, learned)
+    with torch.no_grad():
+        final = model.group_losses(eval_batch).tolist()
+    accuracy = model.accuracy(eval_batch)
+    outcomes = []
+    for g in range(S):
+        loss = final[g] if diverged[g] is None and math.isfinite(final[g]) else None
+        learned = loss is not None and loss <= LEARNED_FRACTION * chance
+        scored = accuracy is not None and diverged[g] is None
+        outcomes.append(TrainOutcome(curves[g], len(curves[g]), diverged[g], loss,
+                                     accuracy[g] if scored else None, learned))
+    return outcomes
+
+
+def _clip(model: Model, clip: float | None) -> list[float]:
+    """Clip the gradient to norm ``clip`` (Pascanu et al. 2013), each seed's on its own; return
+    each seed's norm before clipping."""
+    if model.groups == 1:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else math.inf)
+        return [float(norm)]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()  # (S,)
+    if clip:
+        coef = (clip / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+    return norms.tolist()
+
+
+def _zero_group(model: Model, g: int) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p[g].zero_()
