@@ -75,7 +75,23 @@ class Cell(nn.Module):
         w = self.weight_hh
         return tuple(w.new_zeros(batch, self.hidden) for _ in self.parts)
 
+    # b_hh adds to the same pre-activation as W_ih x (rnn, lstm; not the GRU's n gate), so a
+    # loop over steps can add it once for all steps (``drive``, ``step_driven``)
+    folds_bias = True
+
     def step(self, xp: Tensor, state: State) -> State:
+        return self._step(xp, state, self.bias_hh)
+
+    def drive(self, x: Tensor) -> Tensor:
+        """(T, B, D) -> (T, B, G*H): W_ih x + b_ih of every step, plus b_hh where it folds in."""
+        xp = self.project(x)
+        return add_bias(xp, self.bias_hh) if self.folds_bias else xp
+
+    def step_driven(self, d: Tensor, state: State) -> State:
+        """``step`` on that step's ``drive``: the same recurrence, one add fewer per step."""
+        return self._step(d, state, None if self.folds_bias else self.bias_hh)
+
+    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None) -> State:
         raise NotImplementedError
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -114,10 +130,27 @@ def affine(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     if w.dim() == 2:
         y = x @ w.T
         return y if b is None else y + b
-    y = x.unflatten(-2, (w.shape[0], -1)) @ w.mT  # (..., S, N/S, M)
-    if b is not None:
-        y = y + b[:, None, :]
-    return y.flatten(-3, -2)
+    S, M = w.shape[0], w.shape[1]
+    if x.dim() == 2:  # a step of the loop: one bmm, views only
+        xs = x.view(S, -1, x.shape[-1])
+        y = torch.bmm(xs, w.mT) if b is None else torch.baddbmm(b[:, None, :], xs, w.mT)
+        return y.view(x.shape[0], M)
+    xs = x.unflatten(-2, (S, -1))  # (..., S, n, D)
+    lead, n = xs.shape[:-3], xs.shape[-2]
+    if xs.shape[-1] <= n:  # broadcasting copies w per leading index: cheap for a narrow w
+        y = xs @ w.mT
+        return (y if b is None else y + b[:, None, :]).flatten(-3, -2)
+    # else one bmm over the seeds, leading dims folded into its rows (a copy of x, not of w)
+    xs = xs.movedim(-3, 0).reshape(S, -1, xs.shape[-1])  # (S, L*n, D)
+    y = torch.bmm(xs, w.mT) if b is None else torch.baddbmm(b[:, None, :], xs, w.mT)
+    return y.view(S, *lead, n, M).movedim(0, -3).flatten(-3, -2)
+
+
+def add_bias(y: Tensor, b: Tensor) -> Tensor:
+    """y (..., N, M) + b (M,), or each group's own b of a seed stack (S, M)."""
+    if b.dim() == 1:
+        return y + b
+    return (y.unflatten(-2, (b.shape[0], -1)) + b[:, None, :]).flatten(-3, -2)
 
 
 def _recurrent(h: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
@@ -157,8 +190,8 @@ class RNNCell(Cell):
         self.activation = activation or "tanh"
         self.phi = ACTIVATIONS.get(self.activation).fn
 
-    def step(self, xp: Tensor, state: State) -> State:
-        return rnn_step(xp, state, self.weight_hh, self.bias_hh, self.phi)
+    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None) -> State:
+        return rnn_step(xp, state, self.weight_hh, b_hh, self.phi)
 
     def torch_module(self) -> nn.RNN:
         if self.activation not in ("tanh", "relu"):
@@ -173,8 +206,8 @@ class LSTMCell(Cell):
     gates = ("i", "f", "g", "o")
     keep_gate = "f"
 
-    def step(self, xp: Tensor, state: State) -> State:
-        return lstm_step(xp, state, self.weight_hh, self.bias_hh)
+    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None) -> State:
+        return lstm_step(xp, state, self.weight_hh, b_hh)
 
     def torch_module(self) -> nn.LSTM:
         return self._copy_into(nn.LSTM(self.input_size, self.hidden))
@@ -185,9 +218,10 @@ class GRUCell(Cell):
     name = "gru"
     gates = ("r", "z", "n")
     keep_gate = "z"
+    folds_bias = False  # n = tanh(W_in x + b_in + r (W_hn h + b_hn)): b_hn sits inside r
 
-    def step(self, xp: Tensor, state: State) -> State:
-        return gru_step(xp, state, self.weight_hh, self.bias_hh)
+    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None) -> State:
+        return gru_step(xp, state, self.weight_hh, b_hh)
 
     def torch_module(self) -> nn.GRU:
         return self._copy_into(nn.GRU(self.input_size, self.hidden))

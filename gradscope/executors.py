@@ -1,6 +1,8 @@
 """Executors: run configurations somewhere and yield their outcomes as they finish.
 
-One small interface (``Executor.run(configs) -> Iterator[Outcome]``), three implementations:
+One small interface (``Executor.run(jobs) -> Iterator[Outcome]``), three implementations. A job
+is a list of configurations that differ only in their seed (``batched.group_seeds``): it runs as
+one seed stack (``batched.execute_seeds``) and yields one outcome per configuration.
 
 - ``InlineExecutor``: in this process, one after another (``--workers 1``; no isolation).
 - ``LocalExecutor``: worker processes on this machine, one torch thread each (the default).
@@ -9,7 +11,9 @@ One small interface (``Executor.run(configs) -> Iterator[Outcome]``), three impl
 Whatever runs where, outcomes come back to the driver, which alone writes the store. A run whose
 worker process dies (killed, out of memory, a crash in native code) is retried up to
 ``retries`` times on a fresh worker, then reported as failed with the reason; the other runs
-carry on. A run that raises is reported as failed at once (its error would repeat).
+carry on. A run that raises is reported as failed at once (its error would repeat). A stack of
+seeds whose worker dies, or that raises, is split into its seeds, which run one by one, so that
+one bad seed (or a stack too big for memory) costs the others nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Protocol
 
 import torch
 
+from .batched import execute_seeds
 from .config import RunConfig
 from .errors import ConfigError
 from .results import RunResult
@@ -46,11 +51,27 @@ class Outcome:
     duration_s: float
 
 
-def execute_one(config: RunConfig) -> Outcome:
-    """Run one configuration with one torch thread; a run that raises becomes a failed Outcome."""
-    if os.environ.get(CRASH_SEED_ENV) == str(config.seed):
+Job = list[RunConfig]  # configurations that differ only in their seed
+
+
+def execute_job(job: Job) -> list[Outcome]:
+    """Run a job with one torch thread: a stack of seeds, or one configuration. A run that
+    raises becomes a failed Outcome; a stack that raises is run again seed by seed."""
+    if os.environ.get(CRASH_SEED_ENV) in {str(c.seed) for c in job}:
         os.kill(os.getpid(), signal.SIGKILL)
     torch.set_num_threads(1)
+    if len(job) == 1:
+        return [_execute_one(job[0])]
+    start = time.perf_counter()
+    try:
+        results = execute_seeds(job, command="gradscope sweep")
+    except Exception:  # find out which seed fails, and keep the others
+        return [_execute_one(config) for config in job]
+    each = (time.perf_counter() - start) / len(job)
+    return [Outcome(c, r, None, each) for c, r in zip(job, results, strict=True)]
+
+
+def _execute_one(config: RunConfig) -> Outcome:
     start = time.perf_counter()
     try:
         result = execute(config, command="gradscope sweep")
@@ -62,34 +83,34 @@ def execute_one(config: RunConfig) -> Outcome:
 
 
 class Executor(Protocol):
-    """Runs configurations and yields their outcomes as they finish, in any order."""
+    """Runs jobs and yields one outcome per configuration as they finish, in any order."""
 
-    def run(self, configs: list[RunConfig]) -> Iterator[Outcome]: ...
+    def run(self, jobs: list[Job]) -> Iterator[Outcome]: ...
 
 
 class InlineExecutor:
     """In this process, one after another."""
 
-    def run(self, configs: list[RunConfig]) -> Iterator[Outcome]:
+    def run(self, jobs: list[Job]) -> Iterator[Outcome]:
         threads = torch.get_num_threads()
         try:
-            for config in configs:
-                yield execute_one(config)
+            for job in jobs:
+                yield from execute_job(job)
         finally:
             torch.set_num_threads(threads)
 
 
 def _serve(conn) -> None:
     """A worker process: run what the driver sends until it sends None."""
-    while (config := conn.recv()) is not None:
-        conn.send(execute_one(config))
+    while (job := conn.recv()) is not None:
+        conn.send(execute_job(job))
 
 
 @dataclass
 class _Worker:
     process: object
     conn: object
-    job: tuple[RunConfig, int] | None = None  # (config, attempt) in flight
+    job: tuple[Job, int] | None = None  # (job, attempt) in flight
 
 
 class LocalExecutor:
@@ -100,9 +121,9 @@ class LocalExecutor:
         self.workers = workers
         self.retries = retries
 
-    def run(self, configs: list[RunConfig]) -> Iterator[Outcome]:
+    def run(self, jobs: list[Job]) -> Iterator[Outcome]:
         context = get_context("spawn")
-        queue = deque((config, 0) for config in configs)
+        queue = deque((job, 0) for job in jobs)
         pool: list[_Worker] = []
 
         def start() -> _Worker:
@@ -126,19 +147,22 @@ class LocalExecutor:
                     if w.conn not in ready and w.process.sentinel not in ready:
                         continue
                     try:
-                        outcome = w.conn.recv()
+                        outcomes = w.conn.recv()
                     except (EOFError, OSError):  # the worker died holding w.job
                         pool.remove(w)
                         w.process.join()
-                        config, attempt = w.job
-                        if attempt < self.retries:
-                            queue.appendleft((config, attempt + 1))
+                        job, attempt = w.job
+                        if len(job) > 1:  # a stack: its seeds one by one, with fresh tries
+                            queue.extendleft(([config], 0) for config in reversed(job))
+                        elif attempt < self.retries:
+                            queue.appendleft((job, attempt + 1))
                         else:
-                            yield Outcome(config, None, f"worker process died ({_exit(w.process)}) "
-                                          f"on each of {attempt + 1} tries", 0.0)
+                            yield Outcome(job[0], None, f"worker process died "
+                                          f"({_exit(w.process)}) on each of {attempt + 1} tries",
+                                          0.0)
                         continue
                     w.job = None
-                    yield outcome
+                    yield from outcomes
         finally:
             for w in pool:
                 try:
@@ -172,7 +196,7 @@ class RayExecutor:
         self.retries = retries
         self.num_cpus = num_cpus
 
-    def run(self, configs: list[RunConfig]) -> Iterator[Outcome]:
+    def run(self, jobs: list[Job]) -> Iterator[Outcome]:
         ray = import_ray()
         started = not ray.is_initialized()
         if started:
@@ -180,18 +204,21 @@ class RayExecutor:
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                      **options)
         task = ray.remote(num_cpus=1, num_gpus=self.gpus_per_run,
-                          max_retries=self.retries)(execute_one)
-        pending = {task.remote(config): config for config in configs}
+                          max_retries=self.retries)(execute_job)
+        pending = {task.remote(job): job for job in jobs}
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
-                    config = pending.pop(ref)
+                    job = pending.pop(ref)
                     try:
-                        yield ray.get(ref)
+                        yield from ray.get(ref)
                     except Exception as e:  # the task's worker died on every try
+                        if len(job) > 1:  # a stack: its seeds one by one
+                            pending.update({task.remote([c]): [c] for c in job})
+                            continue
                         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                        yield Outcome(config, None, f"ray task failed on each of "
+                        yield Outcome(job[0], None, f"ray task failed on each of "
                                       f"{self.retries + 1} tries: {type(e).__name__}: {reason}",
                                       0.0)
         finally:

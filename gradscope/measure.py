@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .engine import Profiles, measure
+from .engine import Profiles, Unrolled, measure, measure_groups
 from .model import Model
 from .probes import Probe
 from .results import FIRST_STEP, Snapshot
@@ -21,27 +21,59 @@ def snapshot(model: Model, batch: Batch, probes: Sequence[Probe], *, step: int =
     N, the forward probes (grad_*, jacobian*) see the first N sequences only: their cost is
     about H times a forward pass per sequence. With ``projections`` P they are estimates from P
     random directions per part (see ``engine.measure``)."""
+    [one] = _snapshots(model, batch, probes, step, drop, band, jacobian_samples, projections,
+                       [seed])
+    return one
+
+
+def snapshot_groups(model: Model, batch: Batch, probes: Sequence[Probe], *, step: int = 0,
+                    drop: float, band: float, jacobian_samples: int | None = None,
+                    projections: int | None = None,
+                    seeds: Sequence[int]) -> list[Snapshot] | None:
+    """``snapshot`` of each seed of a seed stack (gradscope.batched) at once; None when a
+    profile left float range (then each seed is to be measured alone)."""
+    return _snapshots(model, batch, probes, step, drop, band, jacobian_samples, projections,
+                      seeds)
+
+
+def _snapshots(model: Model, batch: Batch, probes: Sequence[Probe], step: int, drop: float,
+               band: float, jacobian_samples: int | None, projections: int | None,
+               seeds: Sequence[int]) -> list[Snapshot] | None:
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # the engine differentiates with respect to states only
     try:
         if not jacobian_samples:
-            profiles = measure(model.unroll(batch), probes, projections=projections, seed=seed)
+            measured = _measure(model.unroll(batch), probes, projections, seeds)
         else:  # forward probes on the first sequences, the adjoint on all of them
             forward = [p for p in probes if p.pass_ == "forward"]
             reverse = [p for p in probes if p.pass_ == "reverse"]
-            a = measure(model.unroll(batch.take(jacobian_samples)), forward,
-                        projections=projections, seed=seed)
-            b = measure(model.unroll(batch), reverse)
-            log10 = {**a.log10, **b.log10}
-            profiles = Profiles({p.name: log10[p.name] for p in probes},
-                                b.nonfinite or a.nonfinite)
+            a = _measure(model.unroll(batch.take(jacobian_samples, model.groups)), forward,
+                         projections, seeds)
+            b = _measure(model.unroll(batch), reverse, None, seeds)
+            measured = None if a is None or b is None else [
+                Profiles({p.name: {**fa.log10, **fb.log10}[p.name] for p in probes},
+                         fb.nonfinite or fa.nonfinite) for fa, fb in zip(a, b, strict=True)]
     finally:
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
+    if measured is None:
+        return None
+    return [_summarised(profiles, probes, step, drop, band, batch.seq_len)
+            for profiles in measured]
+
+
+def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
+             seeds: Sequence[int]) -> list[Profiles] | None:
+    if u.groups == 1:
+        return [measure(u, probes, projections=projections, seed=seeds[0])]
+    return measure_groups(u, probes, projections=projections, seeds=seeds)
+
+
+def _summarised(profiles: Profiles, probes: Sequence[Probe], step: int, drop: float,
+                band: float, seq_len: int) -> Snapshot:
     nonfinite = profiles.nonfinite
     summary = {
-        p.name: summarize(profiles.log10[p.name],
-                          np.arange(batch.seq_len) + FIRST_STEP[p.axis],
+        p.name: summarize(profiles.log10[p.name], np.arange(seq_len) + FIRST_STEP[p.axis],
                           drop=drop, band=band, overflowed=nonfinite is not None)
         for p in probes
     }

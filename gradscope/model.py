@@ -88,12 +88,13 @@ class Model(nn.Module):
 
     def hidden_states(self, batch: Batch) -> Tensor:
         """h_1..h_T (T, B, H) by a plain loop with autograd (training); ended samples hold."""
-        xps = self.cell.project(self.encode(batch.inputs))
+        xps = self.cell.drive(self.encode(batch.inputs))
         mask = self.mask(batch)
         state = self.cell.initial_state(xps.shape[1])
         hs = []
-        for t in range(xps.shape[0]):
-            new = self.cell.step(xps[t], state)
+        # unbind, not xps[t]: the backward of T indexings would write T full-size zero tensors
+        for t, xp in enumerate(xps.unbind(0)):
+            new = self.cell.step_driven(xp, state)
             if mask is not None:
                 new = tuple(torch.where(mask[t][:, None], n, o)
                             for n, o in zip(new, state, strict=True))

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import numpy as np
 import torch
 
 from .cells import CELLS
@@ -19,8 +20,9 @@ from .measure import snapshot
 from .model import Built, build, generator, validate
 from .probes import PROBES, Probe, probes_for
 from .results import RunResult, Snapshot, Training
+from .tasks import Batch
 from .theory import predict
-from .train import EVAL_BATCH, OPTIMIZERS, train
+from .train import EVAL_BATCH, OPTIMIZERS, TrainOutcome, train
 from .version import __version__
 
 
@@ -81,60 +83,86 @@ def execute(config: RunConfig, command: str | None = None) -> RunResult:
     built.model.requires_grad_(False)  # measurement differentiates states only; train() flips it
 
     def measure_now(step: int) -> Snapshot:
-        return snapshot(built.model, built.batch, probes, step=step, drop=config.horizon_drop,
-                        band=config.stable_decades, jacobian_samples=config.jacobian_samples,
-                        projections=config.projections, seed=config.seed)
+        return snapshot(built.model, built.batch, probes, step=step, seed=config.seed,
+                        **snapshot_options(config))
 
     initial = measure_now(0)
-    theory = None
-    if config.theory_k > 0 and initial.nonfinite is None:
-        measured = {name: s.slope for name, s in initial.summary.items()}
-        theory = predict(built.model, built.model.unroll(built.batch), measured,
-                         k=config.theory_k, init=config.init,
-                         jacobian=initial.profiles.get("jacobian")).to_dict()
-    chance = built.task.chance(config.seq_len)
+    theory = initial_theory(config, built, initial)
     training = None
     if config.steps > 0:
-        training = _train(config, built, device, chance, measure_now)
-    result = RunResult(
+        training = _train(config, built, device, measure_now)
+    return assemble(config, built, initial, theory, training, device, command)
+
+
+def snapshot_options(config: RunConfig) -> dict:
+    """The options of ``measure.snapshot`` that a configuration sets."""
+    return dict(drop=config.horizon_drop, band=config.stable_decades,
+                jacobian_samples=config.jacobian_samples, projections=config.projections)
+
+
+def initial_theory(config: RunConfig, built: Built, initial: Snapshot,
+                   exponents: np.ndarray | None = None) -> dict | None:
+    """Theory beside the measurement at initialisation, unless turned off or out of range."""
+    if config.theory_k <= 0 or initial.nonfinite is not None:
+        return None
+    measured = {name: s.slope for name, s in initial.summary.items()}
+    return predict(built.model, built.model.unroll(built.batch), measured, k=config.theory_k,
+                   init=config.init, jacobian=initial.profiles.get("jacobian"),
+                   exponents=exponents).to_dict()
+
+
+def assemble(config: RunConfig, built: Built, initial: Snapshot, theory: dict | None,
+             training: Training | None, device: torch.device,
+             command: str | None) -> RunResult:
+    return RunResult(
         config=config,
         task={"name": built.task.name, "variant": built.task.variant,
-              "seq_len": built.batch.seq_len, "chance_loss": chance},
+              "seq_len": built.batch.seq_len, "chance_loss": built.task.chance(config.seq_len)},
         profiles=initial.profiles,
-        axes={p.name: p.axis for p in probes},
+        axes={p.name: p.axis for p in resolve_probes(config)},
         summary=initial.summary,
         nonfinite=initial.nonfinite,
         meta=_meta(device, config.dtype, command),
         training=training,
         theory=theory,
     )
-    return result
 
 
-def _train(config: RunConfig, built: Built, device: torch.device, chance: float,
-           measure_now: Callable[[int], Snapshot]) -> Training:
+def training_batches(config: RunConfig, built: Built, device: torch.device,
+                     ) -> tuple[Callable[[], Batch], Batch]:
+    """(the next training batch, the held-out batch) of a configuration's seeded streams."""
     dtype = getattr(torch, config.dtype)
     train_gen = generator(config.seed, "train")
     eval_batch = built.task.generate(config.seq_len, EVAL_BATCH, generator(config.seed, "eval"))
+    return (lambda: built.task.generate(config.seq_len, config.batch,
+                                        train_gen).to(device, dtype),
+            eval_batch.to(device, dtype))
+
+
+def training_result(outcome: TrainOutcome, snapshots: list[Snapshot],
+                    chance: float) -> Training:
+    return Training(curve=outcome.curve, steps_done=outcome.steps_done,
+                    diverged_at=outcome.diverged_at, final_loss=outcome.final_loss,
+                    chance_loss=chance, accuracy=outcome.accuracy, learned=outcome.learned,
+                    snapshots=snapshots)
+
+
+def _train(config: RunConfig, built: Built, device: torch.device,
+           measure_now: Callable[[int], Snapshot]) -> Training:
+    chance = built.task.chance(config.seq_len)
+    next_batch, eval_batch = training_batches(config, built, device)
     snapshots: list[Snapshot] = []
 
     def on_step(step: int) -> None:
         if config.profile_every and step % config.profile_every == 0:
             snapshots.append(measure_now(step))
 
-    [outcome] = train(
-        built.model, steps=config.steps, optimizer=config.optimizer, lr=config.lr,
-        clip=config.clip,
-        next_batch=lambda: built.task.generate(config.seq_len, config.batch,
-                                               train_gen).to(device, dtype),
-        eval_batch=eval_batch.to(device, dtype), chance=chance, on_step=on_step,
-    )
+    [outcome] = train(built.model, steps=config.steps, optimizer=config.optimizer, lr=config.lr,
+                      clip=config.clip, next_batch=next_batch, eval_batch=eval_batch,
+                      chance=chance, on_step=on_step)
     if not snapshots or snapshots[-1].step != outcome.steps_done:
         snapshots.append(measure_now(outcome.steps_done))  # the trained model, always
-    return Training(curve=outcome.curve, steps_done=outcome.steps_done,
-                    diverged_at=outcome.diverged_at, final_loss=outcome.final_loss,
-                    chance_loss=chance, accuracy=outcome.accuracy, learned=outcome.learned,
-                    snapshots=snapshots)
+    return training_result(outcome, snapshots, chance)
 
 
 def resolve_device(name: str) -> torch.device:

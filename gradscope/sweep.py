@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
+from .batched import MAX_SEEDS, group_seeds
 from .cells import CELLS
 from .config import RunConfig
 from .errors import ConfigError
@@ -212,18 +213,20 @@ class SweepReport:
 
 def run_sweep(spec: SweepSpec, store: Store, executor: Executor, *, command: str,
               meta: dict, on_progress: Callable[[Outcome, int, int], None] = lambda *a: None,
-              ) -> SweepReport:
+              stack_seeds: int = MAX_SEEDS) -> SweepReport:
     """Run every configuration not yet finished in ``store``; write each as it arrives.
 
-    ``on_progress(outcome, done, todo)`` runs after each run is stored. The caller checks the
-    configurations first (``runner.check_config``), before the store exists.
+    Configurations that differ only in their seed run as seed stacks of up to ``stack_seeds``
+    (gradscope.batched; 1: one by one), with the same results. ``on_progress(outcome, done,
+    todo)`` runs after each run is stored. The caller checks the configurations first
+    (``runner.check_config``), before the store exists.
     """
     done_before = store.finished_ids()
     todo = [c for c in spec.runs if run_id(c) not in done_before]
     store.add_sweep(_utc_now(), command, meta)
     failed: list[tuple[RunConfig, str]] = []
     finished = 0
-    for outcome in executor.run(todo):
+    for outcome in executor.run(group_seeds(todo, max(1, stack_seeds))):
         store.add(outcome.config, outcome.result, error=outcome.error,
                   duration_s=outcome.duration_s, finished_utc=_utc_now())
         if outcome.result is None:

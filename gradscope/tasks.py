@@ -7,7 +7,7 @@ ran. A generator is ``make(T, B, generator) -> Batch`` and is deterministic give
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +29,22 @@ class Batch:
     def seq_len(self) -> int:
         return self.inputs.shape[0]
 
-    def take(self, n: int) -> Batch:
-        """The first n sequences."""
-        targets = self.targets[:, :n] if self.per_step else self.targets[:n]
-        lengths = None if self.lengths is None else self.lengths[:n]
-        return Batch(self.inputs[:, :n], targets, lengths, self.per_step)
+    def take(self, n: int, groups: int = 1) -> Batch:
+        """The first n sequences (of each of ``groups`` equal, consecutive groups)."""
+        size = self.inputs.shape[1] // groups
+        keep = torch.cat([torch.arange(g * size, g * size + min(n, size)) for g in range(groups)])
+        targets = self.targets[:, keep] if self.per_step else self.targets[keep]
+        lengths = None if self.lengths is None else self.lengths[keep]
+        return Batch(self.inputs[:, keep], targets, lengths, self.per_step)
+
+    @staticmethod
+    def stack(batches: Sequence[Batch]) -> Batch:
+        """Batches of one length side by side, seed-major: the batch of a seed stack."""
+        first = batches[0]
+        lengths = None if first.lengths is None else torch.cat([b.lengths for b in batches])
+        return Batch(torch.cat([b.inputs for b in batches], dim=1),
+                     torch.cat([b.targets for b in batches], dim=1 if first.per_step else 0),
+                     lengths, first.per_step)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Batch:
         def move(x: Tensor | None) -> Tensor | None:

@@ -41,7 +41,8 @@ def test_a_worker_that_dies_is_retried_then_recorded_as_failed(tmp_path, monkeyp
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_driver_stops_cleanly_and_resumes(tmp_path, sig):
-    argv = [sys.executable, "-m", "gradscope", "sweep", "--cell", "rnn,gru", "--seeds", "4",
+    # three stacks of four seeds on two workers: the signal lands while the third runs
+    argv = [sys.executable, "-m", "gradscope", "sweep", "--cell", "rnn,gru,lstm", "--seeds", "4",
             "--seq-len", "30", "--hidden", "8", "--batch", "4", "--steps", "30", "--workers",
             "2", "--out", str(tmp_path), "--no-report"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -54,12 +55,12 @@ def test_an_interrupted_driver_stops_cleanly_and_resumes(tmp_path, sig):
     assert "interrupted" in err and "run the same command again to resume" in err
     assert "Traceback" not in err
     done = count_finished(tmp_path / "gradscope.sqlite")
-    assert 2 <= done < 8
+    assert 2 <= done < 12
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"{done} already done" in again.stdout
     with Store(tmp_path) as store:
         runs = store.runs()
-    assert len(runs) == 8 and runs.run_id.is_unique and (runs.status == "ok").all()
+    assert len(runs) == 12 and runs.run_id.is_unique and (runs.status == "ok").all()
 
 
 def test_a_second_sweep_into_the_same_folder_is_refused(tmp_path):

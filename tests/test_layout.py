@@ -18,6 +18,7 @@ LAYERS = [
     {"results", "train", "check"},
     {"plots", "measure", "store", "theory"},
     {"runner"},
+    {"batched"},
     {"executors"},
     {"sweep", "report", "gate"},
     {"api", "__init__"},
