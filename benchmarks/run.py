@@ -5,6 +5,7 @@ fused torch.nn kernel's forward+backward, measured side by side in one run, as r
     .venv/bin/python benchmarks/run.py --full     # every case: LSTM, tanh RNN; H 128, 512;
                                                   # T 1000, 10000; and T = 1e6 memory
     .venv/bin/python benchmarks/run.py --device cuda --full
+    .venv/bin/python benchmarks/run.py --seeds     # seed stacks against one seed at a time
 
 Prints a markdown table (paste it into docs/benchmarks.md). Not part of the test suite.
 """
@@ -139,6 +140,48 @@ def memory_case(T: int, device: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+SEED_WORKLOADS = {  # what a sweep's run does, in parts
+    "profile (all probes, theory)": {},
+    "train 100 steps": {"steps": 100, "probes": ("adjoint",), "theory_k": 0},
+    "train 100 steps + profiles": {"steps": 100, "profile_every": 50},
+}
+
+
+def seeds_case(cell: str, workload: dict, seeds: int, batch: int) -> tuple[float, float]:
+    """(one seed at a time, one seed stack): seconds for ``seeds`` runs of H=32, T=200."""
+    from dataclasses import replace
+
+    from gradscope.batched import execute_seeds
+    from gradscope.runner import execute
+
+    base = RunConfig(cell=cell, hidden=32, seq_len=200, batch=batch, dtype="float32",
+                     **workload)
+    configs = [replace(base, seed=s) for s in range(seeds)]
+    execute(configs[0]), execute_seeds(configs[:2])  # warm-up
+    start = time.perf_counter()
+    for config in configs:
+        execute(config)
+    alone = time.perf_counter() - start
+    start = time.perf_counter()
+    execute_seeds(configs)
+    return alone, time.perf_counter() - start
+
+
+def seeds_table(seeds: int, batch: int, threads: int) -> None:
+    """With 1 thread, as a sweep's worker runs; with the machine's threads, as one command."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    print(f"\n| {seeds} seeds, H=32, T={200}, B={batch}, {threads} thread(s) | cell "
+          "| one at a time (s) | one stack (s) | throughput ratio |")
+    print("|---|---|---|---|---|")
+    for name, workload in SEED_WORKLOADS.items():
+        for cell in ("rnn", "lstm", "gru"):
+            alone, stacked = seeds_case(cell, workload, seeds, batch)
+            print(f"| {name} | {cell} | {alone:.2f} | {stacked:.2f} | {alone / stacked:.1f}x |",
+                  flush=True)
+    torch.set_num_threads(before)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every case, not just the targets")
@@ -148,10 +191,20 @@ def main() -> None:
     parser.add_argument("--projections", type=int, default=16,
                         help="random directions per part for the estimated forward probes")
     parser.add_argument("--memory", action="store_true", help="only the memory cases")
+    parser.add_argument("--seeds", action="store_true",
+                        help="only seed stacks against one seed at a time (8 seeds)")
+    parser.add_argument("--seed-batch", type=int, default=32,
+                        help="sequences per seed in the --seeds cases")
+    parser.add_argument("--seed-threads", type=int, default=1,
+                        help="torch threads in the --seeds cases (a sweep's worker has 1)")
     parser.add_argument("--naive-t", type=int, default=200,
                         help="the naive baseline runs at this T and is scaled by (T/this)^2")
     args = parser.parse_args()
     dtype = "float32"
+    if args.seeds:
+        print(f"machine: {machine(args.device)}; torch {torch.__version__}")
+        seeds_table(8, args.seed_batch, args.seed_threads)
+        return
     cases = [("lstm", 128, 1000), ("rnn", 128, 1000)]
     if args.full:
         cases = [(c, H, T) for c in ("lstm", "rnn") for H in (128, 512) for T in (1000, 10000)]

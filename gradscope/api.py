@@ -15,6 +15,7 @@ import pandas as pd
 
 from . import checkconfig
 from . import sweep as sweeps
+from .batched import MAX_SEEDS
 from .check import CheckResult, Exit, exit_code, to_text
 from .checkconfig import CheckFile
 from .config import RunConfig
@@ -112,7 +113,7 @@ def sweep_spec(*, preset: str | None = None, config_file: str | Path | None = No
 def sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local",
           workers: int | None = None, retries: int = DEFAULT_RETRIES,
           address: str | None = None, gpus_per_run: float = 0.0, report: bool = True,
-          command: str | None = None,
+          seed_stack: int = MAX_SEEDS, command: str | None = None,
           on_progress: Callable[[Outcome, int, int], None] = lambda *a: None,
           on_start: Callable[[int, int], None] = lambda todo, skipped: None,
           ) -> tuple[SweepReport, Path | None]:
@@ -121,10 +122,14 @@ def sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local",
 
     ``executor``: "local" (``workers`` processes; 1 runs in this process) or "ray" (Ray tasks;
     ``address`` None starts a local Ray, "auto" joins a cluster; ``gpus_per_run``). A run whose
-    worker dies is retried ``retries`` times, then recorded as failed.
+    worker dies is retried ``retries`` times, then recorded as failed. Runs that differ only in
+    their seed run ``seed_stack`` at a time as one computation (gradscope.batched; the same
+    numbers; 1: one seed at a time).
 
     >>> outcome, index = sweep(sweep_spec(preset="smoke"), "runs/smoke")
     """
+    if not isinstance(seed_stack, int) or seed_stack < 1:
+        raise ConfigError(f"--seed-stack must be a positive integer, got {seed_stack!r}")
     for config in spec.runs:
         check_config(config)
     runner = make_executor(executor, workers=workers, retries=retries, address=address,
@@ -137,7 +142,7 @@ def sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local",
             spec, store, runner, command=command or "gradscope.sweep()",
             meta={"notes": list(spec.notes), "runs": len(spec.runs), "executor": executor,
                   "time_utc": datetime.now(UTC).isoformat(timespec="seconds")},
-            on_progress=on_progress)
+            on_progress=on_progress, stack_seeds=seed_stack)
     index = write_report(folder) if report else None
     return result, index
 

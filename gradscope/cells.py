@@ -84,8 +84,9 @@ class Cell(nn.Module):
 
     def drive(self, x: Tensor) -> Tensor:
         """(T, B, D) -> (T, B, G*H): W_ih x + b_ih of every step, plus b_hh where it folds in."""
-        xp = self.project(x)
-        return add_bias(xp, self.bias_hh) if self.folds_bias else xp
+        if not self.folds_bias:
+            return self.project(x)
+        return affine(x, self.weight_ih, self.bias_ih + self.bias_hh)  # one bias: one reduction
 
     def step_driven(self, d: Tensor, state: State) -> State:
         """``step`` on that step's ``drive``: the same recurrence, one add fewer per step."""
@@ -138,19 +139,15 @@ def affine(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     xs = x.unflatten(-2, (S, -1))  # (..., S, n, D)
     lead, n = xs.shape[:-3], xs.shape[-2]
     if xs.shape[-1] <= n:  # broadcasting copies w per leading index: cheap for a narrow w
-        y = xs @ w.mT
-        return (y if b is None else y + b[:, None, :]).flatten(-3, -2)
+        if b is not None:  # the bias as a column of w against a column of ones: its gradient
+            # is then part of the matmul's, not a reduction over every leading index
+            xs = torch.cat([xs, xs.new_ones(*xs.shape[:-1], 1)], dim=-1)
+            w = torch.cat([w, b[:, :, None]], dim=-1)
+        return (xs @ w.mT).flatten(-3, -2)
     # else one bmm over the seeds, leading dims folded into its rows (a copy of x, not of w)
     xs = xs.movedim(-3, 0).reshape(S, -1, xs.shape[-1])  # (S, L*n, D)
     y = torch.bmm(xs, w.mT) if b is None else torch.baddbmm(b[:, None, :], xs, w.mT)
     return y.view(S, *lead, n, M).movedim(0, -3).flatten(-3, -2)
-
-
-def add_bias(y: Tensor, b: Tensor) -> Tensor:
-    """y (..., N, M) + b (M,), or each group's own b of a seed stack (S, M)."""
-    if b.dim() == 1:
-        return y + b
-    return (y.unflatten(-2, (b.shape[0], -1)) + b[:, None, :]).flatten(-3, -2)
 
 
 def _recurrent(h: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:

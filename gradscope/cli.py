@@ -77,6 +77,9 @@ def run_command(
     jacobian_samples: int = typer.Option(None, help="Forward probes on the first N sequences "
                                                     "(cost ~ H forward passes each) [default: "
                                                     "all]."),
+    checkpoint: bool = typer.Option(False, help="Adjoint: keep every ~sqrt(T)-th state and "
+                                                "recompute the rest (memory O(sqrt(T) B H) "
+                                                "instead of O(T B H), one more forward pass)."),
     horizon_drop: float = typer.Option(DEFAULTS.horizon_drop,
                                        help="Decades of fall that define the horizon."),
     stable_decades: float = typer.Option(
@@ -96,7 +99,7 @@ def run_command(
         probes=_comma_list(probes), horizon_drop=horizon_drop, stable_decades=stable_decades,
         steps=steps, optimizer=optimizer, lr=lr, clip=clip if clip != 0 else None,
         profile_every=profile_every, theory_k=theory_k, jacobian_samples=jacobian_samples,
-        projections=projections,
+        projections=projections, checkpoint=checkpoint,
     )
     out = out if out is not None else Path("runs") / _default_name(config)
     result = api.run(config, out=out, command=" ".join(["gradscope", *_ARGV]))
@@ -179,6 +182,9 @@ def sweep_command(
                                            "[default: a local Ray instance]."),
     gpus_per_run: float = typer.Option(0.0, help="ray: GPUs per run (0.25 packs four on one)."),
     retries: int = typer.Option(2, help="Tries more for a run whose worker process dies."),
+    seed_stack: int = typer.Option(8, help="Runs that differ only in their seed, computed "
+                                   "together as one seed stack (same numbers); 1: one seed "
+                                   "at a time."),
     out: Path = typer.Option(Path("reports"), help="Folder of the store and the report."),
     report: bool = typer.Option(True, help="Write the report when the sweep ends."),
 ) -> None:
@@ -222,7 +228,7 @@ def sweep_command(
     try:
         result, index = api.sweep(spec, out, executor=executor, workers=workers,
                                   retries=retries, address=address, gpus_per_run=gpus_per_run,
-                                  report=report,
+                                  report=report, seed_stack=seed_stack,
                                   command=" ".join(["gradscope", *_ARGV]),
                                   on_progress=on_progress, on_start=on_start)
     finally:

@@ -42,6 +42,7 @@ class RunConfig:
     theory_k: int = 8  # Lyapunov exponents computed beside the theory; 0 turns theory off
     jacobian_samples: int | None = None  # forward probes on the first N sequences; None: all
     projections: int | None = None  # forward probes estimated from P random directions; None: exact
+    checkpoint: bool = False  # adjoint: keep every ~sqrt(T)-th state, recompute the rest
     horizon_drop: float = 6.0  # horizon = first step where a profile has fallen this many decades
     stable_decades: float = 1.0  # a profile whose fitted change stays within +-this is "stable"
 
@@ -80,6 +81,8 @@ class RunConfig:
         ):
             raise ConfigError("--jacobian-samples must be a positive integer, got "
                               f"{self.jacobian_samples!r}")
+        if not isinstance(self.checkpoint, bool):
+            raise ConfigError(f"checkpoint must be true or false, got {self.checkpoint!r}")
         if self.projections is not None and (
             not isinstance(self.projections, int) or self.projections < 1
         ):

@@ -109,28 +109,32 @@ class Profiles:
 
 
 def measure(u: Unrolled, probes: Sequence[Probe], *, projections: int | None = None,
-            seed: int = 0) -> Profiles:
+            seed: int = 0, checkpoint: bool = False) -> Profiles:
     """Every probe's per-step profile, exactly, in O(T) sequential steps.
 
     With ``projections`` P, the forward probes push P random Gaussian directions per part of
     the initial state instead of all H unit ones: an unbiased estimate of the squared norms,
     with a relative error of about sqrt(2/P), at P/H of the cost.
+
+    The adjoint keeps the trajectory, O(T*B*S) memory; with ``checkpoint`` it keeps every L-th
+    state (L about sqrt(T)) and recomputes each segment of L steps when the reverse pass gets
+    there: O(sqrt(T)*B*S) memory for one more forward pass, the same numbers.
     """
     assert u.groups == 1, "a seed stack is measured by measure_groups"
-    return _measure(u, probes, projections, [seed])[0]
+    return _measure(u, probes, projections, [seed], checkpoint)[0]
 
 
 def measure_groups(u: Unrolled, probes: Sequence[Probe], *, projections: int | None = None,
-                   seeds: Sequence[int]) -> list[Profiles] | None:
+                   seeds: Sequence[int], checkpoint: bool = False) -> list[Profiles] | None:
     """``measure`` for a seed stack of ``u.groups`` seeds: one Profiles per seed, as each seed
     would get alone (``seeds``: each one's projection seed). None where the run left float
     range: which seed stopped where is then for each seed alone to tell."""
-    profiles = _measure(u, probes, projections, seeds)
+    profiles = _measure(u, probes, projections, seeds, checkpoint)
     return None if any(p.nonfinite for p in profiles) else profiles
 
 
 def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
-             seeds: Sequence[int]) -> list[Profiles]:
+             seeds: Sequence[int], checkpoint: bool = False) -> list[Profiles]:
     T, G = u.seq_len, u.groups
     out = {p.name: np.full((T, G), np.nan) for p in probes}
 
@@ -143,6 +147,15 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
     if not reverse:  # forward probes alone keep nothing of the past: memory independent of T
         chunks = _streamed_chunks(u)
         return profiles(_forward_pass(u, chunks, forward, out, projections, seeds))
+    if checkpoint:  # forward probes stream; the adjoint recomputes segments from checkpoints
+        stop = None
+        if forward:
+            stop = _forward_pass(u, _streamed_chunks(u), forward, out, projections, seeds)
+        segmented = Segmented(u)
+        nonfinite = stop if segmented.bad is None else NonFinite(segmented.bad, "state")
+        if segmented.bad is None:
+            _reverse_pass(u, segmented, None, reverse, out)
+        return profiles(nonfinite)
     states, bad = trajectory(u)  # (T'+1, B, S): the adjoint needs all of it
     nonfinite = None if bad is None else NonFinite(bad, "state")
     if states.shape[0] == 1:
@@ -305,21 +318,25 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
     return None
 
 
-def _reverse_pass(u: Unrolled, states: Tensor, g: Tensor | None, probes: Sequence[Probe],
-                  out: dict[str, np.ndarray]) -> None:
-    """``g``: the loss gradients of every step if the forward pass has them, else None (they
-    are computed here, at the steps that carry weight only when that is step T alone)."""
+def _reverse_pass(u: Unrolled, states: Tensor | Segmented, g: Tensor | None,
+                  probes: Sequence[Probe], out: dict[str, np.ndarray]) -> None:
+    """``states``: s_0..s_T, stored or ``Segmented``; ``g``: the loss gradients of every step if
+    the forward pass has them, else None (they are computed here, at the steps that carry
+    weight only when that is step T alone)."""
     T, B = u.seq_len, u.s0.shape[0]
     has_direct = (u.weights != 0).tolist()
-    per_sample = {p.name: torch.empty(T, B, dtype=torch.float64, device=states.device)
+    per_sample = {p.name: torch.empty(T, B, dtype=torch.float64, device=u.s0.device)
                   for p in probes}  # ln, by k
     if not any(has_direct[:-1]) and u.linearize is not None:
         last = g[-1] if g is not None else _loss_grads(u, states[-1:], T)[0]
         adj, log_scale = _unit(u.weights[-1].to(last.dtype) * last)  # lambda_T, per sample
         _reverse_fast(u, states, adj, log_scale, probes, per_sample)
     else:
-        g = g if g is not None else _loss_grads(u, states[1:])
-        direct = u.weights.to(g.dtype)[:, None, None] * g  # (T, B, S): dL/ds_t via L_t
+        if isinstance(states, Segmented):
+            direct = states.direct()
+        else:
+            g = g if g is not None else _loss_grads(u, states[1:])
+            direct = u.weights.to(g.dtype)[:, None, None] * g  # (T, B, S): dL/ds_t via L_t
         adj, log_scale = _unit(direct[T - 1])  # lambda_T, per sample
         _reverse_general(u, states, direct, has_direct, adj, log_scale, probes, per_sample)
     lengths = None if u.mask is None else u.mask.sum(0).cpu()
@@ -408,6 +425,81 @@ def _reverse_general(u: Unrolled, states: Tensor, direct: Tensor, has_direct: li
         w_here = torch.where(live, torch.exp(ln_here - top), 0.0).to(adj.dtype)
         adj, ln_sum = _unit(w_back[:, None] * back + w_here[:, None] * here)
         log_scale = torch.where(live, top + ln_sum, -math.inf)
+
+
+class Segmented:
+    """s_0..s_T for the reverse pass from checkpoints: s_0, s_L, s_2L, ... are kept, and the
+    segment s_kL..s_(k+1)L is recomputed (and cached, one at a time) when it is indexed. The
+    reverse pass reads it backwards, so each segment is recomputed once.
+
+    Supports what the reverse pass asks: ``x[t]``, ``x[a:b]`` within one segment (its end
+    state included), ``x[-1:]``, ``shape``.
+    """
+
+    def __init__(self, u: Unrolled) -> None:
+        self.u = u
+        T = u.seq_len
+        self.L = CHUNK * max(1, round(math.sqrt(T) / CHUNK))  # chunks never straddle segments
+        self.bad: int | None = None
+        self.cached: tuple[int, Tensor, Tensor | None] | None = None  # (k, states, direct)
+        kept = [u.s0]
+        for a in range(0, T, self.L):
+            states = self._run(kept[-1], a, min(a + self.L, T))
+            finite = torch.isfinite(states.flatten(1)).all(dim=1)
+            if not finite.all():
+                self.bad = a + int(torch.nonzero(~finite)[0])
+                break
+            kept.append(states[-1])
+        self.checkpoints = torch.stack(kept)  # (T/L + 1, B, S)
+        self.shape = (T + 1, *u.s0.shape)
+
+    def _run(self, s: Tensor, a: int, b: int) -> Tensor:
+        """s_a..s_b from s_a."""
+        with torch.no_grad():
+            states = [s]
+            for t in range(a + 1, b + 1):
+                states.append(self.u.step_at(t)(states[-1]))
+            return torch.stack(states)
+
+    def segment(self, k: int) -> Tensor:
+        if self.cached is None or self.cached[0] != k:
+            a = k * self.L
+            self.cached = (k, self._run(self.checkpoints[k], a, min(a + self.L,
+                                                                     self.u.seq_len)), None)
+        return self.cached[1]
+
+    def __getitem__(self, index: int | slice) -> Tensor:
+        T = self.u.seq_len
+        if isinstance(index, int):
+            t = index % (T + 1)
+            k = min(t // self.L, (T - 1) // self.L)
+            return self.segment(k)[t - k * self.L]
+        start, stop, _ = index.indices(T + 1)
+        k = min(start // self.L, (T - 1) // self.L)
+        if stop - 1 > min((k + 1) * self.L, T):
+            raise IndexError("a slice of a Segmented trajectory must lie within one segment")
+        return self.segment(k)[start - k * self.L:stop - k * self.L]
+
+    def direct(self) -> _SegmentedDirect:
+        return _SegmentedDirect(self)
+
+
+class _SegmentedDirect:
+    """dL/ds_t through step t's own loss, t = 1..T, indexed t-1, a segment at a time."""
+
+    def __init__(self, states: Segmented) -> None:
+        self.states = states
+        self.cached: tuple[int, Tensor] | None = None
+
+    def __getitem__(self, i: int) -> Tensor:
+        s, u = self.states, self.states.u
+        k = i // s.L  # step i+1 lies in segment k (steps kL+1..(k+1)L)
+        if self.cached is None or self.cached[0] != k:
+            seg = s.segment(k)
+            g = _loss_grads(u, seg[1:], k * s.L + 1)
+            w = u.weights[k * s.L:k * s.L + g.shape[0]].to(g.dtype)
+            self.cached = (k, w[:, None, None] * g)
+        return self.cached[1][i - k * s.L]
 
 
 def _end_aligned_norm(ln: Tensor, lengths: Tensor | None) -> Tensor:

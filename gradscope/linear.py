@@ -145,10 +145,12 @@ def trajectory(cell: Cell, x: Tensor, s0: Tensor) -> Tensor:
 
     The cells torch.nn has (rnn with tanh or relu, lstm, gru) run as its fused kernel
     (oneDNN on the CPU, cuDNN on the GPU), which returns h_1..h_T; the LSTM's c_t then follows
-    from one matmul over all steps and a one-op-per-step scan. Other cells loop over the steps.
+    from one matmul over all steps and a one-op-per-step scan. Other cells, and seed stacks,
+    loop over the steps.
     """
-    if cell.name == "rnn" and cell.activation not in ("tanh", "relu"):
-        return _looped(cell, cell.project(x), s0)
+    stacked = cell.weight_hh.dim() == 3
+    if stacked or cell.name == "rnn" and cell.activation not in ("tanh", "relu"):
+        return _looped(cell, cell.drive(x), s0)
     H = cell.hidden
     module = cell.torch_module().to(device=s0.device)
     states = torch.empty(x.shape[0] + 1, *s0.shape, dtype=s0.dtype, device=s0.device)
@@ -168,14 +170,12 @@ def trajectory(cell: Cell, x: Tensor, s0: Tensor) -> Tensor:
     return states
 
 
-def _looped(cell: Cell, xp: Tensor, s0: Tensor) -> Tensor:
-    T = xp.shape[0]
-    states = torch.empty(T + 1, *s0.shape, dtype=s0.dtype, device=s0.device)
+def _looped(cell: Cell, drive: Tensor, s0: Tensor) -> Tensor:
+    """The recurrence on ``cell.drive`` step by step, without autograd's bookkeeping."""
+    states = torch.empty(drive.shape[0] + 1, *s0.shape, dtype=s0.dtype, device=s0.device)
     states[0] = s0
-    xpb = xp + cell.bias_hh  # (T, B, H)
-    w = cell.weight_hh.T
-    h = s0
-    for t in range(T):
-        h = cell.phi(torch.addmm(xpb[t], h, w))
-        states[t + 1] = h
+    state = tuple(s0.split(cell.hidden, dim=-1))
+    for t, d in enumerate(drive.unbind(0)):
+        state = cell.step_driven(d, state)
+        torch.cat(state, dim=-1, out=states[t + 1])
     return states

@@ -16,40 +16,42 @@ from .tasks import Batch
 
 def snapshot(model: Model, batch: Batch, probes: Sequence[Probe], *, step: int = 0,
              drop: float, band: float, jacobian_samples: int | None = None,
-             projections: int | None = None, seed: int = 0) -> Snapshot:
+             projections: int | None = None, seed: int = 0,
+             checkpoint: bool = False) -> Snapshot:
     """Measure ``model`` as it is now (``step`` training steps in). With ``jacobian_samples``
     N, the forward probes (grad_*, jacobian*) see the first N sequences only: their cost is
     about H times a forward pass per sequence. With ``projections`` P they are estimates from P
-    random directions per part (see ``engine.measure``)."""
+    random directions per part; with ``checkpoint`` the adjoint keeps every ~sqrt(T)-th state
+    (see ``engine.measure``)."""
     [one] = _snapshots(model, batch, probes, step, drop, band, jacobian_samples, projections,
-                       [seed])
+                       [seed], checkpoint)
     return one
 
 
 def snapshot_groups(model: Model, batch: Batch, probes: Sequence[Probe], *, step: int = 0,
                     drop: float, band: float, jacobian_samples: int | None = None,
-                    projections: int | None = None,
-                    seeds: Sequence[int]) -> list[Snapshot] | None:
+                    projections: int | None = None, seeds: Sequence[int],
+                    checkpoint: bool = False) -> list[Snapshot] | None:
     """``snapshot`` of each seed of a seed stack (gradscope.batched) at once; None when a
     profile left float range (then each seed is to be measured alone)."""
     return _snapshots(model, batch, probes, step, drop, band, jacobian_samples, projections,
-                      seeds)
+                      seeds, checkpoint)
 
 
 def _snapshots(model: Model, batch: Batch, probes: Sequence[Probe], step: int, drop: float,
                band: float, jacobian_samples: int | None, projections: int | None,
-               seeds: Sequence[int]) -> list[Snapshot] | None:
+               seeds: Sequence[int], checkpoint: bool) -> list[Snapshot] | None:
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # the engine differentiates with respect to states only
     try:
         if not jacobian_samples:
-            measured = _measure(model.unroll(batch), probes, projections, seeds)
+            measured = _measure(model.unroll(batch), probes, projections, seeds, checkpoint)
         else:  # forward probes on the first sequences, the adjoint on all of them
             forward = [p for p in probes if p.pass_ == "forward"]
             reverse = [p for p in probes if p.pass_ == "reverse"]
             a = _measure(model.unroll(batch.take(jacobian_samples, model.groups)), forward,
-                         projections, seeds)
-            b = _measure(model.unroll(batch), reverse, None, seeds)
+                         projections, seeds, checkpoint)
+            b = _measure(model.unroll(batch), reverse, None, seeds, checkpoint)
             measured = None if a is None or b is None else [
                 Profiles({p.name: {**fa.log10, **fb.log10}[p.name] for p in probes},
                          fb.nonfinite or fa.nonfinite) for fa, fb in zip(a, b, strict=True)]
@@ -63,10 +65,12 @@ def _snapshots(model: Model, batch: Batch, probes: Sequence[Probe], step: int, d
 
 
 def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
-             seeds: Sequence[int]) -> list[Profiles] | None:
+             seeds: Sequence[int], checkpoint: bool) -> list[Profiles] | None:
     if u.groups == 1:
-        return [measure(u, probes, projections=projections, seed=seeds[0])]
-    return measure_groups(u, probes, projections=projections, seeds=seeds)
+        return [measure(u, probes, projections=projections, seed=seeds[0],
+                        checkpoint=checkpoint)]
+    return measure_groups(u, probes, projections=projections, seeds=seeds,
+                          checkpoint=checkpoint)
 
 
 def _summarised(profiles: Profiles, probes: Sequence[Probe], step: int, drop: float,

@@ -166,7 +166,7 @@ class Model(nn.Module):
             mask=self.mask(batch),
             groups=self.groups,
             linearize=lambda states, xp, mask: linearize(cell, states, xp, mask),
-            fast_trajectory=None if batch.lengths is not None or self.groups > 1 else
+            fast_trajectory=None if batch.lengths is not None else
             lambda: trajectory(cell, self.encode(batch.inputs), s0),
         )
 

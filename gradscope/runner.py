@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import sys
 from collections.abc import Callable
@@ -39,13 +40,17 @@ def check_config(config: RunConfig) -> tuple[torch.device, list[Probe]]:
 def memory_estimate(config: RunConfig, probes: list[Probe]) -> int:
     """Bytes a run holds at its peak, before anything is allocated: the stored trajectory and
     loss gradients (2 x T x B x S), the inputs' projections (T x B x G x H), and the forward
-    probes' K directions (a few copies of K x B x S)."""
+    probes' K directions (a few copies of K x B x S). With ``checkpoint``, the adjoint's
+    checkpoints and one segment (about 2 sqrt(T) states) and a chunk of projections."""
     cell = CELLS.get(config.cell)
     itemsize = 8 if config.dtype == "float64" else 4
     T = config.seq_len + (20 if config.task == "copy" else 0)
     B, H = config.batch, config.hidden
     S = H * len(cell.parts)
     K = H * len({p.wrt for p in probes if p.pass_ == "forward"})
+    if config.checkpoint:
+        kept = 4 * (math.isqrt(T) + 64)  # checkpoints, a segment, its loss gradients
+        return itemsize * (kept * B * S + 256 * B * len(cell.gates) * H + 4 * K * B * S)
     return itemsize * (2 * (T + 1) * B * S + T * B * len(cell.gates) * H + 4 * K * B * S)
 
 
@@ -57,7 +62,9 @@ def check_memory(config: RunConfig, probes: list[Probe], device: torch.device) -
             f"this run needs about {need / 2**30:.1f} GiB (--seq-len {config.seq_len} x --batch "
             f"{config.batch} x --hidden {config.hidden}, {config.dtype}) and about "
             f"{have / 2**30:.1f} GiB is free on {device}: lower --seq-len, --batch or "
-            "--hidden, use --dtype float32, or choose fewer --probes")
+            "--hidden, use --dtype float32, choose fewer --probes"
+            + ("" if config.checkpoint else ", or add --checkpoint (the adjoint then keeps "
+               "every ~sqrt(T)-th state and recomputes the rest)"))
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -97,7 +104,8 @@ def execute(config: RunConfig, command: str | None = None) -> RunResult:
 def snapshot_options(config: RunConfig) -> dict:
     """The options of ``measure.snapshot`` that a configuration sets."""
     return dict(drop=config.horizon_drop, band=config.stable_decades,
-                jacobian_samples=config.jacobian_samples, projections=config.projections)
+                jacobian_samples=config.jacobian_samples, projections=config.projections,
+                checkpoint=config.checkpoint)
 
 
 def initial_theory(config: RunConfig, built: Built, initial: Snapshot,

@@ -76,7 +76,9 @@ CREATE TABLE IF NOT EXISTS sweeps (started_utc TEXT, command TEXT, meta TEXT);
 
 def run_id(config: RunConfig) -> str:
     """A stable name for a configuration: the same options give the same id, run after run."""
-    canonical = json.dumps(config.to_dict(), sort_keys=True)
+    options = config.to_dict()
+    del options["checkpoint"]  # how the adjoint keeps its states, not what is measured
+    canonical = json.dumps(options, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

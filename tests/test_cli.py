@@ -131,6 +131,7 @@ def test_python_dash_m_and_the_console_script_run():
     (["sweep", "--preset", "smoke", "--config", "x.toml"], "give --preset or --config, not both"),
     (["sweep", "--config", "missing.toml"], "cannot read sweep file missing.toml"),
     (["sweep", "--seeds", "0"], "seeds must be a positive integer"),
+    (["sweep", "--seed-stack", "0"], "--seed-stack must be a positive integer"),
 ])
 def test_sweep_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys, argv,
                                                                  message):

@@ -154,3 +154,31 @@ def test_the_blocked_adjoint_keeps_exact_zeros(make):
     model.cell.weight_hh.zero_()
     got = measure(model.unroll(batch), [PROBES.get("adjoint")]).log10["adjoint"]
     assert np.isfinite(got[0]) and np.isneginf(got[1:]).all()
+
+
+@pytest.mark.parametrize("options", [
+    {"cell": "lstm", "seq_len": 700},  # closed-form reverse pass, several segments
+    {"cell": "gru", "task": "copy", "seq_len": 300},  # a loss at many steps
+    {"cell": "lstm", "task": "language", "seq_len": 150},  # lengths vary
+    {"cell": "rnn", "seq_len": 129},  # one step past a segment
+])
+def test_a_checkpointed_adjoint_is_the_stored_one(make, options):
+    """With checkpoints the reverse pass recomputes each segment of about sqrt(T) steps from
+    its first state: the same numbers, from the fast and the generic back ends."""
+    from dataclasses import replace
+
+    from gradscope.engine import Segmented
+
+    model, batch = make(**{"hidden": 5, "batch": 3, **options})
+    u = model.unroll(batch)
+    probes = [PROBES.get(n) for n in probes_for(model.cell.parts)]
+    for unrolled in (u, replace(u, linearize=None, fast_trajectory=None)):
+        want = measure(unrolled, probes).log10
+        got = measure(unrolled, probes, checkpoint=True).log10
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-10,
+                                       err_msg=name)
+    kept = Segmented(u)
+    T = u.seq_len
+    assert kept.checkpoints.shape[0] == -(-T // kept.L) + 1  # every L-th state, not T
+    assert kept.L % 64 == 0 and kept.L <= max(64, 2 * T ** 0.5)

@@ -138,3 +138,18 @@ def test_bad_values_in_a_sweep_file(tmp_path):
     with pytest.raises(ConfigError, match="s.toml: --gain must be a finite number"):
         gradscope.sweep_spec(config_file=path)
     os.environ.pop(CRASH_SEED_ENV, None)
+
+
+def test_checkpointing_is_offered_and_shrinks_the_adjoint_memory(tmp_path):
+    from gradscope.probes import PROBES
+    from gradscope.runner import memory_estimate
+
+    big = dict(seq_len=2_000_000, batch=256, hidden=512, cell="lstm", dtype="float32",
+               probes=("adjoint",))
+    with pytest.raises(ConfigError, match="or add --checkpoint"):
+        gradscope.run(out=tmp_path / "never", **big)
+    adjoint = [PROBES.get("adjoint")]
+    stored = memory_estimate(gradscope.RunConfig(**big), adjoint)
+    kept = memory_estimate(gradscope.RunConfig(**big, checkpoint=True), adjoint)
+    assert stored > 500 * kept  # O(T) states against O(sqrt(T))
+    assert stored / 2**30 > 5000 and kept / 2**30 < 10

@@ -133,3 +133,18 @@ def test_sigkill_halfway_then_resume_gives_every_run_exactly_once(tmp_path):
         assert (runs.status == "ok").all()
         summaries = store.summaries()
         assert not summaries.duplicated(["run_id", "train_step", "probe"]).any()
+
+
+def test_seed_stacks_store_what_one_seed_at_a_time_stores(tmp_path):
+    spec = gradscope.sweep_spec(options={"cell": ["lstm"], "steps": [3], "dtype": ["float64"],
+                                         **{k: [v] for k, v in TINY.items()}}, seeds=3)
+    for stack in (1, 3):
+        gradscope.sweep(spec, tmp_path / str(stack), workers=1, seed_stack=stack, report=False)
+    with Store(tmp_path / "1") as a, Store(tmp_path / "3") as b:
+        pa = {(r, s, p): v for r, s, p, _, _, v in a.profiles()}
+        pb = {(r, s, p): v for r, s, p, _, _, v in b.profiles()}
+        ca, cb = a.curves(), b.curves()
+    assert pa.keys() == pb.keys() and len(pa) == 3 * 2 * 5  # runs x snapshots x probes
+    for key in pa:
+        np.testing.assert_allclose(pb[key], pa[key], rtol=0, atol=1e-9, err_msg=str(key))
+    np.testing.assert_allclose(cb.loss, ca.loss, rtol=1e-9)
