@@ -120,17 +120,18 @@ def naive(cell: str, H: int, T: int, device: str, dtype: str) -> float:
     return timed(run, 1, device)
 
 
-def memory_case(T: int, device: str) -> dict:
-    """Peak RSS of a forward-probe run of length T, in a fresh process (VmHWM: getrusage's
+def memory_case(T: int, device: str, probe: str = "jacobian", checkpoint: bool = False,
+                cell: str = "rnn") -> dict:
+    """Peak RSS of a one-probe run of length T, in a fresh process (VmHWM: getrusage's
     maximum would carry the parent's over the exec)."""
     code = (
         "import torch, json; from gradscope.config import RunConfig;"
         "from gradscope.model import build; from gradscope.engine import measure;"
         "from gradscope.probes import PROBES;"
-        f"b = build(RunConfig(cell='rnn', hidden=32, batch=4, seq_len={T}, dtype='float32',"
+        f"b = build(RunConfig(cell='{cell}', hidden=32, batch=4, seq_len={T}, dtype='float32',"
         f" device='{device}'), torch.device('{device}')); b.model.requires_grad_(False);"
         "import time; t = time.perf_counter();"
-        "measure(b.model.unroll(b.batch), [PROBES.get('jacobian')]);"
+        f"measure(b.model.unroll(b.batch), [PROBES.get('{probe}')], checkpoint={checkpoint});"
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
         "peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else"
         " int(hwm.split()[1]) / 1024;"
@@ -234,12 +235,14 @@ def main() -> None:
               f"{versus} |", flush=True)
     lengths = (10_000, 100_000, 1_000_000) if args.full else (10_000, 100_000)
     memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
-    print(f"\n| forward probe (jacobian), rnn H=32 B=4 | T | seconds | {memory} (MB) |")
+    print(f"\n| probe, rnn H=32 B=4 | T | seconds | {memory} (MB) |")
     print("|---|---|---|---|")
-    for T in lengths:
-        m = memory_case(T, args.device)
-        print(f"| streamed, float32 | {T} | {m['seconds']:.1f} | {m['peak_rss_mb']:.0f} |",
-              flush=True)
+    for probe, checkpoint, name in [("jacobian", False, "jacobian (streamed)"),
+                                    ("adjoint", False, "adjoint, stored trajectory"),
+                                    ("adjoint", True, "adjoint, --checkpoint")]:
+        for T in lengths:
+            m = memory_case(T, args.device, probe, checkpoint)
+            print(f"| {name} | {T} | {m['seconds']:.1f} | {m['peak_rss_mb']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -441,31 +441,35 @@ class Segmented:
         T = u.seq_len
         self.L = CHUNK * max(1, round(math.sqrt(T) / CHUNK))  # chunks never straddle segments
         self.bad: int | None = None
-        self.cached: tuple[int, Tensor, Tensor | None] | None = None  # (k, states, direct)
-        kept = [u.s0]
-        for a in range(0, T, self.L):
-            states = self._run(kept[-1], a, min(a + self.L, T))
+        self.cached: tuple[int, Tensor] | None = None  # (k, segment k's states)
+        n = -(-T // self.L)
+        self.checkpoints = u.s0.new_empty(n + 1, *u.s0.shape)  # s_0, s_L, s_2L, ...: (n+1, B, S)
+        self.checkpoints[0] = u.s0
+        buffer = u.s0.new_empty(self.L + 1, *u.s0.shape)  # one segment, reused
+        for k in range(n):
+            a = k * self.L
+            states = self._run(self.checkpoints[k], a, min(a + self.L, T), buffer)
             finite = torch.isfinite(states.flatten(1)).all(dim=1)
             if not finite.all():
                 self.bad = a + int(torch.nonzero(~finite)[0])
                 break
-            kept.append(states[-1])
-        self.checkpoints = torch.stack(kept)  # (T/L + 1, B, S)
+            self.checkpoints[k + 1] = states[-1]
         self.shape = (T + 1, *u.s0.shape)
 
-    def _run(self, s: Tensor, a: int, b: int) -> Tensor:
-        """s_a..s_b from s_a."""
+    def _run(self, s: Tensor, a: int, b: int, out: Tensor | None = None) -> Tensor:
+        """s_a..s_b (into ``out``, where given) from s_a."""
+        states = s.new_empty(b - a + 1, *s.shape) if out is None else out[:b - a + 1]
+        states[0] = s
         with torch.no_grad():
-            states = [s]
             for t in range(a + 1, b + 1):
-                states.append(self.u.step_at(t)(states[-1]))
-            return torch.stack(states)
+                states[t - a] = self.u.step_at(t)(states[t - a - 1])
+        return states
 
     def segment(self, k: int) -> Tensor:
         if self.cached is None or self.cached[0] != k:
             a = k * self.L
             self.cached = (k, self._run(self.checkpoints[k], a, min(a + self.L,
-                                                                     self.u.seq_len)), None)
+                                                                     self.u.seq_len)))
         return self.cached[1]
 
     def __getitem__(self, index: int | slice) -> Tensor:
