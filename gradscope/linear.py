@@ -12,6 +12,8 @@ adjoints (B, S) for vjp; both may carry any leading dimensions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -59,16 +61,18 @@ class RNNOps(StepOps):
 class LSTMOps(StepOps):
     """c' = f c + i g, h' = o tanh(c'), gates from a = xp + W h + b (order i, f, g, o)."""
 
-    def __init__(self, cell: Cell, states: Tensor, xp: Tensor, mask: Tensor | None) -> None:
+    def __init__(self, cell: Cell, states: Tensor, xp: Tensor, mask: Tensor | None,
+                 gates: Tensor | None = None) -> None:
         super().__init__(cell.weight_hh, mask)
         H = self.H = cell.hidden
         c, c_next = states[:-1, ..., H:], states[1:, ..., H:]
-        s, g = _lstm_gates(cell, states[:-1, ..., :H], xp)  # sigmoid of all four blocks, tanh g
-        i, f, o = s[..., :H], s[..., H:2 * H], s[..., 3 * H:]
+        if gates is None:  # not kept by the trajectory: from h and xp again
+            gates = _lstm_gates(cell, states[:-1, ..., :H], xp)
+        i, f, g, o = gates.chunk(4, dim=-1)  # sigmoid i, f, o; tanh g
         tc = torch.tanh(c_next)
         # dc' = [i(1-i) g, f(1-f) c, i (1-g^2)] . da_{i,f,g} + f dc
         # dh' = o(1-o) tc da_o + o (1-tc^2) dc'
-        coef = s * (1 - s)  # (C, B, 4H): sigmoid' of every block (g's is replaced below)
+        coef = gates * (1 - gates)  # (C, B, 4H): sigmoid' of i, f, o (g's is replaced below)
         coef[..., :H] *= g
         coef[..., H:2 * H] *= c
         coef[..., 2 * H:3 * H] = i * (1 - g * g)
@@ -92,16 +96,18 @@ class LSTMOps(StepOps):
         return torch.cat([affine(back, self.w.mT), self.f[i] * dc], dim=-1)
 
 
-def _lstm_gates(cell: Cell, h: Tensor, xp: Tensor) -> tuple[Tensor, Tensor]:
-    """h (C, B, H) of steps t-1 and xp (C, B, 4H) of steps t -> (sigmoid of all four gate
-    blocks (C, B, 4H), tanh of the g block (C, B, H))."""
+def _lstm_gates(cell: Cell, h: Tensor, xp: Tensor) -> Tensor:
+    """h (C, B, H) of steps t-1 and xp (C, B, 4H) of steps t -> the gates (C, B, 4H): sigmoid
+    of the i, f, o blocks, tanh of the g block."""
     H = cell.hidden
     if cell.weight_hh.dim() == 2:  # one addmm over the whole chunk
         a = torch.addmm(xp.reshape(-1, 4 * H) + cell.bias_hh, h.reshape(-1, H),
                         cell.weight_hh.T).view(xp.shape)
     else:
         a = xp + affine(h, cell.weight_hh, cell.bias_hh)
-    return torch.sigmoid(a), torch.tanh(a[..., 2 * H:3 * H])
+    gates = torch.sigmoid(a)
+    torch.tanh(a[..., 2 * H:3 * H], out=gates[..., 2 * H:3 * H])
+    return gates
 
 
 class GRUOps(StepOps):
@@ -130,44 +136,74 @@ class GRUOps(StepOps):
 
 
 OPS = {"rnn": RNNOps, "lstm": LSTMOps, "gru": GRUOps}
-
-
-def linearize(cell: Cell, states: Tensor, xp: Tensor, mask: Tensor | None) -> StepOps:
-    return OPS[cell.name](cell, states, xp, mask)
-
-
 _SCAN = 64  # steps of LSTM gates the cell-state scan holds at once
+KEPT_GATES_BYTES = 256 * 2**20  # the LSTM trajectory keeps its gates for the Jacobians up to this
 
 
-def trajectory(cell: Cell, x: Tensor, s0: Tensor) -> Tensor:
-    """s_0..s_T (T+1, B, S) for inputs x (T, B, D), sequences of one length; the same recurrence
-    as ``cell.step``, up to rounding.
+class Linearization:
+    """The fast back end of one cell on one batch: the trajectory (``trajectory``) and each
+    chunk's step Jacobians (``ops``). The LSTM's trajectory computes every step's gates; where
+    they fit in KEPT_GATES_BYTES it keeps them, and ``ops`` on chunks of that trajectory reuses
+    them instead of a second matmul over all steps."""
 
-    The cells torch.nn has (rnn with tanh or relu, lstm, gru) run as its fused kernel
-    (oneDNN on the CPU, cuDNN on the GPU), which returns h_1..h_T; the LSTM's c_t then follows
-    from one matmul over all steps and a one-op-per-step scan. Other cells, and seed stacks,
-    loop over the steps.
-    """
-    stacked = cell.weight_hh.dim() == 3
-    if stacked or cell.name == "rnn" and cell.activation not in ("tanh", "relu"):
-        return _looped(cell, cell.drive(x), s0)
-    H = cell.hidden
-    module = cell.torch_module().to(device=s0.device)
-    states = torch.empty(x.shape[0] + 1, *s0.shape, dtype=s0.dtype, device=s0.device)
-    states[0] = s0
-    if cell.name != "lstm":
-        states[1:], _ = module(x, s0[None])
+    def __init__(self, cell: Cell, inputs: Callable[[], Tensor], s0: Tensor) -> None:
+        self.cell, self.inputs, self.s0 = cell, inputs, s0
+        self.kept: tuple[Tensor, Tensor] | None = None  # (the trajectory, its gates)
+
+    def ops(self, states: Tensor, xp: Tensor, mask: Tensor | None) -> StepOps:
+        if self.cell.name != "lstm":
+            return OPS[self.cell.name](self.cell, states, xp, mask)
+        return LSTMOps(self.cell, states, xp, mask, self._kept_gates(states))
+
+    def _kept_gates(self, states: Tensor) -> Tensor | None:
+        """The kept gates of the steps after ``states[0]``, if ``states`` is a chunk of the
+        kept trajectory."""
+        if self.kept is None:
+            return None
+        full, gates = self.kept
+        step = full.stride(0) * full.element_size()
+        offset = states.data_ptr() - full.data_ptr()
+        inside = 0 <= offset < full.numel() * full.element_size() and offset % step == 0
+        if not inside or states.stride() != full.stride() or states.shape[1:] != full.shape[1:]:
+            return None
+        t0 = offset // step
+        return gates[t0:t0 + states.shape[0] - 1]
+
+    def trajectory(self) -> Tensor:
+        """s_0..s_T (T+1, B, S), sequences of one length; the same recurrence as
+        ``cell.step``, up to rounding.
+
+        The cells torch.nn has (rnn with tanh or relu, lstm, gru) run as its fused kernel
+        (oneDNN on the CPU, cuDNN on the GPU), which returns h_1..h_T; the LSTM's c_t then
+        follows from its gates, a chunk of steps at a time, and a one-op-per-step scan. Other
+        cells, and seed stacks, loop over the steps.
+        """
+        cell, x, s0 = self.cell, self.inputs(), self.s0
+        stacked = cell.weight_hh.dim() == 3
+        if stacked or cell.name == "rnn" and cell.activation not in ("tanh", "relu"):
+            return _looped(cell, cell.drive(x), s0)
+        H, T = cell.hidden, x.shape[0]
+        module = cell.torch_module().to(device=s0.device)
+        states = torch.empty(T + 1, *s0.shape, dtype=s0.dtype, device=s0.device)
+        states[0] = s0
+        if cell.name != "lstm":
+            states[1:], _ = module(x, s0[None])
+            return states
+        states[1:, :, :H], _ = module(x, (s0[None, :, :H], s0[None, :, H:]))
+        keep = T * s0.numel() * 2 * s0.element_size() <= KEPT_GATES_BYTES  # (T, B, 4H)
+        kept = s0.new_empty(T, s0.shape[0], 4 * H) if keep else None
+        c = states[:, :, H:]  # a view: the scan writes c_t in place
+        for t0 in range(0, T, _SCAN):  # a chunk at a time, so the gates stay in cache
+            t1 = min(t0 + _SCAN, T)
+            gates = _lstm_gates(cell, states[t0:t1, :, :H], cell.project(x[t0:t1]))
+            if kept is not None:
+                kept[t0:t1] = gates
+            torch.mul(gates[..., :H], gates[..., 2 * H:3 * H], out=c[t0 + 1:t1 + 1])  # i g
+            f = gates[..., H:2 * H]
+            for t in range(t0, t1):
+                c[t + 1].addcmul_(f[t - t0], c[t])  # c_t = f_t c_{t-1} + i_t g_t
+        self.kept = None if kept is None else (states, kept)
         return states
-    states[1:, :, :H], _ = module(x, (s0[None, :, :H], s0[None, :, H:]))
-    c = states[:, :, H:]  # a view: the scan writes c_t in place
-    for t0 in range(0, x.shape[0], _SCAN):  # a chunk at a time, so the gates stay in cache
-        t1 = min(t0 + _SCAN, x.shape[0])
-        s, g = _lstm_gates(cell, states[t0:t1, :, :H], cell.project(x[t0:t1]))
-        torch.mul(s[..., :H], g, out=c[t0 + 1:t1 + 1])  # i_t g_t
-        f = s[..., H:2 * H]
-        for t in range(t0, t1):
-            c[t + 1].addcmul_(f[t - t0], c[t])  # c_t = f_t c_{t-1} + i_t g_t
-    return states
 
 
 def _looped(cell: Cell, drive: Tensor, s0: Tensor) -> Tensor:

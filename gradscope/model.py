@@ -14,7 +14,7 @@ from .cells import CELLS, Cell, affine
 from .config import RunConfig
 from .engine import Unrolled
 from .inits import check_schemes, initialise
-from .linear import linearize, trajectory
+from .linear import Linearization
 from .tasks import TASKS, Batch, Task
 
 EMBEDDING_DIM = 32  # token tasks: size of the embedding that feeds the cell
@@ -156,6 +156,7 @@ class Model(nn.Module):
         s0 = torch.cat(cell.initial_state(batch.inputs.shape[1]), dim=-1)  # (B, n_parts*H)
         assert s0.shape[1] == n_parts * H
         xs = Projected(self, batch.inputs)  # (T, B, G*H), a chunk at a time
+        fast = Linearization(cell, lambda: self.encode(batch.inputs), s0)
         return Unrolled(
             step=step,
             s0=s0,
@@ -165,9 +166,9 @@ class Model(nn.Module):
             weights=self.loss_weights(batch).to(s0.device),
             mask=self.mask(batch),
             groups=self.groups,
-            linearize=lambda states, xp, mask: linearize(cell, states, xp, mask),
+            linearize=fast.ops,
             fast_trajectory=None if batch.lengths is not None else
-            lambda: trajectory(cell, self.encode(batch.inputs), s0),
+            fast.trajectory,
         )
 
 
