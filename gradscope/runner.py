@@ -17,6 +17,7 @@ import torch
 from .cells import CELLS
 from .config import RunConfig
 from .errors import ConfigError
+from .linear import KEPT_GATES_BYTES
 from .measure import snapshot
 from .model import Built, build, generator, validate
 from .probes import PROBES, Probe, probes_for
@@ -40,7 +41,8 @@ def check_config(config: RunConfig) -> tuple[torch.device, list[Probe]]:
 def memory_estimate(config: RunConfig, probes: list[Probe]) -> int:
     """Bytes a run holds at its peak, before anything is allocated: the stored trajectory and
     loss gradients (2 x T x B x S), the inputs' projections (T x B x G x H), and the forward
-    probes' K directions (a few copies of K x B x S). With ``checkpoint``, the adjoint's
+    probes' K directions (a few copies of K x B x S), and the LSTM gates its trajectory keeps
+    (linear.KEPT_GATES_BYTES at most). With ``checkpoint``, the adjoint's
     checkpoints and one segment (about 2 sqrt(T) states) and a chunk of projections."""
     cell = CELLS.get(config.cell)
     itemsize = 8 if config.dtype == "float64" else 4
@@ -51,7 +53,8 @@ def memory_estimate(config: RunConfig, probes: list[Probe]) -> int:
     if config.checkpoint:
         kept = 4 * (math.isqrt(T) + 64)  # checkpoints, a segment, its loss gradients
         return itemsize * (kept * B * S + 256 * B * len(cell.gates) * H + 4 * K * B * S)
-    return itemsize * (2 * (T + 1) * B * S + T * B * len(cell.gates) * H + 4 * K * B * S)
+    kept = min(T * B * 4 * H * itemsize, KEPT_GATES_BYTES) if config.cell == "lstm" else 0
+    return itemsize * (2 * (T + 1) * B * S + T * B * len(cell.gates) * H + 4 * K * B * S) + kept
 
 
 def check_memory(config: RunConfig, probes: list[Probe], device: torch.device) -> None:
