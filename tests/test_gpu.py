@@ -20,3 +20,17 @@ def test_cuda_matches_cpu(cell):
     for name in cpu.profiles:
         np.testing.assert_allclose(gpu.profiles[name], cpu.profiles[name], atol=1e-8,
                                    err_msg=name)
+
+
+def test_cuda_seed_stacks_and_checkpoints_match_cpu():
+    from gradscope.batched import execute_seeds
+    from gradscope.config import RunConfig
+
+    options = dict(cell="lstm", hidden=16, batch=4, seq_len=300, dtype="float64", steps=3)
+    cpu = gradscope.run(device="cpu", **options)
+    stacked = execute_seeds([RunConfig(device="cuda", seed=s, **options) for s in (0, 1)])
+    kept = gradscope.run(device="cuda", checkpoint=True, **options)
+    for gpu in (stacked[0], kept):
+        for name in cpu.profiles:
+            np.testing.assert_allclose(gpu.profiles[name], cpu.profiles[name], atol=1e-8,
+                                       err_msg=name)
