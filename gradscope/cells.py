@@ -150,19 +150,15 @@ def affine(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     return y.view(S, *lead, n, M).movedim(0, -3).flatten(-3, -2)
 
 
-def _recurrent(h: Tensor, w_hh: Tensor, b_hh: Tensor | None) -> Tensor:
-    return affine(h, w_hh, b_hh)
-
-
 def rnn_step(xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
              phi: Callable[[Tensor], Tensor]) -> State:
     (h,) = state
-    return (phi(xp + _recurrent(h, w_hh, b_hh)),)
+    return (phi(xp + affine(h, w_hh, b_hh)),)
 
 
 def lstm_step(xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None) -> State:
     h, c = state
-    i, f, g, o = (xp + _recurrent(h, w_hh, b_hh)).chunk(4, dim=-1)  # each (B, H)
+    i, f, g, o = (xp + affine(h, w_hh, b_hh)).chunk(4, dim=-1)  # each (B, H)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
 
@@ -170,7 +166,7 @@ def lstm_step(xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None) -> St
 def gru_step(xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None) -> State:
     (h,) = state
     xr, xz, xn = xp.chunk(3, dim=-1)
-    hr, hz, hn = _recurrent(h, w_hh, b_hh).chunk(3, dim=-1)
+    hr, hz, hn = affine(h, w_hh, b_hh).chunk(3, dim=-1)
     r = torch.sigmoid(xr + hr)
     z = torch.sigmoid(xz + hz)
     n = torch.tanh(xn + r * hn)

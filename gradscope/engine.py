@@ -147,11 +147,12 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
     if not reverse:  # forward probes alone keep nothing of the past: memory independent of T
         chunks = _streamed_chunks(u)
         return profiles(_forward_pass(u, chunks, forward, out, projections, seeds))
-    if checkpoint:  # forward probes stream; the adjoint recomputes segments from checkpoints
-        stop = None
-        if forward:
-            stop = _forward_pass(u, _streamed_chunks(u), forward, out, projections, seeds)
+    if checkpoint:  # one streamed pass for the forward probes and the adjoint's checkpoints
         segmented = Segmented(u)
+        chunks = segmented.record(_streamed_chunks(u, grads=bool(forward)))
+        stop = _forward_pass(u, chunks, forward, out, projections, seeds) if forward else None
+        for _ in chunks:  # the rest, where the forward probes stopped early (or there are none)
+            pass
         nonfinite = stop if segmented.bad is None else NonFinite(segmented.bad, "state")
         if segmented.bad is None:
             _reverse_pass(u, segmented, None, reverse, out)
@@ -169,7 +170,7 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
     return profiles(nonfinite)
 
 
-Chunk = tuple[int, Tensor, Tensor, NonFinite | None]  # t0, s_t0..s_t1, g_t0+1..g_t1, stop
+Chunk = tuple[int, Tensor, Tensor | None, NonFinite | None]  # t0, s_t0..s_t1, g_t0+1..g_t1, stop
 
 
 def _stored_chunks(states: Tensor, g: Tensor) -> Iterator[Chunk]:
@@ -179,27 +180,33 @@ def _stored_chunks(states: Tensor, g: Tensor) -> Iterator[Chunk]:
         yield t0, states[t0:t1 + 1], g[t0:t1], None
 
 
-def _streamed_chunks(u: Unrolled) -> Iterator[Chunk]:
-    """The trajectory and its loss gradients a chunk at a time, forgetting the last one."""
+def _streamed_chunks(u: Unrolled, grads: bool = True) -> Iterator[Chunk]:
+    """The trajectory and (with ``grads``) its loss gradients a chunk at a time, forgetting the
+    last one."""
     s = u.s0
     for t0 in range(0, u.seq_len, CHUNK):
-        t1 = min(t0 + CHUNK, u.seq_len)
-        with torch.no_grad():
-            chunk = [s]
-            for t in range(t0 + 1, t1 + 1):
-                chunk.append(u.step_at(t)(chunk[-1]))
-            states = torch.stack(chunk)
+        states = _steps(u, s, t0, min(t0 + CHUNK, u.seq_len))
         finite = torch.isfinite(states.flatten(1)).all(dim=1)
         stop = None
         if not finite.all():  # cut at the first step that left float range
             first = int(torch.nonzero(~finite)[0])
             stop = NonFinite(t0 + first, "state")
             states = states[:first]
-        g = _loss_grads(u, states[1:], t0 + 1) if states.shape[0] > 1 else states[1:]
+        g = _loss_grads(u, states[1:], t0 + 1) if grads and states.shape[0] > 1 else None
         yield t0, states, g, stop
         if stop is not None:
             return
         s = states[-1]
+
+
+def _steps(u: Unrolled, s: Tensor, a: int, b: int) -> Tensor:
+    """s_a..s_b (b-a+1, B, S) from s_a = ``s``, without autograd."""
+    states = s.new_empty(b - a + 1, *s.shape)
+    states[0] = s
+    with torch.no_grad():
+        for t in range(a + 1, b + 1):
+            states[t - a] = u.step_at(t)(states[t - a - 1])
+    return states
 
 
 def push(u: Unrolled, t: int, s_prev: Tensor, tangent: Tensor) -> Tensor:
@@ -440,36 +447,26 @@ class Segmented:
         self.u = u
         T = u.seq_len
         self.L = CHUNK * max(1, round(math.sqrt(T) / CHUNK))  # chunks never straddle segments
-        self.bad: int | None = None
+        self.bad: int | None = None  # the first step whose state is not finite
         self.cached: tuple[int, Tensor] | None = None  # (k, segment k's states)
-        n = -(-T // self.L)
-        self.checkpoints = u.s0.new_empty(n + 1, *u.s0.shape)  # s_0, s_L, s_2L, ...: (n+1, B, S)
-        self.checkpoints[0] = u.s0
-        buffer = u.s0.new_empty(self.L + 1, *u.s0.shape)  # one segment, reused
-        for k in range(n):
-            a = k * self.L
-            states = self._run(self.checkpoints[k], a, min(a + self.L, T), buffer)
-            finite = torch.isfinite(states.flatten(1)).all(dim=1)
-            if not finite.all():
-                self.bad = a + int(torch.nonzero(~finite)[0])
-                break
-            self.checkpoints[k + 1] = states[-1]
+        # s_0, s_L, s_2L, ...: (T/L + 1, B, S), filled by ``record``
+        self.checkpoints = u.s0.new_empty(-(-T // self.L) + 1, *u.s0.shape)
         self.shape = (T + 1, *u.s0.shape)
 
-    def _run(self, s: Tensor, a: int, b: int, out: Tensor | None = None) -> Tensor:
-        """s_a..s_b (into ``out``, where given) from s_a."""
-        states = s.new_empty(b - a + 1, *s.shape) if out is None else out[:b - a + 1]
-        states[0] = s
-        with torch.no_grad():
-            for t in range(a + 1, b + 1):
-                states[t - a] = self.u.step_at(t)(states[t - a - 1])
-        return states
+    def record(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+        """The streamed trajectory passed through, its checkpoints kept on the way."""
+        for t0, states, g, stop in chunks:
+            if t0 % self.L == 0 and states.shape[0]:
+                self.checkpoints[t0 // self.L] = states[0]  # a copy: the chunk is not kept
+            if stop is not None:
+                self.bad = stop.step
+            yield t0, states, g, stop
 
     def segment(self, k: int) -> Tensor:
         if self.cached is None or self.cached[0] != k:
             a = k * self.L
-            self.cached = (k, self._run(self.checkpoints[k], a, min(a + self.L,
-                                                                     self.u.seq_len)))
+            self.cached = (k, _steps(self.u, self.checkpoints[k], a,
+                                     min(a + self.L, self.u.seq_len)))
         return self.cached[1]
 
     def __getitem__(self, index: int | slice) -> Tensor:
