@@ -63,9 +63,9 @@ class Unrolled:
     weights: Tensor  # (T,): the task loss is L = sum_t weights[t-1] * mean_b losses[t-1]
     mask: Tensor | None = None  # (T, B) bool; False: sample b has ended, its state is held
     # The fast back end, where the step's Jacobian is known in closed form (built-in cells):
-    # (states (C+1, B, S), xs (C, B, X), mask (C, B) | None) -> the chunk's StepOps
-    # (gradscope.linear). None: forward-mode AD and autograd, one call per step.
-    linearize: Callable[[Tensor, Tensor, Tensor | None], StepOps] | None = None
+    # (states (C+1, B, S) of steps t0..t0+C, xs (C, B, X), mask (C, B) | None, t0) -> the
+    # chunk's StepOps (gradscope.linear). None: forward-mode AD and autograd, one call per step.
+    linearize: Callable[[Tensor, Tensor, Tensor | None, int], StepOps] | None = None
     # s_0..s_T at once with fewer ops per step than ``step`` (built-in cells, one length)
     fast_trajectory: Callable[[], Tensor] | None = None
     # S > 1: the batch is S seeds' samples, seed-major, with S seeds' weights inside ``step``
@@ -77,7 +77,7 @@ class Unrolled:
         """The fast back end's maps for steps t0+1..t0+n, ``states`` = s_t0..s_t0+n."""
         t1 = t0 + states.shape[0] - 1
         mask = None if self.mask is None else self.mask[t0:t1]
-        return self.linearize(states, self.xs[t0:t1], mask)
+        return self.linearize(states, self.xs[t0:t1], mask, t0)
 
     @property
     def seq_len(self) -> int:

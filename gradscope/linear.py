@@ -150,24 +150,23 @@ class Linearization:
         self.cell, self.inputs, self.s0 = cell, inputs, s0
         self.kept: tuple[Tensor, Tensor] | None = None  # (the trajectory, its gates)
 
-    def ops(self, states: Tensor, xp: Tensor, mask: Tensor | None) -> StepOps:
+    def ops(self, states: Tensor, xp: Tensor, mask: Tensor | None, t0: int) -> StepOps:
+        """The maps of steps t0+1..t0+C, ``states`` = s_t0..s_t0+C."""
         if self.cell.name != "lstm":
             return OPS[self.cell.name](self.cell, states, xp, mask)
-        return LSTMOps(self.cell, states, xp, mask, self._kept_gates(states))
+        return LSTMOps(self.cell, states, xp, mask, self._kept_gates(states, t0))
 
-    def _kept_gates(self, states: Tensor) -> Tensor | None:
-        """The kept gates of the steps after ``states[0]``, if ``states`` is a chunk of the
-        kept trajectory."""
+    def _kept_gates(self, states: Tensor, t0: int) -> Tensor | None:
+        """The kept gates of steps t0+1..t0+C, if ``states`` is that chunk of the kept
+        trajectory itself (not some other states of those steps)."""
         if self.kept is None:
             return None
         full, gates = self.kept
-        step = full.stride(0) * full.element_size()
-        offset = states.data_ptr() - full.data_ptr()
-        inside = 0 <= offset < full.numel() * full.element_size() and offset % step == 0
-        if not inside or states.stride() != full.stride() or states.shape[1:] != full.shape[1:]:
+        n = states.shape[0] - 1
+        if t0 + n >= full.shape[0] or states.stride() != full.stride() \
+                or states.data_ptr() != full[t0].data_ptr():
             return None
-        t0 = offset // step
-        return gates[t0:t0 + states.shape[0] - 1]
+        return gates[t0:t0 + n]
 
     def trajectory(self) -> Tensor:
         """s_0..s_T (T+1, B, S), sequences of one length; the same recurrence as
