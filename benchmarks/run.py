@@ -79,15 +79,20 @@ def setup(cell: str, H: int, T: int, device: str, dtype: str, batch: int = B):
 
 
 def ours(cell: str, H: int, T: int, device: str, dtype: str, samples: int,
-         projections: int) -> tuple[float, float, float]:
-    """(adjoint alone; every probe, exact forward probes on ``samples`` sequences; every probe,
-    forward probes estimated from ``projections`` random directions on ``samples``)."""
+         projections: int) -> tuple[float, float, float, float, float]:
+    """(adjoint alone, as gradscope chooses its back end; adjoint by the closed-form loop;
+    adjoint by the fused kernel's backward; every probe, exact forward probes on ``samples``
+    sequences; every probe, forward probes estimated from ``projections`` random directions
+    on ``samples``)."""
     built = setup(cell, H, T, device, dtype)
     full = built.model.unroll(built.batch)
     adjoint = [PROBES.get("adjoint")]
     forward = [PROBES.get(n) for n in probes_for(built.model.cell.parts) if n != "adjoint"]
     sub = built.model.unroll(built.batch.take(samples))
-    t_adjoint = timed(lambda: measure(full, adjoint), 5 if T <= 1000 else 2, device)
+    repeats = 5 if T <= 1000 else 2
+    t_loop = timed(lambda: measure(full, adjoint, fused=False), repeats, device)
+    t_kernel = timed(lambda: measure(full, adjoint, fused=True), repeats, device)
+    t_adjoint = timed(lambda: measure(full, adjoint), repeats, device)
     S = H * len(built.model.cell.parts)
     if device == "cpu" and S * S * samples * T > 2e10:  # hours on a CPU: say so, skip it
         t_exact = float("nan")
@@ -95,7 +100,7 @@ def ours(cell: str, H: int, T: int, device: str, dtype: str, samples: int,
         t_exact = timed(lambda: (measure(full, adjoint), measure(sub, forward)), 1, device)
     t_estimate = timed(lambda: (measure(full, adjoint),
                                 measure(sub, forward, projections=projections)), 1, device)
-    return t_adjoint, t_exact, t_estimate
+    return t_adjoint, t_loop, t_kernel, t_exact, t_estimate
 
 
 def naive(cell: str, H: int, T: int, device: str, dtype: str) -> float:
@@ -121,7 +126,7 @@ def naive(cell: str, H: int, T: int, device: str, dtype: str) -> float:
 
 
 def memory_case(T: int, device: str, probe: str = "jacobian", checkpoint: bool = False,
-                cell: str = "rnn") -> dict:
+                cell: str = "rnn", fused: bool | None = None) -> dict:
     """Peak RSS of a one-probe run of length T, in a fresh process (VmHWM: getrusage's
     maximum would carry the parent's over the exec)."""
     code = (
@@ -131,7 +136,8 @@ def memory_case(T: int, device: str, probe: str = "jacobian", checkpoint: bool =
         f"b = build(RunConfig(cell='{cell}', hidden=32, batch=4, seq_len={T}, dtype='float32',"
         f" device='{device}'), torch.device('{device}')); b.model.requires_grad_(False);"
         "import time; t = time.perf_counter();"
-        f"measure(b.model.unroll(b.batch), [PROBES.get('{probe}')], checkpoint={checkpoint});"
+        f"measure(b.model.unroll(b.batch), [PROBES.get('{probe}')], checkpoint={checkpoint},"
+        f" fused={fused});"
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0];"
         "peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else"
         " int(hwm.split()[1]) / 1024;"
@@ -214,14 +220,14 @@ def main() -> None:
     print(f"machine: {machine(args.device)}; torch {torch.__version__}; B = {B}; {dtype}; "
           f"forward probes on {args.samples} sequences, exact or from {args.projections} "
           "random directions per part\n")
-    print("| cell | H | T | fused fwd+bwd (s) | adjoint (s) | adjoint / fused | all, exact (s) "
-          "| exact / fused | all, estimated (s) | estimated / fused | naive O(T^2) (s) "
-          "| naive / exact |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| cell | H | T | fused fwd+bwd (s) | adjoint (s) | adjoint / fused "
+          "| adjoint by loop / kernel, each / fused | all, exact (s) | exact / fused "
+          "| all, estimated (s) | estimated / fused | naive O(T^2) (s) | naive / exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cell, H, T in [] if args.memory else cases:
         base = fused(cell, H, T, args.device, getattr(torch, dtype))
-        adjoint, everything, estimate = ours(cell, H, T, args.device, dtype, args.samples,
-                                             args.projections)
+        adjoint, loop, kernel, everything, estimate = ours(cell, H, T, args.device, dtype,
+                                                           args.samples, args.projections)
         t_naive = min(T, args.naive_t)
         slow = naive(cell, H, t_naive, args.device, dtype) * (T / t_naive) ** 2
         mark = "" if t_naive == T else f" (from T={t_naive}, x(T/{t_naive})^2)"
@@ -231,17 +237,20 @@ def main() -> None:
         if math.isnan(everything):
             exact += " | -"
         print(f"| {cell} | {H} | {T} | {base:.3f} | {adjoint:.3f} | {adjoint / base:.2f}x | "
-              f"{exact} | {estimate:.3f} | {estimate / base:.2f}x | {slow:.1f}{mark} | "
+              f"{loop / base:.2f}x / {kernel / base:.2f}x | {exact} | {estimate:.3f} | "
+              f"{estimate / base:.2f}x | {slow:.1f}{mark} | "
               f"{versus} |", flush=True)
     lengths = (10_000, 100_000, 1_000_000) if args.full else (10_000, 100_000)
     memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
     print(f"\n| probe, rnn H=32 B=4 | T | seconds | {memory} (MB) |")
     print("|---|---|---|---|")
-    for probe, checkpoint, name in [("jacobian", False, "jacobian (streamed)"),
-                                    ("adjoint", False, "adjoint, stored trajectory"),
-                                    ("adjoint", True, "adjoint, --checkpoint")]:
+    for probe, checkpoint, fused_kernel, name in [
+            ("jacobian", False, None, "jacobian (streamed)"),
+            ("adjoint", False, False, "adjoint, stored trajectory, loop"),
+            ("adjoint", False, True, "adjoint, fused kernel's graph"),
+            ("adjoint", True, None, "adjoint, --checkpoint")]:
         for T in lengths:
-            m = memory_case(T, args.device, probe, checkpoint)
+            m = memory_case(T, args.device, probe, checkpoint, fused=fused_kernel)
             print(f"| {name} | {T} | {m['seconds']:.1f} | {m['peak_rss_mb']:.0f} |", flush=True)
 
 

@@ -105,14 +105,18 @@ class Cell(nn.Module):
             hs.append(state[0])
         return torch.stack(hs), state
 
-    def torch_module(self) -> nn.RNNBase:
-        """The torch.nn module (one layer, batch_first=False) with this cell's weights."""
+    def _torch_module(self, inputs: int) -> nn.RNNBase:
         raise NotImplementedError
 
-    def _copy_into(self, module: nn.RNNBase) -> nn.RNNBase:
+    def torch_module(self, tied: bool = False) -> nn.RNNBase:
+        """The torch.nn module (one layer, batch_first=False) with this cell's weights. With
+        ``tied``, H more inputs follow the cell's own, weighted by W_hh as h_{t-1} is (the
+        fused adjoint of gradscope.linear feeds them zeros and reads their gradients)."""
+        module = self._torch_module(self.input_size + (self.hidden if tied else 0))
         module = module.to(self.weight_hh.dtype)
+        w_ih = torch.cat([self.weight_ih, self.weight_hh], 1) if tied else self.weight_ih
         with torch.no_grad():
-            module.weight_ih_l0.copy_(self.weight_ih)
+            module.weight_ih_l0.copy_(w_ih)
             module.weight_hh_l0.copy_(self.weight_hh)
             module.bias_ih_l0.copy_(self.bias_ih)
             module.bias_hh_l0.copy_(self.bias_hh)
@@ -186,10 +190,10 @@ class RNNCell(Cell):
     def _step(self, xp: Tensor, state: State, b_hh: Tensor | None) -> State:
         return rnn_step(xp, state, self.weight_hh, b_hh, self.phi)
 
-    def torch_module(self) -> nn.RNN:
+    def _torch_module(self, inputs: int) -> nn.RNN:
         if self.activation not in ("tanh", "relu"):
             raise ValueError(f"torch.nn.RNN has no {self.activation} nonlinearity")
-        return self._copy_into(nn.RNN(self.input_size, self.hidden, nonlinearity=self.activation))
+        return nn.RNN(inputs, self.hidden, nonlinearity=self.activation)
 
 
 @CELLS.register("lstm", "LSTM (gates i, f, g, o); state (h, c); the cell-state path is probed too")
@@ -202,8 +206,8 @@ class LSTMCell(Cell):
     def _step(self, xp: Tensor, state: State, b_hh: Tensor | None) -> State:
         return lstm_step(xp, state, self.weight_hh, b_hh)
 
-    def torch_module(self) -> nn.LSTM:
-        return self._copy_into(nn.LSTM(self.input_size, self.hidden))
+    def _torch_module(self, inputs: int) -> nn.LSTM:
+        return nn.LSTM(inputs, self.hidden)
 
 
 @CELLS.register("gru", "GRU (gates r, z, n): h' = (1 - z) n + z h")
@@ -216,5 +220,5 @@ class GRUCell(Cell):
     def _step(self, xp: Tensor, state: State, b_hh: Tensor | None) -> State:
         return gru_step(xp, state, self.weight_hh, b_hh)
 
-    def torch_module(self) -> nn.GRU:
-        return self._copy_into(nn.GRU(self.input_size, self.hidden))
+    def _torch_module(self, inputs: int) -> nn.GRU:
+        return nn.GRU(inputs, self.hidden)

@@ -37,11 +37,15 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .linear import StepOps
+from .linear import FusedAdjoint, StepOps
 from .probes import ForwardStep, Probe, ReverseStep
 
 LN10 = math.log(10.0)
 CHUNK = 64  # steps whose Jacobian coefficients the fast back end holds at once
+# Below this hidden size the fused kernel's adjoint beats the closed-form loop on the CPU; at
+# 256 they tie, above it the fused kernel's extra input (an H x G*H matmul per step, both ways)
+# costs more than the loop's per-step overhead (benchmarks/run.py measures both)
+FUSED_CPU_BELOW_HIDDEN = 256
 _STACKED = 2**22  # elements of tangents the forward pass stacks before its probes read them
 
 
@@ -68,6 +72,10 @@ class Unrolled:
     linearize: Callable[[Tensor, Tensor, Tensor | None, int], StepOps] | None = None
     # s_0..s_T at once with fewer ops per step than ``step`` (built-in cells, one length)
     fast_trajectory: Callable[[], Tensor] | None = None
+    # The adjoint from the fused kernel's own backward (built-in rnn and lstm, one length):
+    # (block length) -> gradscope.linear.FusedAdjoint, its forward done; None where the cell
+    # has none or the trajectory left float range
+    fused_adjoint: Callable[[int], FusedAdjoint | None] | None = None
     # S > 1: the batch is S seeds' samples, seed-major, with S seeds' weights inside ``step``
     # (gradscope.batched); the loss is the sum of each seed's batch mean and every probe is
     # combined over each seed's samples apart: S measurements in one pass
@@ -109,7 +117,7 @@ class Profiles:
 
 
 def measure(u: Unrolled, probes: Sequence[Probe], *, projections: int | None = None,
-            seed: int = 0, checkpoint: bool = False) -> Profiles:
+            seed: int = 0, checkpoint: bool = False, fused: bool | None = None) -> Profiles:
     """Every probe's per-step profile, exactly, in O(T) sequential steps.
 
     With ``projections`` P, the forward probes push P random Gaussian directions per part of
@@ -119,9 +127,16 @@ def measure(u: Unrolled, probes: Sequence[Probe], *, projections: int | None = N
     The adjoint keeps the trajectory, O(T*B*S) memory; with ``checkpoint`` it keeps every L-th
     state (L about sqrt(T)) and recomputes each segment of L steps when the reverse pass gets
     there: O(sqrt(T)*B*S) memory for one more forward pass, the same numbers.
+
+    ``fused``: the adjoint from the fused kernel's own backward (cuDNN, oneDNN), a block of
+    steps at a time, where the recurrence has one (``Unrolled.fused_adjoint``) and the loss is
+    read at step T only; blocks that would leave the safe range are redone step by step. None
+    (automatic): on a GPU, where a loop of small steps is bound by kernel launches; on the CPU
+    for the adjoint alone (with forward probes the loop reuses their stored trajectory, the
+    kernel would run the forward again) below FUSED_CPU_BELOW_HIDDEN.
     """
     assert u.groups == 1, "a seed stack is measured by measure_groups"
-    return _measure(u, probes, projections, [seed], checkpoint)[0]
+    return _measure(u, probes, projections, [seed], checkpoint, fused)[0]
 
 
 def measure_groups(u: Unrolled, probes: Sequence[Probe], *, projections: int | None = None,
@@ -134,7 +149,8 @@ def measure_groups(u: Unrolled, probes: Sequence[Probe], *, projections: int | N
 
 
 def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
-             seeds: Sequence[int], checkpoint: bool = False) -> list[Profiles]:
+             seeds: Sequence[int], checkpoint: bool = False,
+             fused: bool | None = None) -> list[Profiles]:
     T, G = u.seq_len, u.groups
     out = {p.name: np.full((T, G), np.nan) for p in probes}
 
@@ -157,6 +173,13 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
         if segmented.bad is None:
             _reverse_pass(u, segmented, None, reverse, out)
         return profiles(nonfinite)
+    use_fused = _fused_applies(u, fused, bool(forward))
+    if use_fused and not forward:  # its forward is the trajectory; it keeps block starts only
+        blocks = u.fused_adjoint(CHUNK)
+        if blocks is not None:  # else it left float range: the usual way tells where
+            starts = Segmented(u, blocks.length, blocks.starts)
+            _reverse_pass(u, starts, None, reverse, out, blocks)
+            return profiles(None)
     states, bad = trajectory(u)  # (T'+1, B, S): the adjoint needs all of it
     nonfinite = None if bad is None else NonFinite(bad, "state")
     if states.shape[0] == 1:
@@ -166,8 +189,19 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
         stop = _forward_pass(u, _stored_chunks(states, g), forward, out, projections, seeds)
         nonfinite = nonfinite or stop
     if bad is None:  # the task loss needs the whole, finite trajectory
-        _reverse_pass(u, states, g, reverse, out)
+        blocks = u.fused_adjoint(CHUNK) if use_fused else None
+        _reverse_pass(u, states, g, reverse, out, blocks)
     return profiles(nonfinite)
+
+
+def _fused_applies(u: Unrolled, fused: bool | None, with_forward: bool) -> bool:
+    """Whether the adjoint comes from the fused kernel (``measure``'s ``fused``)."""
+    if fused is None:
+        hidden = u.s0.shape[1] // len(u.parts)
+        fused = u.s0.device.type == "cuda" or (
+            not with_forward and hidden < FUSED_CPU_BELOW_HIDDEN)
+    return (fused and u.fused_adjoint is not None and u.mask is None and u.groups == 1
+            and not bool((u.weights[:-1] != 0).any()))
 
 
 Chunk = tuple[int, Tensor, Tensor | None, NonFinite | None]  # t0, s_t0..s_t1, g_t0+1..g_t1, stop
@@ -326,18 +360,24 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
 
 
 def _reverse_pass(u: Unrolled, states: Tensor | Segmented, g: Tensor | None,
-                  probes: Sequence[Probe], out: dict[str, np.ndarray]) -> None:
+                  probes: Sequence[Probe], out: dict[str, np.ndarray],
+                  fused: FusedAdjoint | None = None) -> None:
     """``states``: s_0..s_T, stored or ``Segmented``; ``g``: the loss gradients of every step if
     the forward pass has them, else None (they are computed here, at the steps that carry
-    weight only when that is step T alone)."""
+    weight only when that is step T alone); ``fused``: the fused kernel's blocks, where they
+    apply (then ``states`` serves the blocks redone step by step)."""
     T, B = u.seq_len, u.s0.shape[0]
     has_direct = (u.weights != 0).tolist()
     per_sample = {p.name: torch.empty(T, B, dtype=torch.float64, device=u.s0.device)
                   for p in probes}  # ln, by k
     if not any(has_direct[:-1]) and u.linearize is not None:
-        last = g[-1] if g is not None else _loss_grads(u, states[-1:], T)[0]
+        if g is not None:
+            last = g[-1]
+        else:
+            end = states[-1:] if fused is None else fused.final[None]
+            last = _loss_grads(u, end, T)[0]
         adj, log_scale = _unit(u.weights[-1].to(last.dtype) * last)  # lambda_T, per sample
-        _reverse_fast(u, states, adj, log_scale, probes, per_sample)
+        _reverse_fast(u, states, adj, log_scale, probes, per_sample, fused)
     else:
         if isinstance(states, Segmented):
             direct = states.direct()
@@ -366,18 +406,45 @@ def _step_back(u: Unrolled, states: Tensor, t: int, adj: Tensor, cache: list) ->
     return cache[1].vjp(t - 1 - t0, adj)
 
 
-def _reverse_fast(u: Unrolled, states: Tensor, adj: Tensor, log_scale: Tensor,
-                  probes: Sequence[Probe], per_sample: dict[str, Tensor]) -> None:
+def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scale: Tensor,
+                  probes: Sequence[Probe], per_sample: dict[str, Tensor],
+                  fused: FusedAdjoint | None = None) -> None:
     """The loss is read at step T only: no term to add on the way back, so the adjoint is a
     product of closed-form vjps. It runs in blocks of steps that are renormalised together at
     the block's end, so a step costs one vjp; a block whose values leave the safe range (or hit
-    zero) is redone a step at a time, so nothing underflows unseen."""
+    zero) is redone a step at a time, so nothing underflows unseen. With ``fused``, a block of
+    CHUNK steps is first tried by the fused kernel's backward, under the same check."""
     T, rows = u.seq_len, u.rows()
     cache: list = []
     safe = torch.finfo(adj.dtype)
     low, high = math.sqrt(safe.tiny), math.sqrt(safe.max)  # a block's values stay within these
     length, t = CHUNK, T  # adj = lambda_t / exp(log_scale), of norm 1 (or 0) per sample
     while t >= 1:
+        if fused is not None and (t == T or t % CHUNK == 0):
+            # 0. The block t0+1..t by the fused kernel: the h-parts of lambda_t..lambda_t0+1
+            #    for the probes, lambda_t0 whole to go on with; kept if all are in range.
+            t0 = ((t - 1) // CHUNK) * CHUNK
+            lam_h, exit_ = fused.back(t0 // CHUNK, adj)  # (n, B, H) of t0..t-1, (B, S)
+            h = rows["h"]
+            values = torch.cat([adj[None, :, h], lam_h.flip(0)[:-1]])  # (n, B, H): t..t0+1
+            norms = torch.linalg.vector_norm(values[1:], dim=-1)
+            if t0 > 0:
+                norms = torch.cat([norms, torch.linalg.vector_norm(exit_, dim=-1)[None]])
+            live = torch.linalg.vector_norm(adj, dim=-1) > 0
+            if bool(((norms >= low) & (norms <= high) | ~live).all()):
+                n = t - t0
+                ctx = ReverseStep(values, log_scale.expand(n, -1), {"h": h})
+                for probe in probes:
+                    per_sample[probe.name][T - t:T - t + n] = probe(ctx)
+                if t0 > 0:
+                    exit_norm = torch.linalg.vector_norm(exit_, dim=-1)
+                    adj = exit_ / exit_norm.clamp_min(safe.tiny)[:, None]
+                    log_scale = log_scale + torch.log(exit_norm.double())
+                t = t0
+                continue
+            # out of range: redo the block a step at a time, and the rest without the kernel
+            # (a decay this fast would fail again, each time a block's backward wasted)
+            length, fused = 1, None
         # 1. A block: lambda_t, ..., lambda_{t-n+1} from adj, ending at an ops chunk's start;
         #    exit = lambda_{t-n}, which starts the next block (not needed after step 1).
         n = min(length, t - ((t - 1) // CHUNK) * CHUNK)
@@ -443,14 +510,17 @@ class Segmented:
     state included), ``x[-1:]``, ``shape``.
     """
 
-    def __init__(self, u: Unrolled) -> None:
+    def __init__(self, u: Unrolled, length: int | None = None,
+                 checkpoints: Tensor | None = None) -> None:
         self.u = u
         T = u.seq_len
-        self.L = CHUNK * max(1, round(math.sqrt(T) / CHUNK))  # chunks never straddle segments
+        # L: a multiple of CHUNK, so that chunks never straddle segments; about sqrt(T)
+        self.L = length or CHUNK * max(1, round(math.sqrt(T) / CHUNK))
         self.bad: int | None = None  # the first step whose state is not finite
         self.cached: tuple[int, Tensor] | None = None  # (k, segment k's states)
-        # s_0, s_L, s_2L, ...: (T/L + 1, B, S), filled by ``record``
-        self.checkpoints = u.s0.new_empty(-(-T // self.L) + 1, *u.s0.shape)
+        # s_0, s_L, s_2L, ...: (T/L + 1, B, S), filled by ``record`` unless given
+        self.checkpoints = u.s0.new_empty(-(-T // self.L) + 1, *u.s0.shape) \
+            if checkpoints is None else checkpoints
         self.shape = (T + 1, *u.s0.shape)
 
     def record(self, chunks: Iterator[Chunk]) -> Iterator[Chunk]:

@@ -168,6 +168,17 @@ class Linearization:
             return None
         return gates[t0:t0 + n]
 
+    def fused_adjoint(self, length: int) -> FusedAdjoint | None:
+        """The forward pass of ``FusedAdjoint`` in blocks of ``length`` steps, or None: for
+        the GRU (its W_hn h is multiplied by r inside the step, so no input can stand in for
+        h), cells torch.nn lacks, seed stacks, and a trajectory that leaves float range."""
+        cell = self.cell
+        if cell.weight_hh.dim() == 3 or cell.name == "gru" \
+                or cell.name == "rnn" and cell.activation not in ("tanh", "relu"):
+            return None
+        fused = FusedAdjoint(cell, self.inputs(), self.s0, length)
+        return fused if fused.finite else None
+
     def trajectory(self) -> Tensor:
         """s_0..s_T (T+1, B, S), sequences of one length; the same recurrence as
         ``cell.step``, up to rounding.
@@ -214,3 +225,62 @@ def _looped(cell: Cell, drive: Tensor, s0: Tensor) -> Tensor:
         state = cell.step_driven(d, state)
         torch.cat(state, dim=-1, out=states[t + 1])
     return states
+
+
+class FusedAdjoint:
+    """The adjoint of the built-in rnn (tanh, relu) and lstm from torch's fused kernel's own
+    backward (cuDNN on a GPU, oneDNN on the CPU), a block of ``length`` steps at a time.
+
+    The kernel gives the gradients of its inputs, not of the states inside it. So the module
+    gets H more inputs z_t = 0, weighted by W_hh as h_{t-1} is (``Cell.torch_module(tied=True)``):
+    the recurrence is unchanged, and dL/dz_t = W_hh^T dL/da_t = dL/dh_{t-1}, the h-part of the
+    adjoint at every step. The forward runs once, block by block, each block's graph kept
+    until its backward; the engine feeds each block's backward its incoming adjoint
+    renormalised, and checks the range of what comes back (a block that leaves the safe range
+    is redone step by step from the block's start state, kept in ``starts``).
+    """
+
+    def __init__(self, cell: Cell, x: Tensor, s0: Tensor, length: int) -> None:
+        H, T = cell.hidden, x.shape[0]
+        self.H, self.length = H, length
+        module = cell.torch_module(tied=True).to(device=s0.device).requires_grad_(False)
+        lstm = cell.name == "lstm"
+        self.starts = s0.new_empty(-(-T // length), *s0.shape)  # s_0, s_L, s_2L, ...
+        self.graphs: list[tuple] = []  # per block: (z, c_start, outputs)
+        self.finite = True
+        state = s0
+        with torch.enable_grad():
+            for k, t0 in enumerate(range(0, T, length)):
+                self.starts[k] = state
+                xb = x[t0:t0 + length]
+                z = xb.new_zeros(xb.shape[0], *s0.shape[:-1], H, requires_grad=True)
+                inputs = torch.cat([xb, z], dim=-1)
+                h0 = state[None, :, :H]
+                if lstm:
+                    c0 = state[None, :, H:].clone().requires_grad_(True)
+                    _, (h, c) = module(inputs, (h0, c0))
+                    outputs = (h, c)
+                else:
+                    c0 = None
+                    _, h = module(inputs, h0)
+                    outputs = (h,)
+                self.graphs.append((z, c0, outputs))
+                state = torch.cat(outputs, dim=-1)[0].detach()
+                if not torch.isfinite(state).all():
+                    self.finite = False  # the caller measures the usual way, which says where
+                    break
+        self.final = state  # s_T (B, S)
+
+    def back(self, k: int, adj: Tensor) -> tuple[Tensor, Tensor]:
+        """Block k (steps kL+1..kL+n) from adj = dL/ds_{kL+n} (scaled): the h-parts of
+        dL/ds_t for t = kL..kL+n-1 (n, B, H), and dL/ds_{kL} whole (B, S). The block's graph
+        is freed."""
+        z, c0, outputs = self.graphs[k]
+        self.graphs[k] = ()
+        H = self.H
+        grads = (adj[None, :, :H], adj[None, :, H:])[:len(outputs)]
+        wrt = (z,) if c0 is None else (z, c0)
+        got = torch.autograd.grad(outputs, wrt, grads)
+        lam_h = got[0]  # dL/dz_t = dL/dh_{t-1}
+        start = lam_h[0] if c0 is None else torch.cat([lam_h[0], got[1][0]], dim=-1)
+        return lam_h, start

@@ -167,8 +167,8 @@ class Model(nn.Module):
             mask=self.mask(batch),
             groups=self.groups,
             linearize=fast.ops,
-            fast_trajectory=None if batch.lengths is not None else
-            fast.trajectory,
+            fast_trajectory=None if batch.lengths is not None else fast.trajectory,
+            fused_adjoint=None if batch.lengths is not None else fast.fused_adjoint,
         )
 
 

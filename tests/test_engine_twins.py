@@ -141,7 +141,7 @@ def test_the_blocked_adjoint_stays_exact_far_outside_float_range(make, dtype, op
     model, batch = make(hidden=6, batch=3, seq_len=300, dtype=dtype, **options)
     fast = model.unroll(batch)
     adjoint = [PROBES.get("adjoint")]
-    got = measure(fast, adjoint).log10["adjoint"]
+    got = measure(fast, adjoint, fused=False).log10["adjoint"]
     want = measure(replace(fast, linearize=None), adjoint).log10["adjoint"]
     assert np.isfinite(got).all()
     assert abs(got[-1] - got[0]) > 45, "the case should leave float32's range"
@@ -152,8 +152,10 @@ def test_the_blocked_adjoint_keeps_exact_zeros(make):
     """With W_hh = 0 nothing flows back: every adjoint before step T is exactly zero (-inf)."""
     model, batch = make(cell="lstm", hidden=5, batch=3, seq_len=100)
     model.cell.weight_hh.zero_()
-    got = measure(model.unroll(batch), [PROBES.get("adjoint")]).log10["adjoint"]
-    assert np.isfinite(got[0]) and np.isneginf(got[1:]).all()
+    for fused in (False, True):
+        u = model.unroll(batch)
+        got = measure(u, [PROBES.get("adjoint")], fused=fused).log10["adjoint"]
+        assert np.isfinite(got[0]) and np.isneginf(got[1:]).all()
 
 
 @pytest.mark.parametrize("options", [
@@ -182,3 +184,78 @@ def test_a_checkpointed_adjoint_is_the_stored_one(make, options):
     T = u.seq_len
     assert kept.checkpoints.shape[0] == -(-T // kept.L) + 1  # every L-th state, not T
     assert kept.L % 64 == 0 and kept.L <= max(64, 2 * T ** 0.5)
+
+
+_FUSED = [{"cell": "rnn"}, {"cell": "rnn", "activation": "relu", "init": "identity"},
+          {"cell": "lstm"}]
+
+
+@pytest.mark.parametrize("options", _FUSED)
+def test_the_fused_kernel_adjoint_matches_autograd(make, options, monkeypatch):
+    """The adjoint from torch's fused kernel (an extra zero input tied to W_hh, whose gradient
+    is dL/dh_{t-1}) against the brute-force twin, over several blocks of 64 steps; no block
+    may fall back to the step-by-step pass here."""
+    import gradscope.engine as engine
+
+    model, batch = make(**{"hidden": 4, "batch": 3, "seq_len": 150, **options})
+    monkeypatch.setattr(engine, "_step_back", _no_fallback)
+    got = measure(model.unroll(batch), [PROBES.get("adjoint")], fused=True).log10["adjoint"]
+    assert_log10_close(got, brute_force(model, batch)["adjoint"], name="adjoint")
+
+
+def _no_fallback(*args):
+    raise AssertionError("a block fell back to the step-by-step reverse pass")
+
+
+@pytest.mark.parametrize("options", _FUSED)
+def test_the_fused_kernel_adjoint_matches_the_loop_with_every_probe(make, options):
+    """With the forward probes in the same call (stored trajectory), in float32 and float64."""
+    for dtype, atol in (("float64", 1e-10), ("float32", 2e-4)):
+        model, batch = make(**{"hidden": 8, "batch": 4, "seq_len": 200, "dtype": dtype,
+                               **options})
+        u = model.unroll(batch)
+        probes = [PROBES.get(n) for n in probes_for(model.cell.parts)]
+        got, want = measure(u, probes, fused=True).log10, measure(u, probes, fused=False).log10
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=atol,
+                                       err_msg=f"{name} {dtype}")
+
+
+@pytest.mark.parametrize(("dtype", "options"), [
+    *((d, o) for d in ("float32", "float64") for o in _DECAYING if o["cell"] != "gru"),
+    ("float64", {"cell": "rnn", "activation": "relu", "init": "identity", "gain": 2.0})])
+def test_the_fused_kernel_adjoint_falls_back_outside_float_range(make, dtype, options):
+    """Where a block of the fused kernel would leave the safe range (hundreds of decades over
+    300 steps), it is redone step by step: the values match the generic pass."""
+    from dataclasses import replace
+
+    model, batch = make(hidden=6, batch=3, seq_len=300, dtype=dtype, **options)
+    u = model.unroll(batch)
+    adjoint = [PROBES.get("adjoint")]
+    got = measure(u, adjoint, fused=True).log10["adjoint"]
+    want = measure(replace(u, linearize=None), adjoint).log10["adjoint"]
+    assert np.isfinite(got).all() and abs(got[-1] - got[0]) > 45
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 if dtype == "float32" else 1e-9)
+
+
+def test_the_fused_kernel_adjoint_reports_where_the_trajectory_overflows(make):
+    from gradscope.engine import measure as engine_measure
+
+    # a trajectory that overflows float32: the same stop, found the usual way
+    model, batch = make(cell="rnn", activation="relu", init="orthogonal", gain=3.0, hidden=6,
+                        batch=3, seq_len=200, dtype="float32")
+    u = model.unroll(batch)
+    fused = engine_measure(u, [PROBES.get("adjoint")], fused=True)
+    loop = engine_measure(u, [PROBES.get("adjoint")], fused=False)
+    assert fused.nonfinite is not None and fused.nonfinite == loop.nonfinite
+    np.testing.assert_array_equal(np.isnan(fused.log10["adjoint"]),
+                                  np.isnan(loop.log10["adjoint"]))
+
+
+@pytest.mark.parametrize("options", [{"cell": "gru"}, {"cell": "rnn", "activation": "sigmoid"}])
+def test_cells_without_a_fused_adjoint_use_the_loop(make, options):
+    model, batch = make(hidden=4, batch=2, seq_len=20, **options)
+    u = model.unroll(batch)
+    assert u.fused_adjoint(64) is None
+    got = measure(u, [PROBES.get("adjoint")], fused=True).log10["adjoint"]
+    assert_log10_close(got, brute_force(model, batch)["adjoint"], name="adjoint")
