@@ -42,10 +42,6 @@ from .probes import ForwardStep, Probe, ReverseStep
 
 LN10 = math.log(10.0)
 CHUNK = 64  # steps whose Jacobian coefficients the fast back end holds at once
-# Below this hidden size the fused kernel's adjoint beats the closed-form loop on the CPU; at
-# 256 they tie, above it the fused kernel's extra input (an H x G*H matmul per step, both ways)
-# costs more than the loop's per-step overhead (benchmarks/run.py measures both)
-FUSED_CPU_BELOW_HIDDEN = 256
 _STACKED = 2**22  # elements of tangents the forward pass stacks before its probes read them
 
 
@@ -76,6 +72,7 @@ class Unrolled:
     # (block length) -> gradscope.linear.FusedAdjoint, its forward done; None where the cell
     # has none or the trajectory left float range
     fused_adjoint: Callable[[int], FusedAdjoint | None] | None = None
+    fused_on_cpu: bool = False  # whether, on the CPU too, it beats the closed-form loop
     # S > 1: the batch is S seeds' samples, seed-major, with S seeds' weights inside ``step``
     # (gradscope.batched); the loss is the sum of each seed's batch mean and every probe is
     # combined over each seed's samples apart: S measurements in one pass
@@ -132,8 +129,9 @@ def measure(u: Unrolled, probes: Sequence[Probe], *, projections: int | None = N
     steps at a time, where the recurrence has one (``Unrolled.fused_adjoint``) and the loss is
     read at step T only; blocks that would leave the safe range are redone step by step. None
     (automatic): on a GPU, where a loop of small steps is bound by kernel launches; on the CPU
-    for the adjoint alone (with forward probes the loop reuses their stored trajectory, the
-    kernel would run the forward again) below FUSED_CPU_BELOW_HIDDEN.
+    where the recurrence says it is faster there (``Unrolled.fused_on_cpu``), for the adjoint
+    alone (with forward probes the loop reuses their stored trajectory; the kernel would run
+    the forward again).
     """
     assert u.groups == 1, "a seed stack is measured by measure_groups"
     return _measure(u, probes, projections, [seed], checkpoint, fused)[0]
@@ -197,9 +195,7 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
 def _fused_applies(u: Unrolled, fused: bool | None, with_forward: bool) -> bool:
     """Whether the adjoint comes from the fused kernel (``measure``'s ``fused``)."""
     if fused is None:
-        hidden = u.s0.shape[1] // len(u.parts)
-        fused = u.s0.device.type == "cuda" or (
-            not with_forward and hidden < FUSED_CPU_BELOW_HIDDEN)
+        fused = u.s0.device.type == "cuda" or (u.fused_on_cpu and not with_forward)
     return (fused and u.fused_adjoint is not None and u.mask is None and u.groups == 1
             and not bool((u.weights[:-1] != 0).any()))
 

@@ -168,6 +168,14 @@ class Linearization:
             return None
         return gates[t0:t0 + n]
 
+    def fused_wins_on_cpu(self) -> bool:
+        """Whether the fused adjoint beats the closed-form loop on the CPU. Measured (2 cores,
+        T=1000, benchmarks/run.py and docs/benchmarks.md): for the LSTM below H = 256 it takes
+        0.3-0.9x the loop's time; at 256 they tie, and above, its extra input (an H x 4H
+        matmul per step, both ways) costs more than the loop's per-step overhead saves. The
+        vanilla RNN's loop is two ops a step: the kernel takes 1.03-1.15x its time."""
+        return self.cell.name == "lstm" and self.cell.hidden < 256
+
     def fused_adjoint(self, length: int) -> FusedAdjoint | None:
         """The forward pass of ``FusedAdjoint`` in blocks of ``length`` steps, or None: for
         the GRU (its W_hn h is multiplied by r inside the step, so no input can stand in for

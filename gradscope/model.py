@@ -169,6 +169,7 @@ class Model(nn.Module):
             linearize=fast.ops,
             fast_trajectory=None if batch.lengths is not None else fast.trajectory,
             fused_adjoint=None if batch.lengths is not None else fast.fused_adjoint,
+            fused_on_cpu=fast.fused_wins_on_cpu(),
         )
 
 

@@ -259,3 +259,20 @@ def test_cells_without_a_fused_adjoint_use_the_loop(make, options):
     assert u.fused_adjoint(64) is None
     got = measure(u, [PROBES.get("adjoint")], fused=True).log10["adjoint"]
     assert_log10_close(got, brute_force(model, batch)["adjoint"], name="adjoint")
+
+
+def test_the_fused_adjoint_is_chosen_where_it_is_faster(make):
+    """Automatic choice on the CPU: the LSTM below H = 256, for the adjoint alone (measured in
+    docs/benchmarks.md); never with forward probes, never for the RNN, GRU, varying lengths."""
+    from gradscope.engine import _fused_applies
+
+    def chosen(with_forward=False, **options):
+        model, batch = make(**{"hidden": 8, "batch": 2, "seq_len": 20, **options})
+        return _fused_applies(model.unroll(batch), None, with_forward)
+
+    assert chosen(cell="lstm")
+    assert not chosen(cell="lstm", with_forward=True)
+    assert not chosen(cell="lstm", hidden=256)
+    assert not chosen(cell="rnn") and not chosen(cell="gru")
+    assert not chosen(cell="lstm", task="language", seq_len=60)  # lengths vary
+    assert not chosen(cell="lstm", task="copy")  # losses at many steps
