@@ -207,7 +207,8 @@ class Linearization:
         if cell.name != "lstm":
             states[1:], _ = module(x, s0[None])
             return states
-        states[1:, :, :H], _ = module(x, (s0[None, :, :H], s0[None, :, H:]))
+        h0, c0 = (part.contiguous() for part in s0[None].split(H, dim=-1))  # as cuDNN wants
+        states[1:, :, :H], _ = module(x, (h0, c0))
         keep = T * s0.numel() * 2 * s0.element_size() <= KEPT_GATES_BYTES  # (T, B, 4H)
         kept = s0.new_empty(T, s0.shape[0], 4 * H) if keep else None
         c = states[:, :, H:]  # a view: the scan writes c_t in place
@@ -263,9 +264,10 @@ class FusedAdjoint:
                 xb = x[t0:t0 + length]
                 z = xb.new_zeros(xb.shape[0], *s0.shape[:-1], H, requires_grad=True)
                 inputs = torch.cat([xb, z], dim=-1)
-                h0 = state[None, :, :H]
+                h0 = state[None, :, :H].contiguous()  # cuDNN wants contiguous states
                 if lstm:
-                    c0 = state[None, :, H:].clone().requires_grad_(True)
+                    c0 = state[None, :, H:].clone(memory_format=torch.contiguous_format)
+                    c0.requires_grad_(True)
                     _, (h, c) = module(inputs, (h0, c0))
                     outputs = (h, c)
                 else:
