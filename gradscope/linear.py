@@ -136,6 +136,22 @@ class GRUOps(StepOps):
 
 
 OPS = {"rnn": RNNOps, "lstm": LSTMOps, "gru": GRUOps}
+
+
+def has_fused_adjoint(cell: str, activation: str | None) -> bool:
+    """Whether torch.nn's fused kernel can give this cell's adjoint (``FusedAdjoint``): the
+    vanilla RNN with tanh or relu, and the LSTM. Not the GRU: its W_hn h is multiplied by r
+    inside the step, so no extra input can stand in for h."""
+    return cell == "lstm" or cell == "rnn" and (activation or "tanh") in ("tanh", "relu")
+
+
+def fused_wins_on_cpu(cell: str, hidden: int) -> bool:
+    """Whether the fused adjoint beats the closed-form loop on the CPU. Measured (2 cores,
+    T=1000, benchmarks/run.py and docs/benchmarks.md): for the LSTM below H = 256 it takes
+    0.3-0.9x the loop's time; at 256 they tie, and above, its extra input (an H x 4H matmul
+    per step, both ways) costs more than the loop's per-step overhead saves. The vanilla RNN's
+    loop is two ops a step: the kernel takes 1.03-1.15x its time."""
+    return cell == "lstm" and hidden < 256
 _SCAN = 64  # steps of LSTM gates the cell-state scan holds at once
 KEPT_GATES_BYTES = 256 * 2**20  # the LSTM trajectory keeps its gates for the Jacobians up to this
 
@@ -169,20 +185,15 @@ class Linearization:
         return gates[t0:t0 + n]
 
     def fused_wins_on_cpu(self) -> bool:
-        """Whether the fused adjoint beats the closed-form loop on the CPU. Measured (2 cores,
-        T=1000, benchmarks/run.py and docs/benchmarks.md): for the LSTM below H = 256 it takes
-        0.3-0.9x the loop's time; at 256 they tie, and above, its extra input (an H x 4H
-        matmul per step, both ways) costs more than the loop's per-step overhead saves. The
-        vanilla RNN's loop is two ops a step: the kernel takes 1.03-1.15x its time."""
-        return self.cell.name == "lstm" and self.cell.hidden < 256
+        return fused_wins_on_cpu(self.cell.name, self.cell.hidden)
 
     def fused_adjoint(self, length: int) -> FusedAdjoint | None:
         """The forward pass of ``FusedAdjoint`` in blocks of ``length`` steps, or None: for
-        the GRU (its W_hn h is multiplied by r inside the step, so no input can stand in for
-        h), cells torch.nn lacks, seed stacks, and a trajectory that leaves float range."""
+        cells without the kernel (``has_fused_adjoint``), seed stacks, and a trajectory that
+        leaves float range."""
         cell = self.cell
-        if cell.weight_hh.dim() == 3 or cell.name == "gru" \
-                or cell.name == "rnn" and cell.activation not in ("tanh", "relu"):
+        if cell.weight_hh.dim() == 3 \
+                or not has_fused_adjoint(cell.name, getattr(cell, "activation", None)):
             return None
         fused = FusedAdjoint(cell, self.inputs(), self.s0, length)
         return fused if fused.finite else None

@@ -17,7 +17,7 @@ import torch
 from .cells import CELLS
 from .config import RunConfig
 from .errors import ConfigError
-from .linear import KEPT_GATES_BYTES
+from .linear import KEPT_GATES_BYTES, fused_wins_on_cpu, has_fused_adjoint
 from .measure import snapshot
 from .model import Built, build, generator, validate
 from .probes import PROBES, Probe, probes_for
@@ -38,12 +38,15 @@ def check_config(config: RunConfig) -> tuple[torch.device, list[Probe]]:
     return device, probes
 
 
-def memory_estimate(config: RunConfig, probes: list[Probe]) -> int:
+def memory_estimate(config: RunConfig, probes: list[Probe],
+                    device: torch.device | None = None) -> int:
     """Bytes a run holds at its peak, before anything is allocated: the stored trajectory and
     loss gradients (2 x T x B x S), the inputs' projections (T x B x G x H), and the forward
     probes' K directions (a few copies of K x B x S), and the LSTM gates its trajectory keeps
-    (linear.KEPT_GATES_BYTES at most). With ``checkpoint``, the adjoint's
-    checkpoints and one segment (about 2 sqrt(T) states) and a chunk of projections."""
+    (linear.KEPT_GATES_BYTES at most); where the adjoint may come from the fused kernel, its
+    graph too (about 8 values per hidden unit, sample and step, as measured by
+    ``benchmarks/run.py --memory``). With ``checkpoint``, the adjoint's checkpoints and one
+    segment (about 2 sqrt(T) states) and a chunk of projections."""
     cell = CELLS.get(config.cell)
     itemsize = 8 if config.dtype == "float64" else 4
     T = config.seq_len + (20 if config.task == "copy" else 0)
@@ -54,11 +57,17 @@ def memory_estimate(config: RunConfig, probes: list[Probe]) -> int:
         kept = 4 * (math.isqrt(T) + 64)  # checkpoints, a segment, its loss gradients
         return itemsize * (kept * B * S + 256 * B * len(cell.gates) * H + 4 * K * B * S)
     kept = min(T * B * 4 * H * itemsize, KEPT_GATES_BYTES) if config.cell == "lstm" else 0
-    return itemsize * (2 * (T + 1) * B * S + T * B * len(cell.gates) * H + 4 * K * B * S) + kept
+    on_gpu = device is not None and device.type == "cuda"
+    fused = any(p.pass_ == "reverse" for p in probes) \
+        and has_fused_adjoint(config.cell, config.activation) \
+        and (on_gpu or fused_wins_on_cpu(config.cell, H))
+    graph = 8 * T * B * H * itemsize if fused else 0
+    return itemsize * (2 * (T + 1) * B * S + T * B * len(cell.gates) * H + 4 * K * B * S) \
+        + kept + graph
 
 
 def check_memory(config: RunConfig, probes: list[Probe], device: torch.device) -> None:
-    need = memory_estimate(config, probes)
+    need = memory_estimate(config, probes, device)
     have = _available_bytes(device)
     if have is not None and need > 0.8 * have:
         raise ConfigError(

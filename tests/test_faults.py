@@ -153,3 +153,30 @@ def test_checkpointing_is_offered_and_shrinks_the_adjoint_memory(tmp_path):
     kept = memory_estimate(gradscope.RunConfig(**big, checkpoint=True), adjoint)
     assert stored > 500 * kept  # O(T) states against O(sqrt(T))
     assert stored / 2**30 > 5000 and kept / 2**30 < 10
+
+
+def test_the_memory_estimate_counts_the_fused_kernels_graph():
+    """Where the adjoint may come from the fused kernel (the LSTM below H = 256 on the CPU,
+    rnn and lstm on a GPU) its graph, about 8 values per hidden unit, sample and step, is
+    counted; where the loop runs it is not."""
+    import torch
+
+    from gradscope.probes import PROBES
+    from gradscope.runner import memory_estimate
+
+    adjoint = [PROBES.get("adjoint")]
+
+    def estimate(device="cpu", **options):
+        config = gradscope.RunConfig(**{"seq_len": 10_000, "batch": 32, "dtype": "float32",
+                                        **options})
+        return memory_estimate(config, adjoint, torch.device(device))
+
+    def graph(hidden):
+        return 8 * 10_000 * 32 * hidden * 4
+
+    assert estimate("cuda", cell="lstm", hidden=128) == estimate(cell="lstm", hidden=128)
+    assert estimate("cuda", cell="lstm", hidden=256) - estimate(cell="lstm", hidden=256) \
+        == graph(256)
+    assert estimate("cuda", cell="rnn", hidden=128) - estimate(cell="rnn", hidden=128) \
+        == graph(128)
+    assert estimate("cuda", cell="gru", hidden=128) == estimate(cell="gru", hidden=128)
