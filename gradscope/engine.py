@@ -196,8 +196,9 @@ def _fused_applies(u: Unrolled, fused: bool | None, with_forward: bool) -> bool:
     """Whether the adjoint comes from the fused kernel (``measure``'s ``fused``)."""
     if fused is None:
         fused = u.s0.device.type == "cuda" or (u.fused_on_cpu and not with_forward)
-    return (fused and u.fused_adjoint is not None and u.mask is None and u.groups == 1
-            and not bool((u.weights[:-1] != 0).any()))
+    # the blocks redone step by step need the closed-form back end (``_reverse_fast``)
+    return (fused and u.fused_adjoint is not None and u.linearize is not None
+            and u.mask is None and u.groups == 1 and not bool((u.weights[:-1] != 0).any()))
 
 
 Chunk = tuple[int, Tensor, Tensor | None, NonFinite | None]  # t0, s_t0..s_t1, g_t0+1..g_t1, stop

@@ -264,6 +264,8 @@ def test_cells_without_a_fused_adjoint_use_the_loop(make, options):
 def test_the_fused_adjoint_is_chosen_where_it_is_faster(make):
     """Automatic choice on the CPU: the LSTM below H = 256, for the adjoint alone (measured in
     docs/benchmarks.md); never with forward probes, never for the RNN, GRU, varying lengths."""
+    from dataclasses import replace
+
     from gradscope.engine import _fused_applies
 
     def chosen(with_forward=False, **options):
@@ -276,3 +278,6 @@ def test_the_fused_adjoint_is_chosen_where_it_is_faster(make):
     assert not chosen(cell="rnn") and not chosen(cell="gru")
     assert not chosen(cell="lstm", task="language", seq_len=60)  # lengths vary
     assert not chosen(cell="lstm", task="copy")  # losses at many steps
+    model, batch = make(cell="lstm", hidden=8, batch=2, seq_len=20)
+    generic = replace(model.unroll(batch), linearize=None)  # the reference back end stays
+    assert not _fused_applies(generic, None, False) and not _fused_applies(generic, True, False)
