@@ -52,7 +52,7 @@ class RNNOps(StepOps):
             (self.d,) = torch.autograd.grad(cell.phi(a).sum(), a)  # phi'(a), (C, B, H)
 
     def _jvp(self, i: int, v: Tensor) -> Tensor:
-        return self.d[i] * affine(v, self.w)
+        return affine(v, self.w).mul_(self.d[i])
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
         return affine(self.d[i] * lam, self.w.mT)
@@ -82,11 +82,14 @@ class LSTMOps(StepOps):
         self.oc = o * (1 - tc * tc)
 
     def _jvp(self, i: int, v: Tensor) -> Tensor:
+        # few ops a step: on a GPU each is a kernel launch, and this runs K directions x T steps
         H = self.H
-        da = self.coef[i] * affine(v[..., :H], self.w)  # (..., 4H)
-        dc = da[..., :H] + da[..., H:2 * H] + da[..., 2 * H:3 * H] + self.f[i] * v[..., H:]
-        dh = da[..., 3 * H:] + self.oc[i] * dc
-        return torch.cat([dh, dc], dim=-1)
+        da = affine(v[..., :H], self.w).mul_(self.coef[i])  # (..., 4H)
+        out = torch.empty_like(v)
+        dc = torch.addcmul(da[..., :3 * H].unflatten(-1, (3, H)).sum(-2), self.f[i], v[..., H:],
+                           out=out[..., H:])
+        torch.addcmul(da[..., 3 * H:], self.oc[i], dc, out=out[..., :H])
+        return out
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
         H = self.H
@@ -127,9 +130,8 @@ class GRUOps(StepOps):
         self.H = cell.hidden
 
     def _jvp(self, i: int, v: Tensor) -> Tensor:
-        H = self.H
-        d = self.coef[i] * affine(v, self.w)
-        return d[..., :H] + d[..., H:2 * H] + d[..., 2 * H:] + self.z[i] * v
+        d = affine(v, self.w).mul_(self.coef[i])  # (..., 3H)
+        return torch.addcmul(d.unflatten(-1, (3, self.H)).sum(-2), self.z[i], v)
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
         return affine(self.coef[i] * lam.tile(3), self.w.mT) + self.z[i] * lam
