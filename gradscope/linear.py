@@ -12,7 +12,8 @@ adjoints (B, S) for vjp; both may carry any leading dimensions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -140,6 +141,18 @@ class GRUOps(StepOps):
 OPS = {"rnn": RNNOps, "lstm": LSTMOps, "gru": GRUOps}
 
 
+@contextmanager
+def full_float32() -> Iterator[None]:
+    """cuDNN may run float32 RNNs on TensorFloat-32 tensor cores (a 10-bit mantissa) unless
+    told not to, and torch allows it by default; gradscope's float32 is float32 throughout."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 def has_fused_adjoint(cell: str, activation: str | None) -> bool:
     """Whether torch.nn's fused kernel can give this cell's adjoint (``FusedAdjoint``): the
     vanilla RNN with tanh or relu, and the LSTM. Not the GRU: its W_hn h is multiplied by r
@@ -218,10 +231,12 @@ class Linearization:
         states = torch.empty(T + 1, *s0.shape, dtype=s0.dtype, device=s0.device)
         states[0] = s0
         if cell.name != "lstm":
-            states[1:], _ = module(x, s0[None])
+            with full_float32():
+                states[1:], _ = module(x, s0[None])
             return states
         h0, c0 = (part.contiguous() for part in s0[None].split(H, dim=-1))  # as cuDNN wants
-        states[1:, :, :H], _ = module(x, (h0, c0))
+        with full_float32():
+            states[1:, :, :H], _ = module(x, (h0, c0))
         keep = T * s0.numel() * 2 * s0.element_size() <= KEPT_GATES_BYTES  # (T, B, 4H)
         kept = s0.new_empty(T, s0.shape[0], 4 * H) if keep else None
         c = states[:, :, H:]  # a view: the scan writes c_t in place
@@ -271,7 +286,7 @@ class FusedAdjoint:
         self.graphs: list[tuple] = []  # per block: (z, c_start, outputs)
         self.finite = True
         state = s0
-        with torch.enable_grad():
+        with torch.enable_grad(), full_float32():
             for k, t0 in enumerate(range(0, T, length)):
                 self.starts[k] = state
                 xb = x[t0:t0 + length]
@@ -303,7 +318,8 @@ class FusedAdjoint:
         H = self.H
         grads = (adj[None, :, :H], adj[None, :, H:])[:len(outputs)]
         wrt = (z,) if c0 is None else (z, c0)
-        got = torch.autograd.grad(outputs, wrt, grads)
+        with full_float32():
+            got = torch.autograd.grad(outputs, wrt, grads)
         lam_h = got[0]  # dL/dz_t = dL/dh_{t-1}
         start = lam_h[0] if c0 is None else torch.cat([lam_h[0], got[1][0]], dim=-1)
         return lam_h, start

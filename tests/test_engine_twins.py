@@ -281,3 +281,17 @@ def test_the_fused_adjoint_is_chosen_where_it_is_faster(make):
     model, batch = make(cell="lstm", hidden=8, batch=2, seq_len=20)
     generic = replace(model.unroll(batch), linearize=None)  # the reference back end stays
     assert not _fused_applies(generic, None, False) and not _fused_applies(generic, True, False)
+
+
+def test_fused_kernels_run_without_tensorfloat32_and_restore_the_setting():
+    from gradscope.linear import full_float32
+
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        with pytest.raises(RuntimeError), full_float32():
+            assert torch.backends.cudnn.allow_tf32 is False
+            raise RuntimeError
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
