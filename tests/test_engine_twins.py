@@ -190,7 +190,9 @@ _FUSED = [{"cell": "rnn"}, {"cell": "rnn", "activation": "relu", "init": "identi
           {"cell": "lstm"}]
 
 
-@pytest.mark.parametrize("options", _FUSED)
+@pytest.mark.parametrize("options", [
+    *_FUSED, {"cell": "lstm", "seq_len": 64}, {"cell": "rnn", "seq_len": 65},
+    {"cell": "lstm", "seq_len": 2}])
 def test_the_fused_kernel_adjoint_matches_autograd(make, options, monkeypatch):
     """The adjoint from torch's fused kernel (an extra zero input tied to W_hh, whose gradient
     is dL/dh_{t-1}) against the brute-force twin, over several blocks of 64 steps; no block
