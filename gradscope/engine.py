@@ -318,30 +318,28 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
             block.copy_(torch.eye(h, dtype=tangent.dtype)[:, None, :].expand(h, B, h))
     log_scale = torch.zeros(tangent.shape[:2], dtype=torch.float64, device=u.s0.device)
 
+    blocks = True  # renormalise a slice at a time while that stays in range
     for t0, states, g, stop in chunks:
         n = states.shape[0] - 1
         ops = u.ops(states, t0) if u.linearize is not None and n else None
         done = 0
         while done < n:  # in slices whose stacked tangents stay small
             m = min(n - done, max(1, _STACKED // tangent.numel()))
-            stacked, ln_norms = [], []
-            for i in range(done, done + m):
-                # 2. Push every direction through J_t = ds_t/ds_{t-1} (no graph kept): by the
-                #    cell's closed form where it has one, else by forward-mode AD.
-                if ops is not None:
-                    tangent = ops.jvp(i, tangent)
-                else:
-                    tangent = push(u, t0 + i + 1, states[i], tangent)
-                # 3. Renormalise each direction; the factors' logs are summed below, at once.
-                norm = torch.linalg.vector_norm(tangent, dim=-1, keepdim=True)
-                tangent = tangent / norm.clamp_min(torch.finfo(norm.dtype).tiny)
-                stacked.append(tangent)
-                ln_norms.append(norm[..., 0])
-            # 4. The probes, over the slice: log-scales as running sums of ln(norm).
-            scales = log_scale + torch.cumsum(torch.log(torch.stack(ln_norms).double()), dim=0)
-            log_scale = scales[-1]
-            ctx = ForwardStep(torch.stack(stacked), scales, columns, rows, g[done:done + m],
-                              weights, u.groups)
+            # 2. Push every direction through the slice's J_t = ds_t/ds_{t-1} (no graph kept),
+            #    renormalised once at its end where the closed form allows it and the values
+            #    stay in range, else after every step (``_push_steps``).
+            pushed = None
+            if ops is not None and blocks:
+                pushed = _push_block(ops, tangent, done, done + m)
+                blocks = pushed is not None  # out of range: every step from here on
+            if pushed is None:
+                pushed = _push_steps(u, ops, states, t0, tangent, done, done + m)
+            values_, ln_scales, tangent, ln_last = pushed
+            # 3. The probes, over the slice: each step's values times exp(its log-scale).
+            scales = log_scale + ln_scales
+            log_scale = log_scale + ln_last
+            ctx = ForwardStep(values_, scales, columns, rows, g[done:done + m], weights,
+                              u.groups)
             values = {probe.name: probe(ctx).cpu().numpy() for probe in probes}
             grown = torch.isnan(scales) | torch.isposinf(scales)  # left float range
             bad = torch.nonzero(grown.flatten(1).any(dim=1))
@@ -354,6 +352,48 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
         if stop is not None:
             return stop
     return None
+
+
+Pushed = tuple[Tensor, Tensor, Tensor, Tensor]  # values, ln-scales, next tangent, its ln-scale
+
+
+def _push_steps(u: Unrolled, ops: StepOps | None, states: Tensor, t0: int, tangent: Tensor,
+                a: int, b: int) -> Pushed:
+    """Steps a+1..b of the chunk, each direction renormalised after every step: the values
+    (m, K, B, S) of unit norm (or zero), their ln-scales (m, K, B) relative to the slice's
+    start, the last values as the next tangent and its ln-scale."""
+    stacked, ln_norms = [], []
+    for i in range(a, b):
+        # by the cell's closed form where it has one, else by forward-mode AD
+        tangent = ops.jvp(i, tangent) if ops is not None else \
+            push(u, t0 + i + 1, states[i], tangent)
+        norm = torch.linalg.vector_norm(tangent, dim=-1, keepdim=True)
+        tangent = tangent / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+        stacked.append(tangent)
+        ln_norms.append(norm[..., 0])
+    ln_scales = torch.cumsum(torch.log(torch.stack(ln_norms).double()), dim=0)
+    return torch.stack(stacked), ln_scales, tangent, ln_scales[-1]
+
+
+def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int) -> Pushed | None:
+    """Steps a+1..b renormalised once, at the end: as ``_push_steps`` (the values then carry
+    their own scale), or None where a value would leave the safe range, or a live direction
+    reach zero: then the slice is done step by step, so nothing underflows unseen."""
+    safe = torch.finfo(tangent.dtype)
+    low, high = math.sqrt(safe.tiny), math.sqrt(safe.max)
+    block, v = [], tangent
+    for i in range(a, b):
+        v = ops.jvp(i, v)
+        block.append(v)
+    values = torch.stack(block)  # (m, K, B, S)
+    norms = torch.linalg.vector_norm(values, dim=-1)  # (m, K, B)
+    live = torch.linalg.vector_norm(tangent, dim=-1) > 0  # a zero direction stays zero
+    if not bool(((norms >= low) & (norms <= high) | ~live).all()):
+        return None
+    last = norms[-1]
+    zeros = torch.zeros(values.shape[:3], dtype=torch.float64, device=values.device)
+    return (values, zeros, values[-1] / last.clamp_min(safe.tiny)[..., None],
+            torch.log(last.double()))
 
 
 def _reverse_pass(u: Unrolled, states: Tensor | Segmented, g: Tensor | None,

@@ -35,7 +35,9 @@ class ForwardStep:
     """The forward pass at C consecutive steps t: d s_t / d(initial state), renormalised per
     direction (the engine hands probes a chunk of steps at once)."""
 
-    tangent: Tensor  # (C, K, B, S): column k of ds_t/ds_0 per sample, unit norm (or zero)
+    # (C, K, B, S): column k of ds_t/ds_0 per sample, divided by exp(log_scale): of a norm
+    # within float range (near 1 where renormalised at every step), or zero
+    tangent: Tensor
     log_scale: Tensor  # (C, K, B) float64: ln of the factor each column was divided by
     columns: dict[str, slice]  # part -> which of the K directions start in that part of s_0
     rows: dict[str, slice]  # part -> which of the S state coordinates belong to it
