@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The prepared run for a lent H100/H200 (its image has torch; nothing is installed from outside):
-# the GPU tests, then the GPU rows of the benchmark. Run there from the repository root:
+# The prepared run for a lent H100/H200 (its image has torch, numpy, pandas, typer, rich,
+# matplotlib and pytest; nothing is installed from outside): the GPU tests, then the GPU rows
+# of the benchmark. Run there from the repository root:
 #   bash benchmarks/gpu_check.sh
+# Each part has its own time limit, so that the whole stays inside one 10-minute device call;
+# the log also goes to $OUT/gpu_check.log where the device tool provides $OUT.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
-python3 benchmarks/run.py --device cuda
+log="${OUT:-/tmp}/gpu_check.log"
+{
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+  timeout 360 python3 benchmarks/run.py --device cuda
+} 2>&1 | tee "$log"
