@@ -198,7 +198,12 @@ def _fused_applies(u: Unrolled, fused: bool | None, with_forward: bool) -> bool:
         fused = u.s0.device.type == "cuda" or (u.fused_on_cpu and not with_forward)
     # the blocks redone step by step need the closed-form back end (``_reverse_fast``)
     return (fused and u.fused_adjoint is not None and u.linearize is not None
-            and u.mask is None and u.groups == 1 and not bool((u.weights[:-1] != 0).any()))
+            and u.mask is None and u.groups == 1 and _loss_at_last_step_only(u))
+
+
+def _loss_at_last_step_only(u: Unrolled) -> bool:
+    """Whether L reads step T alone: the adjoint then has no term to add on the way back."""
+    return not bool((u.weights[:-1] != 0).any())
 
 
 Chunk = tuple[int, Tensor, Tensor | None, NonFinite | None]  # t0, s_t0..s_t1, g_t0+1..g_t1, stop
@@ -295,6 +300,20 @@ def _unit(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     return unit, torch.log(n.squeeze(dim).double())
 
 
+def _rescaled(x: Tensor, norm: Tensor) -> tuple[Tensor, Tensor]:
+    """x (..., S) divided by its norm (...), already taken (zero stays zero), and ln(norm) in
+    float64: the renormalisation that both passes carry in their log-scales."""
+    return x / norm.clamp_min(torch.finfo(norm.dtype).tiny)[..., None], torch.log(norm.double())
+
+
+def _in_safe_range(norms: Tensor, live: Tensor) -> bool:
+    """Whether the norms of every live sample or direction lie within [sqrt(tiny), sqrt(max)]
+    of their dtype: then a block of steps renormalised only at its end lost nothing inside."""
+    safe = torch.finfo(norms.dtype)
+    low, high = math.sqrt(safe.tiny), math.sqrt(safe.max)
+    return bool(((norms >= low) & (norms <= high) | ~live).all())
+
+
 def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
                   out: dict[str, np.ndarray], projections: int | None,
                   seeds: Sequence[int]) -> NonFinite | None:
@@ -367,11 +386,10 @@ def _push_steps(u: Unrolled, ops: StepOps | None, states: Tensor, t0: int, tange
         # by the cell's closed form where it has one, else by forward-mode AD
         tangent = ops.jvp(i, tangent) if ops is not None else \
             push(u, t0 + i + 1, states[i], tangent)
-        norm = torch.linalg.vector_norm(tangent, dim=-1, keepdim=True)
-        tangent = tangent / norm.clamp_min(torch.finfo(norm.dtype).tiny)
+        tangent, ln_norm = _rescaled(tangent, torch.linalg.vector_norm(tangent, dim=-1))
         stacked.append(tangent)
-        ln_norms.append(norm[..., 0])
-    ln_scales = torch.cumsum(torch.log(torch.stack(ln_norms).double()), dim=0)
+        ln_norms.append(ln_norm)
+    ln_scales = torch.cumsum(torch.stack(ln_norms), dim=0)
     return torch.stack(stacked), ln_scales, tangent, ln_scales[-1]
 
 
@@ -379,8 +397,6 @@ def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int) -> Pushed | None:
     """Steps a+1..b renormalised once, at the end: as ``_push_steps`` (the values then carry
     their own scale), or None where a value would leave the safe range, or a live direction
     reach zero: then the slice is done step by step, so nothing underflows unseen."""
-    safe = torch.finfo(tangent.dtype)
-    low, high = math.sqrt(safe.tiny), math.sqrt(safe.max)
     block, v = [], tangent
     for i in range(a, b):
         v = ops.jvp(i, v)
@@ -388,12 +404,10 @@ def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int) -> Pushed | None:
     values = torch.stack(block)  # (m, K, B, S)
     norms = torch.linalg.vector_norm(values, dim=-1)  # (m, K, B)
     live = torch.linalg.vector_norm(tangent, dim=-1) > 0  # a zero direction stays zero
-    if not bool(((norms >= low) & (norms <= high) | ~live).all()):
+    if not _in_safe_range(norms, live):
         return None
-    last = norms[-1]
     zeros = torch.zeros(values.shape[:3], dtype=torch.float64, device=values.device)
-    return (values, zeros, values[-1] / last.clamp_min(safe.tiny)[..., None],
-            torch.log(last.double()))
+    return values, zeros, *_rescaled(values[-1], norms[-1])
 
 
 def _reverse_pass(u: Unrolled, states: Tensor | Segmented, g: Tensor | None,
@@ -404,10 +418,9 @@ def _reverse_pass(u: Unrolled, states: Tensor | Segmented, g: Tensor | None,
     weight only when that is step T alone); ``fused``: the fused kernel's blocks, where they
     apply (then ``states`` serves the blocks redone step by step)."""
     T, B = u.seq_len, u.s0.shape[0]
-    has_direct = (u.weights != 0).tolist()
     per_sample = {p.name: torch.empty(T, B, dtype=torch.float64, device=u.s0.device)
                   for p in probes}  # ln, by k
-    if not any(has_direct[:-1]) and u.linearize is not None:
+    if _loss_at_last_step_only(u) and u.linearize is not None:
         if g is not None:
             last = g[-1]
         else:
@@ -416,6 +429,7 @@ def _reverse_pass(u: Unrolled, states: Tensor | Segmented, g: Tensor | None,
         adj, log_scale = _unit(u.weights[-1].to(last.dtype) * last)  # lambda_T, per sample
         _reverse_fast(u, states, adj, log_scale, probes, per_sample, fused)
     else:
+        has_direct = (u.weights != 0).tolist()
         if isinstance(states, Segmented):
             direct = states.direct()
         else:
@@ -453,8 +467,7 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
     CHUNK steps is first tried by the fused kernel's backward, under the same check."""
     T, rows = u.seq_len, u.rows()
     cache: list = []
-    safe = torch.finfo(adj.dtype)
-    low, high = math.sqrt(safe.tiny), math.sqrt(safe.max)  # a block's values stay within these
+    high = math.sqrt(torch.finfo(adj.dtype).max)  # the top of the safe range (_in_safe_range)
     length, t = CHUNK, T  # adj = lambda_t / exp(log_scale), of norm 1 (or 0) per sample
     while t >= 1:
         if fused is not None and (t == T or t % CHUNK == 0):
@@ -465,18 +478,17 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
             h = rows["h"]
             values = torch.cat([adj[None, :, h], lam_h.flip(0)[:-1]])  # (n, B, H): t..t0+1
             norms = torch.linalg.vector_norm(values[1:], dim=-1)
-            if t0 > 0:
+            if t0 > 0:  # lambda_t0's norm last
                 norms = torch.cat([norms, torch.linalg.vector_norm(exit_, dim=-1)[None]])
             live = torch.linalg.vector_norm(adj, dim=-1) > 0
-            if bool(((norms >= low) & (norms <= high) | ~live).all()):
+            if _in_safe_range(norms, live):
                 n = t - t0
                 ctx = ReverseStep(values, log_scale.expand(n, -1), {"h": h})
                 for probe in probes:
                     per_sample[probe.name][T - t:T - t + n] = probe(ctx)
                 if t0 > 0:
-                    exit_norm = torch.linalg.vector_norm(exit_, dim=-1)
-                    adj = exit_ / exit_norm.clamp_min(safe.tiny)[:, None]
-                    log_scale = log_scale + torch.log(exit_norm.double())
+                    adj, ln_exit = _rescaled(exit_, norms[-1])
+                    log_scale = log_scale + ln_exit
                 t = t0
                 continue
             # out of range: redo the block a step at a time, and the rest without the kernel
@@ -492,8 +504,7 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
         values = torch.stack(block)  # (n or n+1, B, S)
         norms = torch.linalg.vector_norm(values, dim=-1)  # (., B)
         live = norms[0] > 0  # a zero adjoint stays exactly zero
-        ok = bool(((norms[1:] >= low) & (norms[1:] <= high) | ~live).all())
-        if not ok and n > 1:
+        if not _in_safe_range(norms[1:], live) and n > 1:
             length = 1  # 2. redo it with every step renormalised
             continue
         # 3. The probes over the block, then the block's exit renormalised.
@@ -502,8 +513,8 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
             per_sample[probe.name][T - t:T - t + n] = probe(ctx)
         if values.shape[0] > n:
             exit_norm = norms[n]
-            adj = values[n] / exit_norm.clamp_min(safe.tiny)[:, None]
-            log_scale = log_scale + torch.log(exit_norm.double())
+            adj, ln_exit = _rescaled(values[n], exit_norm)
+            log_scale = log_scale + ln_exit
             # the next block's length: what the decay seen here allows within the safe range
             alive = exit_norm[exit_norm > 0]
             moved = float(torch.log10(alive).abs().max()) / n if alive.numel() else 0.0
