@@ -33,6 +33,7 @@ class Cell(nn.Module):
     gates: tuple[str, ...] = ("",)  # names of the G gate blocks, in PyTorch's order
     keep_gate: str | None = None  # the gate whose bias sets how much old state survives
     takes_activation = False  # whether --activation means anything for this cell
+    activation: str | None = None  # the vanilla RNN's phi; gated cells fix their own
 
     def __init__(self, input_size: int, hidden: int, activation: str | None = None) -> None:
         super().__init__()

@@ -153,11 +153,17 @@ def full_float32() -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = before
 
 
+def has_torch_kernel(cell: str, activation: str | None) -> bool:
+    """Whether torch.nn has a fused kernel for this cell: the LSTM, the GRU, and the vanilla
+    RNN with tanh or relu (``activation`` None: the RNN's default, tanh)."""
+    return cell != "rnn" or (activation or "tanh") in ("tanh", "relu")
+
+
 def has_fused_adjoint(cell: str, activation: str | None) -> bool:
-    """Whether torch.nn's fused kernel can give this cell's adjoint (``FusedAdjoint``): the
-    vanilla RNN with tanh or relu, and the LSTM. Not the GRU: its W_hn h is multiplied by r
-    inside the step, so no extra input can stand in for h."""
-    return cell == "lstm" or cell == "rnn" and (activation or "tanh") in ("tanh", "relu")
+    """Whether torch.nn's fused kernel can give this cell's adjoint (``FusedAdjoint``): all
+    that have one but the GRU, whose W_hn h is multiplied by r inside the step, so that no
+    extra input can stand in for h."""
+    return cell != "gru" and has_torch_kernel(cell, activation)
 
 
 def fused_wins_on_cpu(cell: str, hidden: int) -> bool:
@@ -167,6 +173,8 @@ def fused_wins_on_cpu(cell: str, hidden: int) -> bool:
     per step, both ways) costs more than the loop's per-step overhead saves. The vanilla RNN's
     loop is two ops a step: the kernel takes 1.03-1.15x its time."""
     return cell == "lstm" and hidden < 256
+
+
 _SCAN = 64  # steps of LSTM gates the cell-state scan holds at once
 KEPT_GATES_BYTES = 256 * 2**20  # the LSTM trajectory keeps its gates for the Jacobians up to this
 
@@ -207,8 +215,7 @@ class Linearization:
         cells without the kernel (``has_fused_adjoint``), seed stacks, and a trajectory that
         leaves float range."""
         cell = self.cell
-        if cell.weight_hh.dim() == 3 \
-                or not has_fused_adjoint(cell.name, getattr(cell, "activation", None)):
+        if cell.weight_hh.dim() == 3 or not has_fused_adjoint(cell.name, cell.activation):
             return None
         fused = FusedAdjoint(cell, self.inputs(), self.s0, length)
         return fused if fused.finite else None
@@ -223,8 +230,7 @@ class Linearization:
         cells, and seed stacks, loop over the steps.
         """
         cell, x, s0 = self.cell, self.inputs(), self.s0
-        stacked = cell.weight_hh.dim() == 3
-        if stacked or cell.name == "rnn" and cell.activation not in ("tanh", "relu"):
+        if cell.weight_hh.dim() == 3 or not has_torch_kernel(cell.name, cell.activation):
             return _looped(cell, cell.drive(x), s0)
         H, T = cell.hidden, x.shape[0]
         module = cell.torch_module().to(device=s0.device)
