@@ -38,7 +38,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .linear import FusedAdjoint, StepOps
-from .probes import ForwardStep, Probe, ReverseStep
+from .probes import ForwardStep, Probe, ReverseStep, norm
 
 LN10 = math.log(10.0)
 CHUNK = 64  # steps whose Jacobian coefficients the fast back end holds at once
@@ -293,22 +293,24 @@ def _loss_grads(u: Unrolled, states: Tensor, first: int = 1) -> Tensor:
     return g
 
 
-def _unit(x: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
-    """x / ||x|| along dim (zero stays zero) and ln ||x|| in float64 (-inf for zero)."""
-    n = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
-    unit = x / torch.where(n > 0, n, torch.ones_like(n))
-    return unit, torch.log(n.squeeze(dim).double())
+def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x / ||x|| along the last dim (zero stays zero) and ln ||x|| in float64 (-inf for zero)."""
+    return _rescaled(x, norm(x))
 
 
-def _rescaled(x: Tensor, norm: Tensor) -> tuple[Tensor, Tensor]:
+def _rescaled(x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
     """x (..., S) divided by its norm (...), already taken (zero stays zero), and ln(norm) in
-    float64: the renormalisation that both passes carry in their log-scales."""
-    return x / norm.clamp_min(torch.finfo(norm.dtype).tiny)[..., None], torch.log(norm.double())
+    float64: the renormalisation that both passes carry in their log-scales. A subnormal norm
+    divides too: the values then keep the scale that ln(norm) records."""
+    return x / torch.where(size > 0, size, torch.ones_like(size))[..., None], \
+        torch.log(size.double())
 
 
 def _in_safe_range(norms: Tensor, live: Tensor) -> bool:
     """Whether the norms of every live sample or direction lie within [sqrt(tiny), sqrt(max)]
-    of their dtype: then a block of steps renormalised only at its end lost nothing inside."""
+    of their dtype: then a block of steps renormalised only at its end lost nothing inside.
+    Plain norms (sums of squares) serve here: one computed within that range is accurate, and
+    one whose squares under- or overflowed falls outside it."""
     safe = torch.finfo(norms.dtype)
     low, high = math.sqrt(safe.tiny), math.sqrt(safe.max)
     return bool(((norms >= low) & (norms <= high) | ~live).all())
@@ -386,7 +388,7 @@ def _push_steps(u: Unrolled, ops: StepOps | None, states: Tensor, t0: int, tange
         # by the cell's closed form where it has one, else by forward-mode AD
         tangent = ops.jvp(i, tangent) if ops is not None else \
             push(u, t0 + i + 1, states[i], tangent)
-        tangent, ln_norm = _rescaled(tangent, torch.linalg.vector_norm(tangent, dim=-1))
+        tangent, ln_norm = _unit(tangent)
         stacked.append(tangent)
         ln_norms.append(ln_norm)
     ln_scales = torch.cumsum(torch.stack(ln_norms), dim=0)
@@ -403,7 +405,7 @@ def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int) -> Pushed | None:
         block.append(v)
     values = torch.stack(block)  # (m, K, B, S)
     norms = torch.linalg.vector_norm(values, dim=-1)  # (m, K, B)
-    live = torch.linalg.vector_norm(tangent, dim=-1) > 0  # a zero direction stays zero
+    live = (tangent != 0).any(dim=-1)  # a zero direction stays zero
     if not _in_safe_range(norms, live):
         return None
     zeros = torch.zeros(values.shape[:3], dtype=torch.float64, device=values.device)
@@ -480,7 +482,7 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
             norms = torch.linalg.vector_norm(values[1:], dim=-1)
             if t0 > 0:  # lambda_t0's norm last
                 norms = torch.cat([norms, torch.linalg.vector_norm(exit_, dim=-1)[None]])
-            live = torch.linalg.vector_norm(adj, dim=-1) > 0
+            live = (adj != 0).any(dim=-1)
             if _in_safe_range(norms, live):
                 n = t - t0
                 ctx = ReverseStep(values, log_scale.expand(n, -1), {"h": h})
@@ -502,7 +504,7 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
             if s > 1:
                 block.append(_step_back(u, states, s, block[-1], cache))
         values = torch.stack(block)  # (n or n+1, B, S)
-        norms = torch.linalg.vector_norm(values, dim=-1)  # (., B)
+        norms = norm(values)  # (., B); a step at a time (n = 1), the exit may be tiny
         live = norms[0] > 0  # a zero adjoint stays exactly zero
         if not _in_safe_range(norms[1:], live) and n > 1:
             length = 1  # 2. redo it with every step renormalised

@@ -80,9 +80,25 @@ class Probe:
 PROBES: Registry[Probe] = Registry("probe", "--probes")
 
 
-def _ln_norm(x: Tensor, dim: int) -> Tensor:
-    """ln ||x|| along dim, -inf where the norm is exactly zero, in float64."""
-    return torch.log(torch.linalg.vector_norm(x, dim=dim).double())
+def norm(x: Tensor) -> Tensor:
+    """||x|| along the last dim, in x's dtype, zero only where x is. The squares of float32
+    values below ~1e-23 are zero and above ~1e19 infinite: x is divided by its largest |entry|
+    first."""
+    scaled, top = _by_largest(x)
+    return torch.linalg.vector_norm(scaled, dim=-1) * top
+
+
+def _by_largest(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (..., S) divided by its largest |entry| along S, and that divisor (1 where x is
+    zero)."""
+    top = x.abs().amax(dim=-1)
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    return x / top[..., None], top
+
+
+def _ln_norm(x: Tensor) -> Tensor:
+    """ln ||x|| along the last dim, -inf where the norm is exactly zero, in float64."""
+    return torch.log(norm(x).double())
 
 
 def _ln_rms_batch(ln_sq: Tensor, groups: int) -> Tensor:
@@ -93,23 +109,27 @@ def _ln_rms_batch(ln_sq: Tensor, groups: int) -> Tensor:
 
 def _jacobian(ctx: ForwardStep, probe: Probe) -> Tensor:
     cols, rows = ctx.columns[probe.wrt], ctx.rows[probe.of]
-    ln_col = _ln_norm(ctx.tangent[:, cols, :, rows], -1) + ctx.log_scale[:, cols]  # (C, K_p, B)
+    ln_col = _ln_norm(ctx.tangent[:, cols, :, rows]) + ctx.log_scale[:, cols]  # (C, K_p, B)
     return _ln_rms_batch(torch.logsumexp(2 * ln_col, -2) + ctx.ln_weight.get(probe.wrt, 0.0),
                          ctx.groups)  # (C, S)
 
 
 def _grad(ctx: ForwardStep, probe: Probe) -> Tensor:
     cols = ctx.columns[probe.wrt]
-    # (C, K_p, B): the entries of (ds_t/dp_0)^T g_t
-    dots = torch.einsum("ckbs,cbs->ckb", ctx.tangent[:, cols], ctx.grad)
-    ln_abs = torch.log(dots.abs().double()) + ctx.log_scale[:, cols]
+    # (C, K_p, B): the entries of (ds_t/dp_0)^T g_t, each factor divided by its largest entry
+    # first, so that products of small entries do not underflow (ln of the divisors added back)
+    tangent, top_t = _by_largest(ctx.tangent[:, cols])
+    grad, top_g = _by_largest(ctx.grad)
+    dots = torch.einsum("ckbs,cbs->ckb", tangent, grad)
+    ln_abs = (torch.log(dots.abs().double()) + torch.log(top_t.double())
+              + torch.log(top_g.double())[:, None] + ctx.log_scale[:, cols])
     per_group = (2 * ln_abs).unflatten(-1, (ctx.groups, -1))  # (C, K_p, S, B/S)
     return 0.5 * (torch.logsumexp(per_group, (1, 3)) + ctx.ln_weight.get(probe.wrt, 0.0))
 
 
 def _adjoint(ctx: ReverseStep, probe: Probe) -> Tensor:
     # Per sample: the engine aligns sequences of different lengths at their ends, then combines.
-    return _ln_norm(ctx.adjoint[..., ctx.rows[probe.of]], -1) + ctx.log_scale  # (n, B)
+    return _ln_norm(ctx.adjoint[..., ctx.rows[probe.of]]) + ctx.log_scale  # (n, B)
 
 
 PROBES.add("grad_h0", Probe("grad_h0", "forward", "h", "h", "t", _grad),

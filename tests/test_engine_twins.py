@@ -325,3 +325,50 @@ def test_forward_probes_in_range_take_whole_slices(make, monkeypatch):
     probes = [PROBES.get(n) for n in probes_for(model.cell.parts) if n != "adjoint"]
     monkeypatch.setattr(engine, "_push_steps", _no_fallback)
     measure(model.unroll(batch), probes)  # no slice fell back to step-by-step renormalising
+
+
+def test_norms_neither_underflow_nor_overflow_in_their_squares():
+    """float32 squares of 1e-25 are 0 and of 1e25 are inf; the norm itself is not."""
+    from gradscope.probes import norm
+
+    for dtype, value in [(torch.float32, 1e-25), (torch.float32, 1e-40), (torch.float32, 1e25),
+                         (torch.float64, 1e-170), (torch.float64, 1e170)]:
+        x = torch.full((3, 4), value, dtype=dtype)
+        x[1] = 0
+        got = norm(x)
+        assert got.dtype == dtype
+        assert got[1] == 0
+        want = 2 * torch.tensor(value, dtype=dtype)  # ||(v, v, v, v)|| = 2v exactly
+        assert torch.allclose(got[[0, 2]], want.expand(2), rtol=1e-6, atol=0), (dtype, value)
+
+
+# Steps that shrink every direction by ~1e-27 (sigmoid'(-60)) or by a subnormal ~1e-39 in
+# float32 (sigmoid'(-88)): one step takes a unit vector below where its squares vanish
+_STEEP = [{"cell": "rnn", "activation": "sigmoid", "bias": -60.0},
+          {"cell": "rnn", "activation": "sigmoid", "bias": -88.0},
+          {"cell": "lstm", "bias": -60.0}]
+
+
+@pytest.mark.parametrize("options", _STEEP)
+def test_steps_that_shrink_below_the_squares_range_stay_exact(make, options):
+    """Each step's renormalisation and each probe's norm must see values far below
+    sqrt(tiny): float32 against float64 (itself checked against its twin at T where the
+    twin's own squares stay in range)."""
+    options = dict(options)
+    bias = options.pop("bias")
+
+    def engine(dtype, seq_len):
+        model, batch = make(hidden=4, batch=3, seq_len=seq_len, dtype=dtype, **options)
+        model.cell.bias_hh.fill_(bias)  # every pre-activation near `bias`
+        if options["cell"] == "lstm":  # only the output gate closed: h tiny next to c
+            model.cell.bias_hh[:3 * 4].fill_(0.0)
+        return model, batch, _engine(model, batch)
+
+    model, batch, short = engine("float64", 4)
+    twin = brute_force(model, batch)
+    for name in twin:
+        assert_log10_close(short[name], twin[name], rel=1e-9, name=name)
+    got, want = engine("float32", 12)[2], engine("float64", 12)[2]
+    for name in want:
+        assert np.isfinite(want[name]).all(), name
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-3, err_msg=name)
