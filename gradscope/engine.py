@@ -446,17 +446,33 @@ def _reverse_pass(u: Unrolled, states: Tensor | Segmented, g: Tensor | None,
             out[name][:, g] = _end_aligned_norm(part, here).numpy()
 
 
+def _ops_at(u: Unrolled, states: Tensor, t: int, cache: list) -> tuple[StepOps, int]:
+    """The closed-form maps of the CHUNK steps around step t (cached in ``cache``: a pass
+    walks its steps in order) and t's index among them; ``states``: s_0..s_T', T' <= T."""
+    t0 = ((t - 1) // CHUNK) * CHUNK
+    if not cache or cache[0] != t0:
+        cache[:] = [t0, u.ops(states[t0:min(t0 + CHUNK, states.shape[0] - 1) + 1], t0)]
+    return cache[1], t - 1 - t0
+
+
+def step_forward(u: Unrolled, states: Tensor, t: int, tangent: Tensor, cache: list) -> Tensor:
+    """J_t v for K directions, tangent (K, B, S) -> (K, B, S): by the cell's closed form
+    (``_ops_at``) or by forward-mode AD (``push``)."""
+    if u.linearize is None:
+        return push(u, t, states[t - 1], tangent)
+    ops, i = _ops_at(u, states, t, cache)
+    return ops.jvp(i, tangent)
+
+
 def _step_back(u: Unrolled, states: Tensor, t: int, adj: Tensor, cache: list) -> Tensor:
-    """J_t^T adj: by the cell's closed form (chunks cached in ``cache``) or by autograd."""
+    """J_t^T adj: by the cell's closed form (``_ops_at``) or by autograd."""
     if u.linearize is None:
         with torch.enable_grad():
             s_prev = states[t - 1].detach().requires_grad_(True)
             (back,) = torch.autograd.grad(u.step_at(t)(s_prev), s_prev, adj)
         return back
-    t0 = ((t - 1) // CHUNK) * CHUNK
-    if not cache or cache[0] != t0:
-        cache[:] = [t0, u.ops(states[t0:min(t0 + CHUNK, u.seq_len) + 1], t0)]
-    return cache[1].vjp(t - 1 - t0, adj)
+    ops, i = _ops_at(u, states, t, cache)
+    return ops.vjp(i, adj)
 
 
 def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scale: Tensor,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .activations import ACTIVATIONS
-from .engine import Unrolled, push, trajectory
+from .engine import Unrolled, step_forward, trajectory
 from .model import Model
 from .summary import json_safe
 
@@ -85,8 +85,9 @@ def lyapunov(u: Unrolled, k: int, seed: int = 0) -> np.ndarray:
     q = torch.linalg.qr(torch.randn(S, k, generator=gen, dtype=torch.float64))[0]
     tangent = q.T.to(u.s0)[:, None, :].expand(k, B, S).contiguous()  # (k, B, S)
     sums = torch.zeros(B, k, dtype=torch.float64)
+    cache: list = []
     for t in range(1, T + 1):
-        v = push(u, t, states[t - 1], tangent)  # (k, B, S)
+        v = step_forward(u, states, t, tangent, cache)  # (k, B, S)
         q, r = torch.linalg.qr(v.permute(1, 2, 0))  # (B, S, k), (B, k, k)
         sums += torch.log(torch.diagonal(r, dim1=-2, dim2=-1).abs().double()).cpu()
         tangent = q.permute(2, 0, 1).contiguous()

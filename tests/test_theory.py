@@ -41,6 +41,21 @@ def test_relu_identity_with_positive_preactivations_has_zero_exponents(make):
     np.testing.assert_allclose(lyapunov(model.unroll(batch), k=6), 0.0, atol=1e-12)
 
 
+@pytest.mark.parametrize("options", [
+    {"cell": "rnn", "activation": "softsign", "init": "normal", "gain": 1.3},
+    {"cell": "lstm"}, {"cell": "gru", "task": "language", "seq_len": 150}])
+def test_lyapunov_by_the_closed_form_equals_forward_mode_ad(make, options):
+    """The exponents come from the cells' closed-form Jacobians (gradscope.linear), over
+    several chunks and with varying lengths: the same as by forward-mode AD through the step."""
+    from dataclasses import replace
+
+    model, batch = make(**{"hidden": 6, "batch": 3, "seq_len": 150, **options})
+    u = model.unroll(batch)
+    assert u.linearize is not None
+    np.testing.assert_allclose(lyapunov(u, k=4), lyapunov(replace(u, linearize=None), k=4),
+                               rtol=0, atol=1e-12)
+
+
 def test_largest_lyapunov_exponent_matches_the_jacobian_slope_on_long_runs():
     # a chaotic tanh network (g = 1.5) and a vanishing one (PyTorch's default)
     for options in (dict(init="normal", gain=1.5), dict(init="pytorch")):
