@@ -306,6 +306,17 @@ def _rescaled(x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
         torch.log(size.double())
 
 
+def _block_length(ln_change: Tensor, steps: int, dtype: torch.dtype) -> int:
+    """How many steps the next block may take at once, renormalised only at its end: at the
+    fastest rate of change seen over the last ``steps`` (ln_change: ln of each sample's or
+    direction's factor over them; -inf for exact zeros), half the decades from 1 to the edge
+    of the safe range (_in_safe_range), at most CHUNK."""
+    finite = ln_change[torch.isfinite(ln_change)]
+    moved = float(finite.abs().max()) / math.log(10) / steps if finite.numel() else 0.0
+    room = math.log10(torch.finfo(dtype).max) / 2  # decades from 1 to sqrt(max)
+    return max(1, min(CHUNK, int(0.5 * room / max(moved, 1e-3))))
+
+
 def _in_safe_range(norms: Tensor, live: Tensor) -> bool:
     """Whether the norms of every live sample or direction lie within [sqrt(tiny), sqrt(max)]
     of their dtype: then a block of steps renormalised only at its end lost nothing inside.
@@ -339,7 +350,7 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
             block.copy_(torch.eye(h, dtype=tangent.dtype)[:, None, :].expand(h, B, h))
     log_scale = torch.zeros(tangent.shape[:2], dtype=torch.float64, device=u.s0.device)
 
-    blocks = True  # renormalise a slice at a time while that stays in range
+    length = CHUNK  # the steps a slice may take at once: what the decay seen so far allows
     for t0, states, g, stop in chunks:
         n = states.shape[0] - 1
         ops = u.ops(states, t0) if u.linearize is not None and n else None
@@ -350,12 +361,13 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
             #    renormalised once at its end where the closed form allows it and the values
             #    stay in range, else after every step (``_push_steps``).
             pushed = None
-            if ops is not None and blocks:
+            if ops is not None and length > 1:
+                m = min(m, length)
                 pushed = _push_block(ops, tangent, done, done + m)
-                blocks = pushed is not None  # out of range: every step from here on
             if pushed is None:
                 pushed = _push_steps(u, ops, states, t0, tangent, done, done + m)
             values_, ln_scales, tangent, ln_last = pushed
+            length = _block_length(ln_last, m, tangent.dtype)
             # 3. The probes, over the slice: each step's values times exp(its log-scale).
             scales = log_scale + ln_scales
             log_scale = log_scale + ln_last
@@ -485,7 +497,6 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
     CHUNK steps is first tried by the fused kernel's backward, under the same check."""
     T, rows = u.seq_len, u.rows()
     cache: list = []
-    high = math.sqrt(torch.finfo(adj.dtype).max)  # the top of the safe range (_in_safe_range)
     length, t = CHUNK, T  # adj = lambda_t / exp(log_scale), of norm 1 (or 0) per sample
     while t >= 1:
         if fused is not None and (t == T or t % CHUNK == 0):
@@ -530,13 +541,9 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
         for probe in probes:
             per_sample[probe.name][T - t:T - t + n] = probe(ctx)
         if values.shape[0] > n:
-            exit_norm = norms[n]
-            adj, ln_exit = _rescaled(values[n], exit_norm)
+            adj, ln_exit = _rescaled(values[n], norms[n])
             log_scale = log_scale + ln_exit
-            # the next block's length: what the decay seen here allows within the safe range
-            alive = exit_norm[exit_norm > 0]
-            moved = float(torch.log10(alive).abs().max()) / n if alive.numel() else 0.0
-            length = max(1, min(CHUNK, int(0.5 * math.log10(high) / max(moved, 1e-3))))
+            length = _block_length(ln_exit, n, adj.dtype)
         t -= n
 
 

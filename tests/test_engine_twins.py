@@ -372,3 +372,31 @@ def test_steps_that_shrink_below_the_squares_range_stay_exact(make, options):
     for name in want:
         assert np.isfinite(want[name]).all(), name
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-3, err_msg=name)
+
+
+@pytest.mark.parametrize("options", _DECAYING)
+def test_forward_slices_shorten_to_the_decay_instead_of_going_step_by_step(make, monkeypatch,
+                                                                          options):
+    """Decaying ~1.5 decades a step leaves float32's safe range within a 64-step slice; the
+    slices then shorten to what the decay allows (a few steps), rather than renormalising
+    every step for the rest of the run."""
+    import gradscope.engine as engine
+
+    model, batch = make(hidden=6, batch=3, seq_len=300, dtype="float32", **options)
+    probes = [PROBES.get(n) for n in probes_for(model.cell.parts) if n != "adjoint"]
+    stepped, blocked = [], []
+    push_steps, push_block = engine._push_steps, engine._push_block
+
+    def count(into, fn):
+        def counted(*args):
+            out = fn(*args)
+            if out is not None:
+                into.append(out[0].shape[0])
+            return out
+        return counted
+
+    monkeypatch.setattr(engine, "_push_steps", count(stepped, push_steps))
+    monkeypatch.setattr(engine, "_push_block", count(blocked, push_block))
+    measure(model.unroll(batch), probes)
+    assert sum(stepped) + sum(blocked) == 300
+    assert sum(stepped) <= 64 + 10 and max(blocked) > 1, (stepped, blocked)
