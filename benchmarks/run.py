@@ -6,6 +6,7 @@ fused torch.nn kernel's forward+backward, measured side by side in one run, as r
                                                   # T 1000, 10000; and T = 1e6 memory
     .venv/bin/python benchmarks/run.py --device cuda --full
     .venv/bin/python benchmarks/run.py --seeds     # seed stacks against one seed at a time
+    .venv/bin/python benchmarks/run.py --train-paths   # training: step loop against kernel
 
 Prints a markdown table (paste it into docs/benchmarks.md). Not part of the test suite.
 """
@@ -71,8 +72,9 @@ def fused(cell: str, H: int, T: int, device: str, dtype: torch.dtype) -> float:
     return timed(step, 5 if T <= 1000 else 2, device)
 
 
-def setup(cell: str, H: int, T: int, device: str, dtype: str, batch: int = B):
-    options = dict(cell=cell, hidden=H, batch=batch, seq_len=T, dtype=dtype, device=device)
+def setup(cell: str, H: int, T: int, device: str, dtype: str, batch: int = B, seed: int = 0):
+    options = dict(cell=cell, hidden=H, batch=batch, seq_len=T, dtype=dtype, device=device,
+                   seed=seed)
     built = build(RunConfig(**options), torch.device(device))
     built.model.requires_grad_(False)
     return built
@@ -189,6 +191,38 @@ def seeds_table(seeds: int, batch: int, threads: int) -> None:
     torch.set_num_threads(before)
 
 
+def train_paths_table(threads: int) -> None:
+    """One training step's forward+backward (H=32, T=200) by the step loop and by torch.nn's
+    fused kernel, for one model and for a stack of 8 seeds (one kernel call per seed): what
+    linear.kernel_trains_faster decides by."""
+    from gradscope.batched import stack_models
+    from gradscope.tasks import Batch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    print(f"\n| training step, H=32, T=200, {threads} thread(s) | cell | dtype | B per seed "
+          "| seeds | loop (ms) | kernel (ms) | loop / kernel |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dtype in ("float32", "float64"):
+        for cell in ("rnn", "lstm", "gru"):
+            for batch in (8, 32):
+                builts = [setup(cell, 32, 200, "cpu", dtype, batch=batch, seed=s)
+                          for s in range(8)]
+                for seeds in (1, 8):
+                    model = builts[0].model if seeds == 1 else \
+                        stack_models([b.model for b in builts])
+                    data = builts[0].batch if seeds == 1 else Batch.stack([b.batch for b in builts])
+                    model.requires_grad_(True)
+                    ms = {}
+                    for kernel in (False, True):
+                        model.kernel = kernel
+                        ms[kernel] = 1e3 * timed(
+                            lambda m=model, d=data: m.group_losses(d).sum().backward(), 5, "cpu")
+                    print(f"| | {cell} | {dtype} | {batch} | {seeds} | {ms[False]:.1f} "
+                          f"| {ms[True]:.1f} | {ms[False] / ms[True]:.2f}x |", flush=True)
+    torch.set_num_threads(before)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every case, not just the targets")
@@ -204,13 +238,18 @@ def main() -> None:
                         help="sequences per seed in the --seeds cases")
     parser.add_argument("--seed-threads", type=int, default=1,
                         help="torch threads in the --seeds cases (a sweep's worker has 1)")
+    parser.add_argument("--train-paths", action="store_true",
+                        help="only training's recurrence: step loop against fused kernel")
     parser.add_argument("--naive-t", type=int, default=200,
                         help="the naive baseline runs at this T and is scaled by (T/this)^2")
     args = parser.parse_args()
     dtype = "float32"
-    if args.seeds:
+    if args.seeds or args.train_paths:
         print(f"machine: {machine(args.device)}; torch {torch.__version__}")
-        seeds_table(8, args.seed_batch, args.seed_threads)
+        if args.train_paths:
+            train_paths_table(args.seed_threads)
+        if args.seeds:
+            seeds_table(8, args.seed_batch, args.seed_threads)
         return
     cases = [("lstm", 128, 1000), ("rnn", 128, 1000)]
     if args.full:

@@ -41,13 +41,25 @@ from .train import train
 MAX_SEEDS = 8  # seeds per stack: more buys little on a CPU and multiplies peak memory
 
 
+def stack_pays(config: RunConfig) -> bool:
+    """Whether seeds of this configuration run faster as a stack than one at a time. Measured
+    on the CPU (benchmarks/run.py --seeds, 8 seeds, H = 32, T = 200, one thread): a stack gave
+    1.2-3.8x the throughput with 8 sequences per seed, and 2.0-2.6x for the RNN and GRU with
+    32. Not for the LSTM trained in float32 on more than 16 sequences per seed (0.7x at 32,
+    1.0x at 16): one model trains in oneDNN's LSTM kernel, 5-11x faster than a loop
+    (--train-paths), while a stack calls it once per seed and adds its own bookkeeping."""
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    return not (on_cpu and config.cell == "lstm" and config.dtype == "float32"
+                and config.steps > 0 and config.batch > 16)
+
+
 def group_seeds(configs: Sequence[RunConfig], size: int = MAX_SEEDS) -> list[list[RunConfig]]:
     """Configurations that differ only in their seed, together (first-seen order), at most
-    ``size`` to a group."""
+    ``size`` to a group; one to a group where a stack does not pay (``stack_pays``)."""
     groups: dict[RunConfig, list[list[RunConfig]]] = {}
     for config in configs:
         stacks = groups.setdefault(replace(config, seed=0), [[]])
-        if len(stacks[-1]) == size:
+        if len(stacks[-1]) == (size if stack_pays(config) else 1):
             stacks.append([])
         stacks[-1].append(config)
     return [stack for stacks in groups.values() for stack in stacks]

@@ -16,10 +16,12 @@ and ``affine`` applies each group's own weights: S independent models in one com
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .activations import ACTIVATIONS
 from .errors import ConfigError
@@ -123,6 +125,29 @@ class Cell(nn.Module):
             module.bias_hh_l0.copy_(self.bias_hh)
         return module
 
+    def kernel_hidden(self, x: Tensor) -> Tensor:
+        """h_1..h_T (T, B, H) of the cell's inputs x (T, B, D) from the zero state, by
+        torch.nn's fused kernel run on this cell's own parameters, so that autograd reaches
+        them (training). Seed-stacked weights: one call per seed, on its group of the batch.
+        For the cells torch.nn has (``torch_module``)."""
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        weights = [getattr(self, name) for name in names]
+        key = (type(self), self.activation, self.input_size, self.hidden, x.dtype, x.device)
+        if key not in _KERNELS:  # a module to call: its own parameters are never used
+            _KERNELS[key] = self._torch_module(self.input_size).to(x.device, x.dtype)
+        module = _KERNELS[key]
+        per_seed = [weights] if weights[1].dim() == 2 else list(zip(*weights, strict=True))
+        xs = x.chunk(len(per_seed), dim=1)
+        outs = []
+        with warnings.catch_warnings():  # cuDNN: our weights are not one flat buffer, fine
+            warnings.filterwarnings("ignore", message="RNN module weights are not part")
+            for xg, ws in zip(xs, per_seed, strict=True):
+                params = {f"{name}_l0": w for name, w in zip(names, ws, strict=True)}
+                outs.append(functional_call(module, params, (xg,))[0])
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+_KERNELS: dict[tuple, nn.RNNBase] = {}  # torch.nn modules for kernel_hidden, by shape and dtype
 
 CELLS: Registry[type[Cell]] = Registry("cell", "--cell")
 

@@ -14,7 +14,7 @@ from .cells import CELLS, Cell, affine
 from .config import RunConfig
 from .engine import Unrolled
 from .inits import check_schemes, initialise
-from .linear import Linearization
+from .linear import Linearization, kernel_trains_faster
 from .tasks import TASKS, Batch, Task
 
 EMBEDDING_DIM = 32  # token tasks: size of the embedding that feeds the cell
@@ -54,6 +54,9 @@ class Model(nn.Module):
         self.readout = nn.Linear(cell.hidden, task.n_out)
         # S > 1: every weight is seed-stacked (gradscope.batched) and the batch is S groups
         self.groups = 1
+        # training's recurrence: torch.nn's fused kernel (True) or the step loop (False);
+        # None: where linear.kernel_trains_faster says so
+        self.kernel: bool | None = None
 
     def encode(self, inputs: Tensor) -> Tensor:
         """(T, B, D) features or (T, B) token ids -> (T, B, D) cell inputs."""
@@ -87,14 +90,23 @@ class Model(nn.Module):
         return F.cross_entropy(y.flatten(0, 1), target.flatten(), reduction="none").view(n, -1)
 
     def hidden_states(self, batch: Batch) -> Tensor:
-        """h_1..h_T (T, B, H) by a plain loop with autograd (training); ended samples hold."""
-        xps = self.cell.drive(self.encode(batch.inputs))
+        """h_1..h_T (T, B, H) under autograd (training): by torch.nn's fused kernel where it
+        is faster and all sequences have one length, else by a plain loop; ended samples
+        hold."""
         mask = self.mask(batch)
-        state = self.cell.initial_state(xps.shape[1])
+        cell, x = self.cell, self.encode(batch.inputs)
+        kernel = self.kernel
+        if kernel is None:
+            kernel = kernel_trains_faster(cell.name, cell.activation, x.dtype, x.device,
+                                          stacked=self.groups > 1)
+        if kernel and mask is None:
+            return cell.kernel_hidden(x)
+        xps = cell.drive(x)
+        state = cell.initial_state(xps.shape[1])
         hs = []
         # unbind, not xps[t]: the backward of T indexings would write T full-size zero tensors
         for t, xp in enumerate(xps.unbind(0)):
-            new = self.cell.step_driven(xp, state)
+            new = cell.step_driven(xp, state)
             if mask is not None:
                 new = tuple(torch.where(mask[t][:, None], n, o)
                             for n, o in zip(new, state, strict=True))

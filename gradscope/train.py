@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .linear import full_float32
 from .model import Model
 from .registry import Registry
 from .tasks import Batch
@@ -56,6 +57,14 @@ def train(
     alone, given that the gradient is clipped per seed. A seed that diverges is zeroed and left
     out from then on (the caller reruns it alone); a lone model stops there.
     """
+    with full_float32():  # the recurrence may run in cuDNN, which would take TF32 otherwise
+        return _train(model, steps, optimizer, lr, clip, next_batch, eval_batch, chance,
+                      on_step)
+
+
+def _train(model: Model, steps: int, optimizer: str, lr: float, clip: float | None,
+           next_batch: Callable[[], Batch], eval_batch: Batch, chance: float,
+           on_step: Callable[[int], None]) -> list[TrainOutcome]:
     opt = OPTIMIZERS.get(optimizer)(model.parameters(), lr=lr)
     model.requires_grad_(True)
     S = model.groups

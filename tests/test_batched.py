@@ -83,3 +83,18 @@ def test_configurations_that_differ_only_in_seed_are_grouped():
     assert [g[0].cell for g in groups] == ["rnn", "rnn", "gru"]
     with pytest.raises(ValueError, match="differ only in their seed"):
         execute_seeds([a, b])
+
+
+def test_seeds_stack_only_where_that_was_measured_faster():
+    """The float32 LSTM trained on the CPU with more than 16 sequences per seed runs one seed
+    at a time (one model trains in oneDNN's kernel); everything else stacks."""
+    from gradscope.batched import stack_pays
+
+    lstm = RunConfig(cell="lstm", dtype="float32", steps=10, batch=32, device="cpu")
+    assert not stack_pays(lstm)
+    assert [len(g) for g in group_seeds([replace(lstm, seed=s) for s in range(3)])] == [1, 1, 1]
+    for other in (replace(lstm, batch=8), replace(lstm, dtype="float64"), replace(lstm, steps=0),
+                  replace(lstm, cell="gru"), replace(lstm, cell="rnn")):
+        assert stack_pays(other), other
+    assert [len(g) for g in group_seeds([replace(lstm, batch=8, seed=s)
+                                         for s in range(3)])] == [3]

@@ -79,3 +79,51 @@ def test_bad_training_options(options, message):
 def test_unknown_optimizer():
     with pytest.raises(ConfigError, match="unknown optimizer 'adamw' for --optimizer"):
         gradscope.run(optimizer="adamw", seq_len=5, hidden=2, batch=2)
+
+
+def _loss_gradients(model, batch, kernel):
+    model.kernel = kernel
+    model.requires_grad_(True)
+    model.zero_grad()
+    losses = model.group_losses(batch)
+    losses.sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.requires_grad_(False)
+    return losses.detach(), grads
+
+
+@pytest.mark.parametrize("options", [
+    {"cell": "rnn"}, {"cell": "rnn", "activation": "relu", "init": "identity"},
+    {"cell": "lstm"}, {"cell": "gru"}, {"cell": "lstm", "task": "copy", "seq_len": 8},
+    {"cell": "gru", "task": "language", "seq_len": 30}])
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_training_through_the_fused_kernel_gets_the_loops_gradients(make, options, seeds):
+    """torch.nn's kernel on the cell's own parameters (one call per seed in a stack) gives the
+    loss and every parameter's gradient that the step loop gives, in float64; varying lengths
+    stay on the loop."""
+    from gradscope.batched import stack_models
+    from gradscope.tasks import Batch
+
+    built = [make(**{"hidden": 5, "batch": 4, "seq_len": 40, **options, "seed": s})
+             for s in range(seeds)]
+    model = built[0][0] if seeds == 1 else stack_models([m for m, _ in built])
+    batch = built[0][1] if seeds == 1 else Batch.stack([b for _, b in built])
+    loop_loss, loop = _loss_gradients(model, batch, kernel=False)
+    kernel_loss, kernel = _loss_gradients(model, batch, kernel=True)
+    torch.testing.assert_close(kernel_loss, loop_loss, rtol=1e-12, atol=0)
+    assert set(kernel) == set(loop) and len(loop) >= 5
+    for name in loop:
+        torch.testing.assert_close(kernel[name], loop[name], rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_training_runs_the_kernel_where_it_is_measured_faster():
+    from gradscope.linear import kernel_trains_faster
+
+    cpu, f32, f64 = torch.device("cpu"), torch.float32, torch.float64
+    for cell in ("rnn", "lstm", "gru"):
+        assert kernel_trains_faster(cell, None, f64, cpu, stacked=False)
+        assert kernel_trains_faster(cell, None, f32, torch.device("cuda"), stacked=True)
+    assert kernel_trains_faster("lstm", None, f32, cpu, stacked=True)
+    assert not kernel_trains_faster("lstm", None, f64, cpu, stacked=True)
+    assert not kernel_trains_faster("gru", None, f32, cpu, stacked=True)
+    assert not kernel_trains_faster("rnn", "sigmoid", f32, cpu, stacked=False)  # none in torch
