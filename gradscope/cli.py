@@ -183,8 +183,8 @@ def sweep_command(
     gpus_per_run: float = typer.Option(0.0, help="ray: GPUs per run (0.25 packs four on one)."),
     retries: int = typer.Option(2, help="Tries more for a run whose worker process dies."),
     seed_stack: int = typer.Option(api.MAX_SEEDS, help="Runs that differ only in their seed, "
-                                   "computed together as one seed stack (same numbers); 1: "
-                                   "one seed at a time."),
+                                   "computed together as one seed stack (same numbers) where "
+                                   "a stack is faster; 1: one seed at a time."),
     out: Path = typer.Option(Path("reports"), help="Folder of the store and the report."),
     report: bool = typer.Option(True, help="Write the report when the sweep ends."),
 ) -> None:
