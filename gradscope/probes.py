@@ -82,10 +82,18 @@ PROBES: Registry[Probe] = Registry("probe", "--probes")
 
 def norm(x: Tensor) -> Tensor:
     """||x|| along the last dim, in x's dtype, zero only where x is. The squares of float32
-    values below ~1e-23 are zero and above ~1e19 infinite: x is divided by its largest |entry|
+    values below ~1e-23 are zero and above ~1e19 infinite: where the plain norm is not well
+    inside the range where its sum of squares is exact, x is divided by its largest |entry|
     first."""
+    plain = torch.linalg.vector_norm(x, dim=-1)
+    info = torch.finfo(x.dtype)
+    # below sqrt(tiny/eps), the squares' subnormal rounding could matter; above sqrt(max),
+    # the sum may have overflowed
+    exact = (plain >= math.sqrt(info.tiny / info.eps)) & (plain <= math.sqrt(info.max))
+    if bool(exact.all()):
+        return plain
     scaled, top = _by_largest(x)
-    return torch.linalg.vector_norm(scaled, dim=-1) * top
+    return torch.where(exact, plain, torch.linalg.vector_norm(scaled, dim=-1) * top)
 
 
 def _by_largest(x: Tensor) -> tuple[Tensor, Tensor]:
