@@ -43,14 +43,15 @@ MAX_SEEDS = 8  # seeds per stack: more buys little on a CPU and multiplies peak 
 
 def stack_pays(config: RunConfig) -> bool:
     """Whether seeds of this configuration run faster as a stack than one at a time. Measured
-    on the CPU (benchmarks/run.py --seeds, 8 seeds, H = 32, T = 200, one thread): a stack gave
-    1.2-3.8x the throughput with 8 sequences per seed, and 2.0-2.6x for the RNN and GRU with
-    32. Not for the LSTM trained in float32 on more than 16 sequences per seed (0.7x at 32,
-    1.0x at 16): one model trains in oneDNN's LSTM kernel, 5-11x faster than a loop
+    on the CPU (benchmarks/run.py --seeds, 8 seeds, H = 32, T = 200, one thread): with 8
+    sequences per seed a stack gave 1.2-3.8x the throughput, and with 32 2.0-2.6x for training
+    the RNN and GRU. Not above 16 sequences per seed for profiles alone (exact forward probes
+    are arithmetic: 0.8-1.0x at 32, 1.0-1.4x at 16), nor for training the float32 LSTM (0.7x
+    at 32, 1.0x at 16): one model trains in oneDNN's LSTM kernel, 5-11x faster than a loop
     (--train-paths), while a stack calls it once per seed and adds its own bookkeeping."""
     on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    return not (on_cpu and config.cell == "lstm" and config.dtype == "float32"
-                and config.steps > 0 and config.batch > 16)
+    kernel_alone = config.cell == "lstm" and config.dtype == "float32" and config.steps > 0
+    return not (on_cpu and config.batch > 16 and (config.steps == 0 or kernel_alone))
 
 
 def group_seeds(configs: Sequence[RunConfig], size: int = MAX_SEEDS) -> list[list[RunConfig]]:
