@@ -16,6 +16,7 @@ and ``affine`` applies each group's own weights: S independent models in one com
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -132,10 +133,13 @@ class Cell(nn.Module):
         For the cells torch.nn has (``torch_module``)."""
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         weights = [getattr(self, name) for name in names]
+        # a module to call, its own parameters never used; one per thread, as functional_call
+        # swaps the parameters in for the call
+        kernels = _KERNELS.__dict__.setdefault("modules", {})
         key = (type(self), self.activation, self.input_size, self.hidden, x.dtype, x.device)
-        if key not in _KERNELS:  # a module to call: its own parameters are never used
-            _KERNELS[key] = self._torch_module(self.input_size).to(x.device, x.dtype)
-        module = _KERNELS[key]
+        if key not in kernels:
+            kernels[key] = self._torch_module(self.input_size).to(x.device, x.dtype)
+        module = kernels[key]
         per_seed = [weights] if weights[1].dim() == 2 else list(zip(*weights, strict=True))
         xs = x.chunk(len(per_seed), dim=1)
         outs = []
@@ -147,7 +151,7 @@ class Cell(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-_KERNELS: dict[tuple, nn.RNNBase] = {}  # torch.nn modules for kernel_hidden, by shape and dtype
+_KERNELS = threading.local()  # .modules: torch.nn modules for kernel_hidden, by shape and dtype
 
 CELLS: Registry[type[Cell]] = Registry("cell", "--cell")
 

@@ -180,7 +180,7 @@ def kernel_trains_faster(cell: str, activation: str | None, dtype: torch.dtype,
     """Whether training runs the recurrence in torch.nn's fused kernel (``Cell.kernel_hidden``)
     rather than a loop of step functions under autograd. Measured on the CPU (H = 32, T = 200,
     B = 8 and 32, one thread; benchmarks/run.py --train-paths): for one model the kernel never
-    loses (float32: LSTM 6-13x faster, GRU 1.2-1.4x, RNN 1.0-1.25x; float64 1.0-1.4x). A seed
+    lost (float32: LSTM 5-11x faster, GRU 1.4x, RNN 1.0-1.1x; float64 1.0-1.4x). A seed
     stack calls it once per seed, which beats the stack's one batched loop only for the
     float32 LSTM (oneDNN's fast path). On a GPU a loop is launch-bound: always the kernel."""
     if not has_torch_kernel(cell, activation):

@@ -92,16 +92,9 @@ def norm(x: Tensor) -> Tensor:
     exact = (plain >= math.sqrt(info.tiny / info.eps)) & (plain <= math.sqrt(info.max))
     if bool(exact.all()):
         return plain
-    scaled, top = _by_largest(x)
-    return torch.where(exact, plain, torch.linalg.vector_norm(scaled, dim=-1) * top)
-
-
-def _by_largest(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x (..., S) divided by its largest |entry| along S, and that divisor (1 where x is
-    zero)."""
     top = x.abs().amax(dim=-1)
     top = torch.where(top > 0, top, torch.ones_like(top))
-    return x / top[..., None], top
+    return torch.where(exact, plain, torch.linalg.vector_norm(x / top[..., None], dim=-1) * top)
 
 
 def _ln_norm(x: Tensor) -> Tensor:
