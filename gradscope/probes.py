@@ -117,11 +117,16 @@ def _jacobian(ctx: ForwardStep, probe: Probe) -> Tensor:
 
 def _grad(ctx: ForwardStep, probe: Probe) -> Tensor:
     cols = ctx.columns[probe.wrt]
-    # (C, K_p, B): the entries of (ds_t/dp_0)^T g_t. Each column of the tangent has a norm
-    # within the safe range, so the products underflow only where a part of the state is
-    # below ~1e-19 of another's (float32) and g_t is small too: then they read as zero.
-    dots = torch.einsum("ckbs,cbs->ckb", ctx.tangent[:, cols], ctx.grad)
-    ln_abs = torch.log(dots.abs().double()) + ctx.log_scale[:, cols]
+    # (C, K_p, B): the entries of (ds_t/dp_0)^T g_t, with g_t divided by its largest entry
+    # (a small loss gradient times a small part of the state would underflow; ln of the
+    # divisor is added back). Each column of the tangent has a norm within the safe range, so
+    # the products underflow only where a part of the state is below ~1e-19 of another's
+    # (float32), in a slice renormalised at its end: then they read as zero.
+    top = ctx.grad.abs().amax(dim=-1)  # (C, B)
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    dots = torch.einsum("ckbs,cbs->ckb", ctx.tangent[:, cols], ctx.grad / top[..., None])
+    ln_abs = torch.log(dots.abs().double()) + torch.log(top.double())[:, None] \
+        + ctx.log_scale[:, cols]
     per_group = (2 * ln_abs).unflatten(-1, (ctx.groups, -1))  # (C, K_p, S, B/S)
     return 0.5 * (torch.logsumexp(per_group, (1, 3)) + ctx.ln_weight.get(probe.wrt, 0.0))
 

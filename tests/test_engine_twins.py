@@ -346,7 +346,8 @@ def test_norms_neither_underflow_nor_overflow_in_their_squares():
 # float32 (sigmoid'(-88)): one step takes a unit vector below where its squares vanish
 _STEEP = [{"cell": "rnn", "activation": "sigmoid", "bias": -60.0},
           {"cell": "rnn", "activation": "sigmoid", "bias": -88.0},
-          {"cell": "lstm", "bias": -60.0}]
+          {"cell": "lstm", "bias": -60.0},
+          {"cell": "lstm", "bias": -60.0, "readout": 1e-15}]  # and the loss gradient tiny
 
 
 @pytest.mark.parametrize("options", _STEEP)
@@ -355,13 +356,14 @@ def test_steps_that_shrink_below_the_squares_range_stay_exact(make, options):
     sqrt(tiny): float32 against float64 (itself checked against its twin at T where the
     twin's own squares stay in range)."""
     options = dict(options)
-    bias = options.pop("bias")
+    bias, readout = options.pop("bias"), options.pop("readout", 1.0)
 
     def engine(dtype, seq_len):
         model, batch = make(hidden=4, batch=3, seq_len=seq_len, dtype=dtype, **options)
         model.cell.bias_hh.fill_(bias)  # every pre-activation near `bias`
         if options["cell"] == "lstm":  # only the output gate closed: h tiny next to c
             model.cell.bias_hh[:3 * 4].fill_(0.0)
+        model.readout.weight.mul_(readout)
         return model, batch, _engine(model, batch)
 
     model, batch, short = engine("float64", 4)
