@@ -411,11 +411,10 @@ def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int) -> Pushed | None:
     """Steps a+1..b renormalised once, at the end: as ``_push_steps`` (the values then carry
     their own scale), or None where a value would leave the safe range, or a live direction
     reach zero: then the slice is done step by step, so nothing underflows unseen."""
-    block, v = [], tangent
-    for i in range(a, b):
-        v = ops.jvp(i, v)
-        block.append(v)
-    values = torch.stack(block)  # (m, K, B, S)
+    values = tangent.new_empty(b - a, *tangent.shape)  # (m, K, B, S), written in place
+    v = tangent
+    for j, i in enumerate(range(a, b)):
+        v = ops.jvp(i, v, out=values[j])
     norms = torch.linalg.vector_norm(values, dim=-1)  # (m, K, B)
     live = (tangent != 0).any(dim=-1)  # a zero direction stays zero
     if not _in_safe_range(norms, live):

@@ -28,15 +28,18 @@ class StepOps:
         self.w = w_hh  # (G*H, H)
         self.mask = None if mask is None else mask[..., None]  # (C, B, 1)
 
-    def jvp(self, i: int, v: Tensor) -> Tensor:
-        out = self._jvp(i, v)
-        return out if self.mask is None else torch.where(self.mask[i], out, v)
+    def jvp(self, i: int, v: Tensor, out: Tensor | None = None) -> Tensor:
+        """J v for step i; into ``out`` (v's shape, not v) where given."""
+        if self.mask is None:
+            return self._jvp(i, v, out)
+        return torch.where(self.mask[i], self._jvp(i, v, None), v,
+                           **({} if out is None else {"out": out}))
 
     def vjp(self, i: int, lam: Tensor) -> Tensor:
         out = self._vjp(i, lam)
         return out if self.mask is None else torch.where(self.mask[i], out, lam)
 
-    def _jvp(self, i: int, v: Tensor) -> Tensor:
+    def _jvp(self, i: int, v: Tensor, out: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
@@ -52,8 +55,8 @@ class RNNOps(StepOps):
             a = (xp + affine(states[:-1], cell.weight_hh, cell.bias_hh)).detach().requires_grad_()
             (self.d,) = torch.autograd.grad(cell.phi(a).sum(), a)  # phi'(a), (C, B, H)
 
-    def _jvp(self, i: int, v: Tensor) -> Tensor:
-        return affine(v, self.w).mul_(self.d[i])
+    def _jvp(self, i: int, v: Tensor, out: Tensor | None) -> Tensor:
+        return torch.mul(affine(v, self.w), self.d[i], **({} if out is None else {"out": out}))
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
         return affine(self.d[i] * lam, self.w.mT)
@@ -82,14 +85,23 @@ class LSTMOps(StepOps):
         self.f = f
         self.oc = o * (1 - tc * tc)
 
-    def _jvp(self, i: int, v: Tensor) -> Tensor:
+    def _jvp(self, i: int, v: Tensor, out: Tensor | None) -> Tensor:
         # few ops a step: on a GPU each is a kernel launch, and this runs K directions x T steps
         H = self.H
-        da = affine(v[..., :H], self.w).mul_(self.coef[i])  # (..., 4H)
-        out = torch.empty_like(v)
-        dc = torch.addcmul(da[..., :3 * H].unflatten(-1, (3, H)).sum(-2), self.f[i], v[..., H:],
-                           out=out[..., H:])
-        torch.addcmul(da[..., 3 * H:], self.oc[i], dc, out=out[..., :H])
+        out = torch.empty_like(v) if out is None else out
+        if _many_directions(v, H):  # the i, f, g blocks summed in per-sample matrices first
+            m = self.w.new_empty(v.shape[-2], H, 2 * H)  # (B, H, 2H): to dc', to the o gate
+            coef = self.coef[i]
+            torch.sum(_per_sample(self.w[..., :3 * H, :], coef[:, :3 * H]).unflatten(-1, (3, H)),
+                      dim=-2, out=m[..., :H])
+            m[..., H:] = _per_sample(self.w[..., 3 * H:, :], coef[:, 3 * H:])
+            da = _by_sample(v[..., :H], m)  # (..., 2H): dc' less f dc, the o gate's da
+            to_c, to_h = da[..., :H], da[..., H:]
+        else:
+            da = affine(v[..., :H], self.w).mul_(self.coef[i])  # (..., 4H)
+            to_c, to_h = da[..., :3 * H].unflatten(-1, (3, H)).sum(-2), da[..., 3 * H:]
+        dc = torch.addcmul(to_c, self.f[i], v[..., H:], out=out[..., H:])
+        torch.addcmul(to_h, self.oc[i], dc, out=out[..., :H])
         return out
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
@@ -130,15 +142,47 @@ class GRUOps(StepOps):
         self.z = z
         self.H = cell.hidden
 
-    def _jvp(self, i: int, v: Tensor) -> Tensor:
-        d = affine(v, self.w).mul_(self.coef[i])  # (..., 3H)
-        return torch.addcmul(d.unflatten(-1, (3, self.H)).sum(-2), self.z[i], v)
+    def _jvp(self, i: int, v: Tensor, out: Tensor | None) -> Tensor:
+        H = self.H
+        if _many_directions(v, H):  # the three blocks summed in per-sample matrices first
+            m = _per_sample(self.w, self.coef[i]).unflatten(-1, (3, H)).sum(-2)  # (B, H, H)
+            dh = _by_sample(v, m)
+        else:
+            dh = affine(v, self.w).mul_(self.coef[i]).unflatten(-1, (3, H)).sum(-2)  # (..., H)
+        return torch.addcmul(dh, self.z[i], v, **({} if out is None else {"out": out}))
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
         return affine(self.coef[i] * lam.tile(3), self.w.mT) + self.z[i] * lam
 
 
 OPS = {"rnn": RNNOps, "lstm": LSTMOps, "gru": GRUOps}
+
+
+# Gated cells' jvps sum gate blocks of (v W^T) * coef. With many directions per sample (the
+# exact forward probes push H per part) it is cheaper to sum the blocks of W^T * coef once per
+# sample and step, then multiply: an H x H (GRU) or H x 2H (LSTM) matrix per sample instead
+# of H x 3H or H x 4H. Measured (2 CPU cores, LSTM, one step): 1.4-1.9x faster with 2H
+# directions per sample; slower with few (16-32 random projections), where building the
+# matrices costs more than the matmul saves.
+
+def _many_directions(v: Tensor, hidden: int) -> bool:
+    """Whether v (..., B, S) holds at least ``hidden`` directions per sample."""
+    return v.dim() >= 3 and v.numel() >= hidden * v.shape[-2] * v.shape[-1]
+
+
+def _per_sample(w: Tensor, coef: Tensor) -> Tensor:
+    """W^T scaled column-wise by each sample's coefficients: w (G*H, H), or seed-stacked
+    (S, G*H, H); coef (B, G*H) -> (B, H, G*H)."""
+    if w.dim() == 2:
+        return w.T * coef[:, None, :]
+    S = w.shape[0]
+    return (w.mT[:, None] * coef.view(S, -1, 1, coef.shape[-1])).flatten(0, 1)
+
+
+def _by_sample(v: Tensor, m: Tensor) -> Tensor:
+    """v (..., B, H) times each sample's own matrix m (B, H, N) -> (..., B, N)."""
+    flat = v.reshape(-1, *v.shape[-2:]).transpose(0, 1)  # (B, K, H)
+    return torch.bmm(flat, m).transpose(0, 1).reshape(*v.shape[:-1], m.shape[-1])
 
 
 @contextmanager

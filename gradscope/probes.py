@@ -124,7 +124,8 @@ def _grad(ctx: ForwardStep, probe: Probe) -> Tensor:
     # (float32), in a slice renormalised at its end: then they read as zero.
     top = ctx.grad.abs().amax(dim=-1)  # (C, B)
     top = torch.where(top > 0, top, torch.ones_like(top))
-    dots = torch.einsum("ckbs,cbs->ckb", ctx.tangent[:, cols], ctx.grad / top[..., None])
+    # a product and a sum: einsum would first copy the tangent into a matmul's layout
+    dots = (ctx.tangent[:, cols] * (ctx.grad / top[..., None])[:, None]).sum(-1)
     ln_abs = torch.log(dots.abs().double()) + torch.log(top.double())[:, None] \
         + ctx.log_scale[:, cols]
     per_group = (2 * ln_abs).unflatten(-1, (ctx.groups, -1))  # (C, K_p, S, B/S)
