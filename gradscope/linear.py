@@ -94,7 +94,7 @@ class LSTMOps(StepOps):
             coef = self.coef[i]
             torch.sum(_per_sample(self.w[..., :3 * H, :], coef[:, :3 * H]).unflatten(-1, (3, H)),
                       dim=-2, out=m[..., :H])
-            m[..., H:] = _per_sample(self.w[..., 3 * H:, :], coef[:, 3 * H:])
+            _per_sample(self.w[..., 3 * H:, :], coef[:, 3 * H:], out=m[..., H:])
             da = _by_sample(v[..., :H], m)  # (..., 2H): dc' less f dc, the o gate's da
             to_c, to_h = da[..., :H], da[..., H:]
         else:
@@ -170,13 +170,14 @@ def _many_directions(v: Tensor, hidden: int) -> bool:
     return v.dim() >= 3 and v.numel() >= hidden * v.shape[-2] * v.shape[-1]
 
 
-def _per_sample(w: Tensor, coef: Tensor) -> Tensor:
+def _per_sample(w: Tensor, coef: Tensor, out: Tensor | None = None) -> Tensor:
     """W^T scaled column-wise by each sample's coefficients: w (G*H, H), or seed-stacked
-    (S, G*H, H); coef (B, G*H) -> (B, H, G*H)."""
+    (S, G*H, H); coef (B, G*H) -> (B, H, G*H), into ``out`` where given."""
     if w.dim() == 2:
-        return w.T * coef[:, None, :]
+        return torch.mul(w.T, coef[:, None, :], **({} if out is None else {"out": out}))
     S = w.shape[0]
-    return (w.mT[:, None] * coef.view(S, -1, 1, coef.shape[-1])).flatten(0, 1)
+    into = {} if out is None else {"out": out.unflatten(0, (S, -1))}
+    return torch.mul(w.mT[:, None], coef.view(S, -1, 1, coef.shape[-1]), **into).flatten(0, 1)
 
 
 def _by_sample(v: Tensor, m: Tensor) -> Tensor:
