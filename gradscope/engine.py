@@ -43,6 +43,10 @@ from .probes import ForwardStep, Probe, ReverseStep, norm
 LN10 = math.log(10.0)
 CHUNK = 64  # steps whose Jacobian coefficients the fast back end holds at once
 _STACKED = 2**22  # elements of tangents the forward pass stacks before its probes read them
+# forward probes alone take the trajectory whole from the fast back end (fewer ops a step)
+# while it takes at most this many bytes, and stream it a chunk at a time above: their memory
+# stays bounded whatever T
+STREAMED_ABOVE = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,9 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
 
     forward = [p for p in probes if p.pass_ == "forward"]
     reverse = [p for p in probes if p.pass_ == "reverse"]
-    if not reverse:  # forward probes alone keep nothing of the past: memory independent of T
+    if not reverse and (u.fast_trajectory is None
+                        or (T + 1) * u.s0.numel() * u.s0.element_size() > STREAMED_ABOVE):
+        # forward probes alone keep nothing of the past: memory independent of T
         chunks = _streamed_chunks(u)
         return profiles(_forward_pass(u, chunks, forward, out, projections, seeds))
     if checkpoint:  # one streamed pass for the forward probes and the adjoint's checkpoints
@@ -186,7 +192,7 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
     if forward:
         stop = _forward_pass(u, _stored_chunks(states, g), forward, out, projections, seeds)
         nonfinite = nonfinite or stop
-    if bad is None:  # the task loss needs the whole, finite trajectory
+    if bad is None and reverse:  # the task loss needs the whole, finite trajectory
         blocks = u.fused_adjoint(CHUNK) if use_fused else None
         _reverse_pass(u, states, g, reverse, out, blocks)
     return profiles(nonfinite)

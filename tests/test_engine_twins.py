@@ -402,3 +402,27 @@ def test_forward_slices_shorten_to_the_decay_instead_of_going_step_by_step(make,
     measure(model.unroll(batch), probes)
     assert sum(stepped) + sum(blocked) == 300
     assert sum(stepped) <= 64 + 10 and max(blocked) > 1, (stepped, blocked)
+
+
+@pytest.mark.parametrize("options", [{"cell": "lstm"}, {"cell": "gru", "task": "copy"},
+                                     {"cell": "rnn", "activation": "sigmoid"}])
+def test_forward_probes_alone_stream_long_trajectories_with_the_same_numbers(make, monkeypatch,
+                                                                            options):
+    """Forward probes alone take a small trajectory whole from the fast back end, and stream a
+    large one chunk by chunk (memory bounded whatever T; so do varying lengths, which have no
+    fast trajectory): the same numbers either way."""
+    import gradscope.engine as engine
+
+    model, batch = make(**{"hidden": 6, "batch": 3, "seq_len": 200, **options})
+    probes = [PROBES.get(n) for n in probes_for(model.cell.parts) if n != "adjoint"]
+    streamed, original = [], engine._streamed_chunks
+    monkeypatch.setattr(engine, "_streamed_chunks",
+                        lambda *a, **k: streamed.append(1) or original(*a, **k))
+    whole = measure(model.unroll(batch), probes).log10
+    assert not streamed
+    monkeypatch.setattr(engine, "STREAMED_ABOVE", 0)
+    chunked = measure(model.unroll(batch), probes).log10
+    assert streamed
+    for name in whole:
+        np.testing.assert_allclose(chunked[name], whole[name], rtol=0, atol=1e-10,
+                                   err_msg=name)
