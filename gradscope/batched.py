@@ -30,6 +30,7 @@ from .runner import (
     check_config,
     execute,
     initial_theory,
+    resolve_device,
     snapshot_options,
     training_batches,
     training_result,
@@ -49,7 +50,7 @@ def stack_pays(config: RunConfig) -> bool:
     are arithmetic: 0.8-1.0x at 32, 1.0-1.4x at 16), nor for training the float32 LSTM (0.7x
     at 32, 1.0x at 16): one model trains in oneDNN's LSTM kernel, 5-11x faster than a loop
     (--train-paths), while a stack calls it once per seed and adds its own bookkeeping."""
-    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    on_cpu = config.device != "cuda" and resolve_device(config.device).type == "cpu"
     kernel_alone = config.cell == "lstm" and config.dtype == "float32" and config.steps > 0
     return not (on_cpu and config.batch > 16 and (config.steps == 0 or kernel_alone))
 

@@ -21,6 +21,11 @@ from torch import Tensor
 from .cells import Cell, affine
 
 
+def _into(out: Tensor | None) -> dict:
+    """The ``out=`` keyword of a torch op where there is a tensor to write into."""
+    return {} if out is None else {"out": out}
+
+
 class StepOps:
     """The linear maps of one chunk's steps, indexed 0..C-1."""
 
@@ -33,7 +38,7 @@ class StepOps:
         if self.mask is None:
             return self._jvp(i, v, out)
         return torch.where(self.mask[i], self._jvp(i, v, None), v,
-                           **({} if out is None else {"out": out}))
+                           **_into(out))
 
     def vjp(self, i: int, lam: Tensor) -> Tensor:
         out = self._vjp(i, lam)
@@ -56,7 +61,7 @@ class RNNOps(StepOps):
             (self.d,) = torch.autograd.grad(cell.phi(a).sum(), a)  # phi'(a), (C, B, H)
 
     def _jvp(self, i: int, v: Tensor, out: Tensor | None) -> Tensor:
-        return torch.mul(affine(v, self.w), self.d[i], **({} if out is None else {"out": out}))
+        return torch.mul(affine(v, self.w), self.d[i], **_into(out))
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
         return affine(self.d[i] * lam, self.w.mT)
@@ -149,7 +154,7 @@ class GRUOps(StepOps):
             dh = _by_sample(v, m)
         else:
             dh = affine(v, self.w).mul_(self.coef[i]).unflatten(-1, (3, H)).sum(-2)  # (..., H)
-        return torch.addcmul(dh, self.z[i], v, **({} if out is None else {"out": out}))
+        return torch.addcmul(dh, self.z[i], v, **_into(out))
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
         return affine(self.coef[i] * lam.tile(3), self.w.mT) + self.z[i] * lam
@@ -174,9 +179,9 @@ def _per_sample(w: Tensor, coef: Tensor, out: Tensor | None = None) -> Tensor:
     """W^T scaled column-wise by each sample's coefficients: w (G*H, H), or seed-stacked
     (S, G*H, H); coef (B, G*H) -> (B, H, G*H), into ``out`` where given."""
     if w.dim() == 2:
-        return torch.mul(w.T, coef[:, None, :], **({} if out is None else {"out": out}))
+        return torch.mul(w.T, coef[:, None, :], **_into(out))
     S = w.shape[0]
-    into = {} if out is None else {"out": out.unflatten(0, (S, -1))}
+    into = _into(None if out is None else out.unflatten(0, (S, -1)))
     return torch.mul(w.mT[:, None], coef.view(S, -1, 1, coef.shape[-1]), **into).flatten(0, 1)
 
 

@@ -92,9 +92,15 @@ def norm(x: Tensor) -> Tensor:
     exact = (plain >= math.sqrt(info.tiny / info.eps)) & (plain <= math.sqrt(info.max))
     if bool(exact.all()):
         return plain
-    top = x.abs().amax(dim=-1)
-    top = torch.where(top > 0, top, torch.ones_like(top))
+    top = _largest(x)
     return torch.where(exact, plain, torch.linalg.vector_norm(x / top[..., None], dim=-1) * top)
+
+
+def _largest(x: Tensor) -> Tensor:
+    """The largest |entry| along the last dim, 1 where all are zero: a divisor that brings x's
+    entries to at most 1 without under- or overflow in the division."""
+    top = x.abs().amax(dim=-1)
+    return torch.where(top > 0, top, torch.ones_like(top))
 
 
 def _ln_norm(x: Tensor) -> Tensor:
@@ -122,8 +128,7 @@ def _grad(ctx: ForwardStep, probe: Probe) -> Tensor:
     # divisor is added back). Each column of the tangent has a norm within the safe range, so
     # the products underflow only where a part of the state is below ~1e-19 of another's
     # (float32), in a slice renormalised at its end: then they read as zero.
-    top = ctx.grad.abs().amax(dim=-1)  # (C, B)
-    top = torch.where(top > 0, top, torch.ones_like(top))
+    top = _largest(ctx.grad)  # (C, B)
     # a product and a sum: einsum would first copy the tangent into a matmul's layout
     dots = (ctx.tangent[:, cols] * (ctx.grad / top[..., None])[:, None]).sum(-1)
     ln_abs = torch.log(dots.abs().double()) + torch.log(top.double())[:, None] \
