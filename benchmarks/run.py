@@ -237,6 +237,7 @@ def main() -> None:
     parser.add_argument("--projections", type=int, default=16,
                         help="random directions per part for the estimated forward probes")
     parser.add_argument("--memory", action="store_true", help="only the memory cases")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory cases")
     parser.add_argument("--seeds", action="store_true",
                         help="only seed stacks against one seed at a time (8 seeds)")
     parser.add_argument("--seed-batch", type=int, default=32,
@@ -284,6 +285,8 @@ def main() -> None:
               f"{loop / base:.2f}x / {kernel / base:.2f}x | {exact} | {estimate:.3f} | "
               f"{estimate / base:.2f}x | {slow:.1f}{mark} | "
               f"{versus} |", flush=True)
+    if args.no_memory:
+        return
     lengths = (10_000, 100_000, 1_000_000) if args.full else (10_000, 100_000)
     memory = "peak GPU memory" if args.device == "cuda" else "peak RSS"
     print(f"\n| probe, rnn H=32 B=4 | T | seconds | {memory} (MB) |")

@@ -37,6 +37,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from .cudagraphs import GraphedPush, graphed_push
 from .linear import FusedAdjoint, StepOps
 from .probes import ForwardStep, Probe, ReverseStep, norm
 
@@ -47,6 +48,13 @@ _STACKED = 2**22  # elements of tangents the forward pass stacks before its prob
 # while it takes at most this many bytes, and stream it a chunk at a time above: their memory
 # stays bounded whatever T
 STREAMED_ABOVE = 16 * 2**20
+# On a GPU, memory is plentiful and every op is a kernel launch: larger slices (fewer probe
+# reads) and a larger trajectory taken whole (the fused kernel rather than a loop of steps)
+_STACKED_GPU, STREAMED_ABOVE_GPU = 2**26, 2**30
+
+
+def _on_gpu(x: Tensor) -> bool:
+    return x.device.type == "cuda"
 
 
 @dataclass(frozen=True)
@@ -163,7 +171,8 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
     forward = [p for p in probes if p.pass_ == "forward"]
     reverse = [p for p in probes if p.pass_ == "reverse"]
     if not reverse and (u.fast_trajectory is None
-                        or (T + 1) * u.s0.numel() * u.s0.element_size() > STREAMED_ABOVE):
+                        or (T + 1) * u.s0.numel() * u.s0.element_size()
+                        > (STREAMED_ABOVE_GPU if _on_gpu(u.s0) else STREAMED_ABOVE)):
         # forward probes alone keep nothing of the past: memory independent of T
         chunks = _streamed_chunks(u)
         return profiles(_forward_pass(u, chunks, forward, out, projections, seeds))
@@ -201,7 +210,7 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
 def _fused_applies(u: Unrolled, fused: bool | None, with_forward: bool) -> bool:
     """Whether the adjoint comes from the fused kernel (``measure``'s ``fused``)."""
     if fused is None:
-        fused = u.s0.device.type == "cuda" or (u.fused_on_cpu and not with_forward)
+        fused = _on_gpu(u.s0) or (u.fused_on_cpu and not with_forward)
     # the blocks redone step by step need the closed-form back end (``_reverse_fast``)
     return (fused and u.fused_adjoint is not None and u.linearize is not None
             and u.mask is None and u.groups == 1 and _loss_at_last_step_only(u))
@@ -357,19 +366,21 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
     log_scale = torch.zeros(tangent.shape[:2], dtype=torch.float64, device=u.s0.device)
 
     length = CHUNK  # the steps a slice may take at once: what the decay seen so far allows
+    graphs = graphed_push(tangent.device)
+    stacked = _STACKED_GPU if _on_gpu(tangent) else _STACKED
     for t0, states, g, stop in chunks:
         n = states.shape[0] - 1
         ops = u.ops(states, t0) if u.linearize is not None and n else None
         done = 0
         while done < n:  # in slices whose stacked tangents stay small
-            m = min(n - done, max(1, _STACKED // tangent.numel()))
+            m = min(n - done, max(1, stacked // tangent.numel()))
             # 2. Push every direction through the slice's J_t = ds_t/ds_{t-1} (no graph kept),
             #    renormalised once at its end where the closed form allows it and the values
             #    stay in range, else after every step (``_push_steps``).
             pushed = None
             if ops is not None and length > 1:
                 m = min(m, length)
-                pushed = _push_block(ops, tangent, done, done + m)
+                pushed = _push_block(ops, tangent, done, done + m, graphs)
             if pushed is None:
                 pushed = _push_steps(u, ops, states, t0, tangent, done, done + m)
             values_, ln_scales, tangent, ln_last = pushed
@@ -413,14 +424,15 @@ def _push_steps(u: Unrolled, ops: StepOps | None, states: Tensor, t0: int, tange
     return torch.stack(stacked), ln_scales, tangent, ln_scales[-1]
 
 
-def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int) -> Pushed | None:
+def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int,
+                graphs: GraphedPush | None) -> Pushed | None:
     """Steps a+1..b renormalised once, at the end: as ``_push_steps`` (the values then carry
     their own scale), or None where a value would leave the safe range, or a live direction
-    reach zero: then the slice is done step by step, so nothing underflows unseen."""
-    values = tangent.new_empty(b - a, *tangent.shape)  # (m, K, B, S), written in place
-    v = tangent
-    for j, i in enumerate(range(a, b)):
-        v = ops.jvp(i, v, out=values[j])
+    reach zero: then the slice is done step by step, so nothing underflows unseen. On a GPU
+    the steps replay from a CUDA graph where the slice repeats (``graphs``)."""
+    values = None if graphs is None else graphs(ops, tangent, a, b)
+    if values is None:  # (m, K, B, S), written in place
+        values = ops.push(tangent, a, b, tangent.new_empty(b - a, *tangent.shape))
     norms = torch.linalg.vector_norm(values, dim=-1)  # (m, K, B)
     live = (tangent != 0).any(dim=-1)  # a zero direction stays zero
     if not _in_safe_range(norms, live):

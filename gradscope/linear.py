@@ -40,6 +40,12 @@ class StepOps:
         return torch.where(self.mask[i], self._jvp(i, v, None), v,
                            **_into(out))
 
+    def push(self, v: Tensor, a: int, b: int, out: Tensor) -> Tensor:
+        """Steps a+1..b from v (K, B, S), each step's J v into out[j] (b-a, K, B, S)."""
+        for j, i in enumerate(range(a, b)):
+            v = self.jvp(i, v, out=out[j])
+        return out
+
     def vjp(self, i: int, lam: Tensor) -> Tensor:
         out = self._vjp(i, lam)
         return out if self.mask is None else torch.where(self.mask[i], out, lam)
@@ -355,7 +361,7 @@ class FusedAdjoint:
         lstm = cell.name == "lstm"
         self.starts = s0.new_empty(-(-T // length), *s0.shape)  # s_0, s_L, s_2L, ...
         self.graphs: list[tuple] = []  # per block: (z, c_start, outputs)
-        self.finite = True
+        finite = []  # per block, on the device: asked once at the end (a GPU runs ahead)
         state = s0
         with torch.enable_grad(), full_float32():
             for k, t0 in enumerate(range(0, T, length)):
@@ -375,9 +381,9 @@ class FusedAdjoint:
                     outputs = (h,)
                 self.graphs.append((z, c0, outputs))
                 state = torch.cat(outputs, dim=-1)[0].detach()
-                if not torch.isfinite(state).all():
-                    self.finite = False  # the caller measures the usual way, which says where
-                    break
+                finite.append(torch.isfinite(state).all())
+        # if not, the caller measures the usual way, which says where
+        self.finite = bool(torch.stack(finite).all())
         self.final = state  # s_T (B, S)
 
     def back(self, k: int, adj: Tensor) -> tuple[Tensor, Tensor]:

@@ -426,3 +426,48 @@ def test_forward_probes_alone_stream_long_trajectories_with_the_same_numbers(mak
     for name in whole:
         np.testing.assert_allclose(chunked[name], whole[name], rtol=0, atol=1e-10,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("options", [{"cell": "lstm"}, {"cell": "gru", "task": "copy"},
+                                     {"cell": "rnn", "activation": "relu"}])
+def test_replayed_slices_read_each_chunks_coefficients(make, monkeypatch, options):
+    """The forward pass through ``cudagraphs.GraphedPush`` on the CPU, its CUDA graph stood in
+    for by a closure over the same static tensors: every chunk's coefficients (the shorter last
+    chunk's too) reach the replayed slices, which give the eager numbers exactly."""
+    import gradscope.cudagraphs as cudagraphs
+    import gradscope.engine as engine
+
+    class Replay:  # what a captured graph does: the same launches on the same tensors
+        def __init__(self, static, a, b, static_in, static_out):
+            self.run = lambda: static.push(static_in, a, b, static_out)
+
+        def replay(self):
+            self.run()
+
+    replayed = []
+
+    def capture(self, tangent, a, b):
+        static_in, static_out = tangent.clone(), tangent.new_empty(b - a, *tangent.shape)
+        replayed.append((a, b))
+        return Replay(self.static, a, b, static_in, static_out), static_in, static_out
+
+    loaded, load = [], cudagraphs.GraphedPush._load
+
+    def spy(self, ops):
+        fits = load(self, ops)
+        if fits:  # the steps of the chunk loaded: RNNOps hold phi' as d, gated cells coef
+            loaded.append(len(getattr(ops, "d", None) if hasattr(ops, "d") else ops.coef))
+        return fits
+
+    model, batch = make(**{"hidden": 6, "batch": 3, "seq_len": 290, **options})
+    probes = [PROBES.get(n) for n in probes_for(model.cell.parts) if n != "adjoint"]
+    # slices of 16 steps: the shorter last chunk replays slices captured on full ones
+    monkeypatch.setattr(engine, "_block_length", lambda *args: 16)
+    eager = measure(model.unroll(batch), probes).log10
+    monkeypatch.setattr(cudagraphs.GraphedPush, "_capture", capture)
+    monkeypatch.setattr(cudagraphs.GraphedPush, "_load", spy)
+    monkeypatch.setattr(engine, "graphed_push", lambda device: cudagraphs.GraphedPush())
+    graphed = measure(model.unroll(batch), probes).log10
+    assert replayed and min(loaded) < 64, (replayed, loaded)
+    for name in eager:
+        np.testing.assert_array_equal(graphed[name], eager[name], err_msg=name)

@@ -56,3 +56,31 @@ def test_cuda_fused_adjoint_matches_the_cpu_loop(cell, gain):
         return measure(u, [PROBES.get("adjoint")], fused=device == "cuda").log10["adjoint"]
 
     np.testing.assert_allclose(adjoint("cuda"), adjoint("cpu"), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("projections", [None, 8])
+def test_cuda_graphs_replay_the_eager_forward_pass(cell, projections, monkeypatch):
+    """The forward probes' slices replayed from CUDA graphs (the default on a GPU) give the
+    numbers of the same slices run eager, chunk after chunk, the shorter last one too."""
+    import gradscope.cudagraphs as cudagraphs
+    from gradscope.config import RunConfig
+    from gradscope.engine import measure
+    from gradscope.probes import PROBES, probes_for
+    from gradscope.runner import build
+
+    built = build(RunConfig(device="cuda", cell=cell, hidden=32, batch=4, seq_len=700,
+                            dtype="float64"), torch.device("cuda"))
+    built.model.requires_grad_(False)  # the engine differentiates states only
+    u = built.model.unroll(built.batch)
+    probes = [PROBES.get(n) for n in probes_for(built.model.cell.parts) if n != "adjoint"]
+    captured, capture = [], cudagraphs.GraphedPush._capture
+    monkeypatch.setattr(cudagraphs.GraphedPush, "_capture",
+                        lambda self, *a: captured.append(a[1:]) or capture(self, *a))
+    graphed = measure(u, probes, projections=projections).log10
+    monkeypatch.setattr(cudagraphs, "ENABLED", False)
+    eager = measure(u, probes, projections=projections).log10
+    assert captured
+    for name in eager:
+        np.testing.assert_allclose(graphed[name], eager[name], rtol=0, atol=1e-12,
+                                   err_msg=name)

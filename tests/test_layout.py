@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).parents[1] / "gradscope"
 # import higher ones).
 LAYERS = [
     {"version", "errors", "registry", "config", "files", "summary", "checkconfig"},  # no torch
-    {"activations", "cells", "inits", "tasks", "probes", "linear"},  # the zoo
+    {"activations", "cells", "inits", "tasks", "probes", "linear", "cudagraphs"},  # the zoo
     {"engine"},
     {"model", "usermodel"},
     {"results", "train", "check"},

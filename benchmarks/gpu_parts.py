@@ -1,0 +1,77 @@
+"""Where a GPU profile's time goes: the GPU target case (LSTM, H=256, B=32, T=10000, float32)
+split into its parts, each against the fused torch.nn forward+backward, in one run.
+
+    python3 benchmarks/gpu_parts.py            # on a machine with a CUDA device
+    python3 benchmarks/gpu_parts.py --trace    # and torch.profiler's busiest ops
+
+Rows: the adjoint by the fused kernel's backward (blocks of 64 and of 256 steps) and by the
+closed-form loop; the trajectory alone; the forward probes (exact, on 2 sequences) with their
+slices replayed from CUDA graphs and run eager. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from run import B, fused, machine, setup, timed
+
+import gradscope.cudagraphs as cudagraphs
+import gradscope.engine as engine
+from gradscope.engine import measure
+from gradscope.probes import PROBES, probes_for
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cell", default="lstm", choices=["lstm", "rnn"])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--trace", action="store_true", help="torch.profiler's top ops too")
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
+    args = parser.parse_args()
+    cell, H, T, device = args.cell, args.hidden, args.steps, args.device
+    base = fused(cell, H, T, device, torch.float32)
+    built = setup(cell, H, T, device, "float32")
+    full = built.model.unroll(built.batch)
+    sub = built.model.unroll(built.batch.take(args.samples))
+    adjoint = [PROBES.get("adjoint")]
+    forward = [PROBES.get(n) for n in probes_for(built.model.cell.parts) if n != "adjoint"]
+    rows = []
+
+    def row(name, fn, repeats=2):
+        seconds = timed(fn, repeats, device)
+        rows.append((name, seconds))
+        print(f"| {name} | {seconds:.3f} | {seconds / base:.2f}x |", flush=True)
+
+    print(f"machine: {machine(device)}; torch {torch.__version__}; {cell} H={H} B={B} T={T} "
+          f"float32; forward probes on {args.samples} sequences\n")
+    print("| part | seconds | / fused fwd+bwd |\n|---|---|---|")
+    print(f"| fused torch.nn forward+backward | {base:.3f} | 1.00x |", flush=True)
+    for chunk in (64, 256):
+        engine.CHUNK = chunk
+        row(f"adjoint, fused kernel, blocks of {chunk}", lambda: measure(full, adjoint))
+    engine.CHUNK = 64
+    row("adjoint, closed-form loop", lambda: measure(full, adjoint, fused=False))
+    row("trajectory (fused kernel + LSTM cell-state scan)", lambda: engine.trajectory(sub))
+    row("forward probes, CUDA graphs", lambda: measure(sub, forward))
+    cudagraphs.ENABLED = False
+    row("forward probes, eager", lambda: measure(sub, forward), repeats=1)
+    cudagraphs.ENABLED = True
+    if args.trace:
+        from torch.profiler import ProfilerActivity, profile
+        gpu = device == "cuda"
+        with profile(activities=[ProfilerActivity.CPU]
+                     + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+            measure(sub, forward)
+            measure(full, adjoint)
+            if gpu:
+                torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+        if gpu:
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
