@@ -4,20 +4,25 @@ split into its parts, each against the fused torch.nn forward+backward, in one r
     python3 benchmarks/gpu_parts.py            # on a machine with a CUDA device
     python3 benchmarks/gpu_parts.py --trace    # and torch.profiler's busiest ops
 
-Rows: the adjoint by the fused kernel's backward (blocks of 64 and of 256 steps) and by the
-closed-form loop; the trajectory alone; the forward probes (exact, on 2 sequences) with their
-slices replayed from CUDA graphs and run eager. Not part of the test suite.
+Rows: the adjoint by the fused kernel's backward and by the closed-form loop; the trajectory
+alone; the forward probes (exact, on 2 sequences; and from 16 random directions) with their
+slices replayed from CUDA graphs, also with the LSTM's gate blocks not folded into per-sample
+matrices first, and run eager. With --trace, torch.profiler's busiest ops of a shorter run
+(also written to $OUT/trace.txt where $OUT is set). Not part of the test suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 import torch
 from run import B, fused, machine, setup, timed
 
 import gradscope.cudagraphs as cudagraphs
 import gradscope.engine as engine
+import gradscope.linear as linear
 from gradscope.engine import measure
 from gradscope.probes import PROBES, probes_for
 
@@ -29,6 +34,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--trace", action="store_true", help="torch.profiler's top ops too")
+    parser.add_argument("--trace-steps", type=int, default=2000, help="T of the traced run")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
     args = parser.parse_args()
     cell, H, T, device = args.cell, args.hidden, args.steps, args.device
@@ -49,18 +55,24 @@ def main() -> None:
           f"float32; forward probes on {args.samples} sequences\n")
     print("| part | seconds | / fused fwd+bwd |\n|---|---|---|")
     print(f"| fused torch.nn forward+backward | {base:.3f} | 1.00x |", flush=True)
-    for chunk in (64, 256):
-        engine.CHUNK = chunk
-        row(f"adjoint, fused kernel, blocks of {chunk}", lambda: measure(full, adjoint))
-    engine.CHUNK = 64
+    row("adjoint, fused kernel's backward", lambda: measure(full, adjoint))
     row("adjoint, closed-form loop", lambda: measure(full, adjoint, fused=False))
-    row("trajectory (fused kernel + LSTM cell-state scan)", lambda: engine.trajectory(sub))
+    row("trajectory (fused kernel; LSTM: cell-state scan)", lambda: engine.trajectory(sub))
     row("forward probes, CUDA graphs", lambda: measure(sub, forward))
+    row("forward probes, CUDA graphs, 16 random directions",
+        lambda: measure(sub, forward, projections=16))
+    many = linear._many_directions
+    linear._many_directions = lambda v, hidden: False
+    row("forward probes, CUDA graphs, gate blocks not folded", lambda: measure(sub, forward))
+    linear._many_directions = many
     cudagraphs.ENABLED = False
     row("forward probes, eager", lambda: measure(sub, forward), repeats=1)
     cudagraphs.ENABLED = True
-    if args.trace:
+    if args.trace:  # a shorter run: the same work per step, fewer events to sort
         from torch.profiler import ProfilerActivity, profile
+        short = setup(cell, H, args.trace_steps, device, "float32")
+        sub = short.model.unroll(short.batch.take(args.samples))
+        full = short.model.unroll(short.batch)
         gpu = device == "cuda"
         with profile(activities=[ProfilerActivity.CPU]
                      + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
@@ -68,9 +80,14 @@ def main() -> None:
             measure(full, adjoint)
             if gpu:
                 torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+        events = prof.key_averages()
+        tables = [events.table(sort_by="self_cpu_time_total", row_limit=25)]
         if gpu:
-            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12))
+            tables.append(events.table(sort_by="self_device_time_total", row_limit=25))
+        text = f"T = {args.trace_steps}\n" + "\n".join(tables)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "trace.txt").write_text(text)
+        print(text)
 
 
 if __name__ == "__main__":

@@ -326,8 +326,17 @@ def _block_length(ln_change: Tensor, steps: int, dtype: torch.dtype) -> int:
     fastest rate of change seen over the last ``steps`` (ln_change: ln of each sample's or
     direction's factor over them; -inf for exact zeros), half the decades from 1 to the edge
     of the safe range (_in_safe_range), at most CHUNK."""
-    finite = ln_change[torch.isfinite(ln_change)]
-    moved = float(finite.abs().max()) / math.log(10) / steps if finite.numel() else 0.0
+    return _length_for(float(_fastest(ln_change)), steps, dtype)
+
+
+def _fastest(ln_change: Tensor) -> Tensor:
+    """The largest finite |ln_change|, 0 where none is finite: a scalar on the device."""
+    return torch.where(torch.isfinite(ln_change), ln_change.abs(), 0.0).max()
+
+
+def _length_for(fastest: float, steps: int, dtype: torch.dtype) -> int:
+    """``_block_length`` from ``_fastest``'s value."""
+    moved = fastest / math.log(10) / steps
     room = math.log10(torch.finfo(dtype).max) / 2  # decades from 1 to sqrt(max)
     return max(1, min(CHUNK, int(0.5 * room / max(moved, 1e-3))))
 
@@ -337,9 +346,14 @@ def _in_safe_range(norms: Tensor, live: Tensor) -> bool:
     of their dtype: then a block of steps renormalised only at its end lost nothing inside.
     Plain norms (sums of squares) serve here: one computed within that range is accurate, and
     one whose squares under- or overflowed falls outside it."""
+    return bool(_safe_range(norms, live))
+
+
+def _safe_range(norms: Tensor, live: Tensor) -> Tensor:
+    """``_in_safe_range`` as a tensor on the device, not yet waited for."""
     safe = torch.finfo(norms.dtype)
     low, high = math.sqrt(safe.tiny), math.sqrt(safe.max)
-    return bool(((norms >= low) & (norms <= high) | ~live).all())
+    return ((norms >= low) & (norms <= high) | ~live).all()
 
 
 def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
@@ -384,18 +398,21 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
             if pushed is None:
                 pushed = _push_steps(u, ops, states, t0, tangent, done, done + m)
             values_, ln_scales, tangent, ln_last = pushed
-            length = _block_length(ln_last, m, tangent.dtype)
             # 3. The probes, over the slice: each step's values times exp(its log-scale).
             scales = log_scale + ln_scales
             log_scale = log_scale + ln_last
             ctx = ForwardStep(values_, scales, columns, rows, g[done:done + m], weights,
                               u.groups)
-            values = {probe.name: probe(ctx).cpu().numpy() for probe in probes}
-            grown = torch.isnan(scales) | torch.isposinf(scales)  # left float range
-            bad = torch.nonzero(grown.flatten(1).any(dim=1))
+            grown = (torch.isnan(scales) | torch.isposinf(scales)).flatten(1).any(dim=1)
+            # what the host needs, in one transfer: on a GPU each is a wait for the device
+            # (m, probes * G + 2): the probes, whether a step left float range, the change
+            read = torch.cat([*(probe(ctx) for probe in probes), grown[:, None].double(),
+                              _fastest(ln_last).expand(m, 1)], dim=1).cpu().numpy()
+            length = _length_for(float(read[0, -1]), m, tangent.dtype)
+            bad = np.flatnonzero(read[:, -2])
             keep = int(bad[0]) if len(bad) else m
-            for name, v in values.items():
-                out[name][t0 + done:t0 + done + keep] = v[:keep]
+            for i, name in enumerate(p.name for p in probes):
+                out[name][t0 + done:t0 + done + keep] = read[:keep, i * u.groups:(i + 1) * u.groups]
             if len(bad):
                 return NonFinite(t0 + done + keep + 1, "tangent")
             done += m
@@ -515,31 +532,12 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
     T, rows = u.seq_len, u.rows()
     cache: list = []
     length, t = CHUNK, T  # adj = lambda_t / exp(log_scale), of norm 1 (or 0) per sample
+    if fused is not None:
+        t, adj, log_scale = _reverse_fused(u, fused, adj, log_scale, probes, per_sample)
+        # where a block left the range, the rest runs without the kernel, a step at a time
+        # at first (a decay this fast would fail again, each time a block's backward wasted)
+        length = 1
     while t >= 1:
-        if fused is not None and (t == T or t % CHUNK == 0):
-            # 0. The block t0+1..t by the fused kernel: the h-parts of lambda_t..lambda_t0+1
-            #    for the probes, lambda_t0 whole to go on with; kept if all are in range.
-            t0 = ((t - 1) // CHUNK) * CHUNK
-            lam_h, exit_ = fused.back(t0 // CHUNK, adj)  # (n, B, H) of t0..t-1, (B, S)
-            h = rows["h"]
-            values = torch.cat([adj[None, :, h], lam_h.flip(0)[:-1]])  # (n, B, H): t..t0+1
-            norms = torch.linalg.vector_norm(values[1:], dim=-1)
-            if t0 > 0:  # lambda_t0's norm last
-                norms = torch.cat([norms, torch.linalg.vector_norm(exit_, dim=-1)[None]])
-            live = (adj != 0).any(dim=-1)
-            if _in_safe_range(norms, live):
-                n = t - t0
-                ctx = ReverseStep(values, log_scale.expand(n, -1), {"h": h})
-                for probe in probes:
-                    per_sample[probe.name][T - t:T - t + n] = probe(ctx)
-                if t0 > 0:
-                    adj, ln_exit = _rescaled(exit_, norms[-1])
-                    log_scale = log_scale + ln_exit
-                t = t0
-                continue
-            # out of range: redo the block a step at a time, and the rest without the kernel
-            # (a decay this fast would fail again, each time a block's backward wasted)
-            length, fused = 1, None
         # 1. A block: lambda_t, ..., lambda_{t-n+1} from adj, ending at an ops chunk's start;
         #    exit = lambda_{t-n}, which starts the next block (not needed after step 1).
         n = min(length, t - ((t - 1) // CHUNK) * CHUNK)
@@ -562,6 +560,39 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
             log_scale = log_scale + ln_exit
             length = _block_length(ln_exit, n, adj.dtype)
         t -= n
+
+
+def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Tensor,
+                   probes: Sequence[Probe], per_sample: dict[str, Tensor]
+                   ) -> tuple[int, Tensor, Tensor]:
+    """``_reverse_fast`` by the fused kernel's backward, a block of CHUNK steps at a time from
+    step T down: the h-parts of lambda_t..lambda_t0+1 for the probes, lambda_t0 whole to go
+    on with. Nothing here waits for the device: each block's range check is kept as a flag
+    and all are read once, at the end. Returns (0, ...) where every block stayed in range;
+    else (t, adj, log_scale) at the start of the first block that did not, for the
+    closed-form loop to redo from there (what later blocks wrote, it overwrites)."""
+    T, h = u.seq_len, u.rows()["h"]
+    entries, kept = [], []
+    t = T
+    while t >= 1:
+        t0 = ((t - 1) // CHUNK) * CHUNK
+        entries.append((t, adj, log_scale))
+        lam_h, exit_ = fused.back(t0 // CHUNK, adj)  # (n, B, H) of t0..t-1, (B, S)
+        values = torch.cat([adj[None, :, h], lam_h.flip(0)[:-1]])  # (n, B, H): t..t0+1
+        norms = torch.linalg.vector_norm(values[1:], dim=-1)
+        if t0 > 0:  # lambda_t0's norm last
+            norms = torch.cat([norms, torch.linalg.vector_norm(exit_, dim=-1)[None]])
+        kept.append(_safe_range(norms, (adj != 0).any(dim=-1)))
+        n = t - t0
+        ctx = ReverseStep(values, log_scale.expand(n, -1), {"h": h})
+        for probe in probes:
+            per_sample[probe.name][T - t:T - t + n] = probe(ctx)
+        if t0 > 0:
+            adj, ln_exit = _rescaled(exit_, norms[-1])
+            log_scale = log_scale + ln_exit
+        t = t0
+    left = torch.nonzero(~torch.stack(kept).cpu())  # the one wait for the device
+    return (0, adj, log_scale) if not len(left) else entries[int(left[0])]
 
 
 def _reverse_general(u: Unrolled, states: Tensor, direct: Tensor, has_direct: list[bool],

@@ -246,7 +246,8 @@ def kernel_trains_faster(cell: str, activation: str | None, dtype: torch.dtype,
     return cell == "lstm" and dtype == torch.float32
 
 
-_SCAN = 64  # steps of LSTM gates the cell-state scan holds at once
+_SCAN = 64  # steps of LSTM gates the cell-state scan holds at once, one op a step (CPU)
+_SCAN_GPU = 1024  # on a GPU, where each op is a launch: affine_scan's log2 rounds instead
 KEPT_GATES_BYTES = 256 * 2**20  # the LSTM trajectory keeps its gates for the Jacobians up to this
 
 
@@ -317,17 +318,44 @@ class Linearization:
         keep = T * s0.numel() * 2 * s0.element_size() <= KEPT_GATES_BYTES  # (T, B, 4H)
         kept = s0.new_empty(T, s0.shape[0], 4 * H) if keep else None
         c = states[:, :, H:]  # a view: the scan writes c_t in place
-        for t0 in range(0, T, _SCAN):  # a chunk at a time, so the gates stay in cache
-            t1 = min(t0 + _SCAN, T)
+        rounds = _scan_in_rounds(s0.device)
+        scan = _SCAN_GPU if rounds else _SCAN
+        for t0 in range(0, T, scan):  # a chunk at a time, so the gates stay in cache
+            t1 = min(t0 + scan, T)
             gates = _lstm_gates(cell, states[t0:t1, :, :H], cell.project(x[t0:t1]))
             if kept is not None:
                 kept[t0:t1] = gates
-            torch.mul(gates[..., :H], gates[..., 2 * H:3 * H], out=c[t0 + 1:t1 + 1])  # i g
-            f = gates[..., H:2 * H]
-            for t in range(t0, t1):
-                c[t + 1].addcmul_(f[t - t0], c[t])  # c_t = f_t c_{t-1} + i_t g_t
+            # c_t = f_t c_{t-1} + i_t g_t
+            f, ig = gates[..., H:2 * H], gates[..., :H] * gates[..., 2 * H:3 * H]
+            if rounds:
+                c[t0 + 1:t1 + 1] = affine_scan(f, ig, c[t0])
+            else:  # one op a step
+                c[t0 + 1:t1 + 1] = ig
+                for t in range(t0, t1):
+                    c[t + 1].addcmul_(f[t - t0], c[t])
         self.kept = None if kept is None else (states, kept)
         return states
+
+
+def _scan_in_rounds(device: torch.device) -> bool:
+    """Whether the LSTM's cell-state scan runs as ``affine_scan``: on a GPU."""
+    return device.type == "cuda"
+
+
+def affine_scan(f: Tensor, b: Tensor, c0: Tensor) -> Tensor:
+    """c_t = f_t c_{t-1} + b_t for t = 1..n from c_0: f, b (n, ...), c0 (...) -> (n, ...).
+
+    In log2(n) rounds rather than n steps (Hillis and Steele's scan of the affine maps
+    c -> f c + b, composed as (f2, b2) after (f1, b1) = (f2 f1, f2 b1 + b2)): on a GPU, where
+    each step of the sequential recurrence would be a kernel launch of its own. Products and
+    sums only, no division: as accurate as the sequential recurrence, to rounding."""
+    a, b = f.clone(), b.clone()
+    d = 1
+    while d < len(a):
+        b[d:] = torch.addcmul(b[d:], a[d:], b[:-d])  # the right side first: old values
+        a[d:] = a[d:] * a[:-d]
+        d *= 2
+    return torch.addcmul(b, a, c0)
 
 
 def _looped(cell: Cell, drive: Tensor, s0: Tensor) -> Tensor:

@@ -1,5 +1,7 @@
 """Every probe, for every cell and activation, against its brute-force autograd twin."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -120,6 +122,31 @@ def test_the_fast_trajectory_is_the_step_by_step_one(make, options):
     fast, _ = trajectory(u)
     slow, _ = trajectory(replace(u, fast_trajectory=None))
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+def test_the_lstm_cell_state_scan_in_rounds_is_the_sequential_one(make, monkeypatch):
+    """On a GPU the LSTM's c_t come from affine_scan's log2(n) rounds, not one op a step:
+    the same trajectory, over chunks (1024 steps) and a shorter rest, and the same scan on
+    its own against the recurrence written out."""
+    import gradscope.linear as linear
+    from gradscope.engine import trajectory
+
+    gen = torch.Generator().manual_seed(0)
+    f, b = torch.rand(37, 3, 4, generator=gen, dtype=torch.float64), \
+        torch.randn(37, 3, 4, generator=gen, dtype=torch.float64)
+    c0 = c = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    want = []
+    for t in range(37):
+        c = f[t] * c + b[t]
+        want.append(c)
+    torch.testing.assert_close(linear.affine_scan(f, b, c0), torch.stack(want), rtol=1e-12,
+                               atol=1e-12)
+    model, batch = make(cell="lstm", hidden=5, batch=3, seq_len=1500)
+    u = model.unroll(batch)
+    sequential, _ = trajectory(u)
+    monkeypatch.setattr(linear, "_scan_in_rounds", lambda device: True)
+    rounds, _ = trajectory(u)
+    torch.testing.assert_close(rounds, sequential, rtol=1e-12, atol=1e-12)
 
 
 _DECAYING = [{"cell": "rnn", "init": "normal", "gain": 0.03},  # about -1.5 decades a step
@@ -462,7 +489,7 @@ def test_replayed_slices_read_each_chunks_coefficients(make, monkeypatch, option
     model, batch = make(**{"hidden": 6, "batch": 3, "seq_len": 290, **options})
     probes = [PROBES.get(n) for n in probes_for(model.cell.parts) if n != "adjoint"]
     # slices of 16 steps: the shorter last chunk replays slices captured on full ones
-    monkeypatch.setattr(engine, "_block_length", lambda *args: 16)
+    monkeypatch.setattr(engine, "_length_for", lambda *args: 16)
     eager = measure(model.unroll(batch), probes).log10
     monkeypatch.setattr(cudagraphs.GraphedPush, "_capture", capture)
     monkeypatch.setattr(cudagraphs.GraphedPush, "_load", spy)
@@ -471,3 +498,31 @@ def test_replayed_slices_read_each_chunks_coefficients(make, monkeypatch, option
     assert replayed and min(loaded) < 64, (replayed, loaded)
     for name in eager:
         np.testing.assert_array_equal(graphed[name], eager[name], err_msg=name)
+
+
+def test_the_fused_adjoint_resumes_the_loop_at_the_first_block_out_of_range(make, monkeypatch):
+    """The fused blocks are checked all at once at the end: where the third from T failed
+    its range check, the loop redoes the pass from that block's start, and the values are
+    the loop's own (the blocks written after the failure were garbage; they are rewritten)."""
+    import gradscope.engine as engine
+
+    model, batch = make(cell="lstm", hidden=6, batch=3, seq_len=300)
+    u = model.unroll(batch)
+    adjoint = [PROBES.get("adjoint")]
+    want = measure(u, adjoint, fused=False).log10["adjoint"]
+    checks, backs, safe, back = [], [], engine._safe_range, engine.FusedAdjoint.back
+
+    def failing_third(norms, live):
+        checks.append(1)
+        return safe(norms, live) & (len(checks) != 3)
+
+    def garbage_after_third(self, k, adj):  # what a block fed an out-of-range adjoint gives
+        backs.append(k)
+        lam_h, start = back(self, k, adj)
+        return (lam_h * math.nan, start * math.nan) if len(backs) >= 3 else (lam_h, start)
+
+    monkeypatch.setattr(engine, "_safe_range", failing_third)
+    monkeypatch.setattr(engine.FusedAdjoint, "back", garbage_after_third)
+    got = measure(u, adjoint, fused=True).log10["adjoint"]
+    assert backs == [4, 3, 2, 1, 0]  # 300 steps: every block runs before the flags are read
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
