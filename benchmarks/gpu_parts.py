@@ -4,7 +4,8 @@ split into its parts, each against the fused torch.nn forward+backward, in one r
     python3 benchmarks/gpu_parts.py            # on a machine with a CUDA device
     python3 benchmarks/gpu_parts.py --trace    # and torch.profiler's busiest ops
 
-Rows: the adjoint by the fused kernel's backward and by the closed-form loop; the trajectory
+Rows: the adjoint by the fused kernel's backward (as planned for a GPU, and as for a CPU) and
+by the closed-form loop; the trajectory
 alone; the forward probes (exact, on 2 sequences; and from 16 random directions) with their
 slices replayed from CUDA graphs, also with the LSTM's gate blocks not folded into per-sample
 matrices first, and run eager. With --trace, torch.profiler's busiest ops of a shorter run
@@ -55,7 +56,13 @@ def main() -> None:
           f"float32; forward probes on {args.samples} sequences\n")
     print("| part | seconds | / fused fwd+bwd |\n|---|---|---|")
     print(f"| fused torch.nn forward+backward | {base:.3f} | 1.00x |", flush=True)
-    row("adjoint, fused kernel's backward", lambda: measure(full, adjoint))
+    row("adjoint, fused kernel's backward, as planned (GPU: blocks of 256, float64)",
+        lambda: measure(full, adjoint))
+    plan = engine._fused_plan
+    engine._fused_plan = lambda u: (engine.CHUNK, u.s0.dtype)
+    row("adjoint, fused kernel's backward, as on a CPU (blocks of 64, float32)",
+        lambda: measure(full, adjoint))
+    engine._fused_plan = plan
     row("adjoint, closed-form loop", lambda: measure(full, adjoint, fused=False))
     row("trajectory (fused kernel; LSTM: cell-state scan)", lambda: engine.trajectory(sub))
     row("forward probes, CUDA graphs", lambda: measure(sub, forward))

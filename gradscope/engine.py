@@ -81,9 +81,9 @@ class Unrolled:
     # s_0..s_T at once with fewer ops per step than ``step`` (built-in cells, one length)
     fast_trajectory: Callable[[], Tensor] | None = None
     # The adjoint from the fused kernel's own backward (built-in rnn and lstm, one length):
-    # (block length) -> gradscope.linear.FusedAdjoint, its forward done; None where the cell
-    # has none or the trajectory left float range
-    fused_adjoint: Callable[[int], FusedAdjoint | None] | None = None
+    # (block length, the kernel's dtype) -> gradscope.linear.FusedAdjoint, its forward done;
+    # None where the cell has none or the trajectory left float range
+    fused_adjoint: Callable[[int, torch.dtype], FusedAdjoint | None] | None = None
     fused_on_cpu: bool = False  # whether, on the CPU too, it beats the closed-form loop
     # S > 1: the batch is S seeds' samples, seed-major, with S seeds' weights inside ``step``
     # (gradscope.batched); the loss is the sum of each seed's batch mean and every probe is
@@ -188,7 +188,7 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
         return profiles(nonfinite)
     use_fused = _fused_applies(u, fused, bool(forward))
     if use_fused and not forward:  # its forward is the trajectory; it keeps block starts only
-        blocks = u.fused_adjoint(CHUNK)
+        blocks = u.fused_adjoint(*_fused_plan(u))
         if blocks is not None:  # else it left float range: the usual way tells where
             starts = Segmented(u, blocks.length, blocks.starts)
             _reverse_pass(u, starts, None, reverse, out, blocks)
@@ -202,7 +202,7 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
         stop = _forward_pass(u, _stored_chunks(states, g), forward, out, projections, seeds)
         nonfinite = nonfinite or stop
     if bad is None and reverse:  # the task loss needs the whole, finite trajectory
-        blocks = u.fused_adjoint(CHUNK) if use_fused else None
+        blocks = u.fused_adjoint(*_fused_plan(u)) if use_fused else None
         _reverse_pass(u, states, g, reverse, out, blocks)
     return profiles(nonfinite)
 
@@ -214,6 +214,15 @@ def _fused_applies(u: Unrolled, fused: bool | None, with_forward: bool) -> bool:
     # the blocks redone step by step need the closed-form back end (``_reverse_fast``)
     return (fused and u.fused_adjoint is not None and u.linearize is not None
             and u.mask is None and u.groups == 1 and _loss_at_last_step_only(u))
+
+
+def _fused_plan(u: Unrolled) -> tuple[int, torch.dtype]:
+    """The fused adjoint's block length and dtype. On a GPU each block costs the kernel's
+    fixed overhead twice (forward, backward) and the steps are bound by launches, not
+    arithmetic: the kernel runs in float64, whose range (1e+-154 for norms) lets a block
+    span four chunks where a float32 one would often leave the safe range. On the CPU,
+    blocks of one chunk in the cell's dtype."""
+    return (4 * CHUNK, torch.float64) if _on_gpu(u.s0) else (CHUNK, u.s0.dtype)
 
 
 def _loss_at_last_step_only(u: Unrolled) -> bool:
@@ -528,12 +537,13 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
     product of closed-form vjps. It runs in blocks of steps that are renormalised together at
     the block's end, so a step costs one vjp; a block whose values leave the safe range (or hit
     zero) is redone a step at a time, so nothing underflows unseen. With ``fused``, a block of
-    CHUNK steps is first tried by the fused kernel's backward, under the same check."""
+    the fused kernel's backward comes first, under the same check (``_reverse_fused``)."""
     T, rows = u.seq_len, u.rows()
     cache: list = []
     length, t = CHUNK, T  # adj = lambda_t / exp(log_scale), of norm 1 (or 0) per sample
     if fused is not None:
         t, adj, log_scale = _reverse_fused(u, fused, adj, log_scale, probes, per_sample)
+        adj = adj.to(u.s0.dtype)  # of norm 1: the loop's dtype holds it
         # where a block left the range, the rest runs without the kernel, a step at a time
         # at first (a decay this fast would fail again, each time a block's backward wasted)
         length = 1
@@ -565,19 +575,19 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
 def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Tensor,
                    probes: Sequence[Probe], per_sample: dict[str, Tensor]
                    ) -> tuple[int, Tensor, Tensor]:
-    """``_reverse_fast`` by the fused kernel's backward, a block of CHUNK steps at a time from
+    """``_reverse_fast`` by the fused kernel's backward, a block of its steps at a time from
     step T down: the h-parts of lambda_t..lambda_t0+1 for the probes, lambda_t0 whole to go
     on with. Nothing here waits for the device: each block's range check is kept as a flag
     and all are read once, at the end. Returns (0, ...) where every block stayed in range;
     else (t, adj, log_scale) at the start of the first block that did not, for the
     closed-form loop to redo from there (what later blocks wrote, it overwrites)."""
-    T, h = u.seq_len, u.rows()["h"]
+    T, h, L = u.seq_len, u.rows()["h"], fused.length
     entries, kept = [], []
-    t = T
+    t, adj = T, adj.to(fused.dtype)
     while t >= 1:
-        t0 = ((t - 1) // CHUNK) * CHUNK
+        t0 = ((t - 1) // L) * L
         entries.append((t, adj, log_scale))
-        lam_h, exit_ = fused.back(t0 // CHUNK, adj)  # (n, B, H) of t0..t-1, (B, S)
+        lam_h, exit_ = fused.back(t0 // L, adj)  # (n, B, H) of t0..t-1, (B, S)
         values = torch.cat([adj[None, :, h], lam_h.flip(0)[:-1]])  # (n, B, H): t..t0+1
         norms = torch.linalg.vector_norm(values[1:], dim=-1)
         if t0 > 0:  # lambda_t0's norm last

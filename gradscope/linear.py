@@ -282,14 +282,14 @@ class Linearization:
     def fused_wins_on_cpu(self) -> bool:
         return fused_wins_on_cpu(self.cell.name, self.cell.hidden)
 
-    def fused_adjoint(self, length: int) -> FusedAdjoint | None:
-        """The forward pass of ``FusedAdjoint`` in blocks of ``length`` steps, or None: for
-        cells without the kernel (``has_fused_adjoint``), seed stacks, and a trajectory that
-        leaves float range."""
+    def fused_adjoint(self, length: int, dtype: torch.dtype) -> FusedAdjoint | None:
+        """The forward pass of ``FusedAdjoint`` in blocks of ``length`` steps, in ``dtype``, or
+        None: for cells without the kernel (``has_fused_adjoint``), seed stacks, and a
+        trajectory that leaves float range."""
         cell = self.cell
         if cell.weight_hh.dim() == 3 or not has_fused_adjoint(cell.name, cell.activation):
             return None
-        fused = FusedAdjoint(cell, self.inputs(), self.s0, length)
+        fused = FusedAdjoint(cell, self.inputs(), self.s0, length, dtype)
         return fused if fused.finite else None
 
     def trajectory(self) -> Tensor:
@@ -380,17 +380,24 @@ class FusedAdjoint:
     until its backward; the engine feeds each block's backward its incoming adjoint
     renormalised, and checks the range of what comes back (a block that leaves the safe range
     is redone step by step from the block's start state, kept in ``starts``).
+
+    The kernel runs in ``dtype``, which may be wider than the cell's (float64 for a float32
+    cell: a wider range, so longer blocks); ``starts`` and ``final`` are in the cell's dtype,
+    the adjoints it returns in ``dtype``.
     """
 
-    def __init__(self, cell: Cell, x: Tensor, s0: Tensor, length: int) -> None:
+    def __init__(self, cell: Cell, x: Tensor, s0: Tensor, length: int,
+                 dtype: torch.dtype) -> None:
         H, T = cell.hidden, x.shape[0]
-        self.H, self.length = H, length
-        module = cell.torch_module(tied=True).to(device=s0.device).requires_grad_(False)
+        self.H, self.length, self.dtype = H, length, dtype
+        module = cell.torch_module(tied=True).to(device=s0.device, dtype=dtype)
+        module.requires_grad_(False)
+        x = x.to(dtype)
         lstm = cell.name == "lstm"
         self.starts = s0.new_empty(-(-T // length), *s0.shape)  # s_0, s_L, s_2L, ...
         self.graphs: list[tuple] = []  # per block: (z, c_start, outputs)
         finite = []  # per block, on the device: asked once at the end (a GPU runs ahead)
-        state = s0
+        state = s0.to(dtype)
         with torch.enable_grad(), full_float32():
             for k, t0 in enumerate(range(0, T, length)):
                 self.starts[k] = state
@@ -412,7 +419,7 @@ class FusedAdjoint:
                 finite.append(torch.isfinite(state).all())
         # if not, the caller measures the usual way, which says where
         self.finite = bool(torch.stack(finite).all())
-        self.final = state  # s_T (B, S)
+        self.final = state.to(s0.dtype)  # s_T (B, S)
 
     def back(self, k: int, adj: Tensor) -> tuple[Tensor, Tensor]:
         """Block k (steps kL+1..kL+n) from adj = dL/ds_{kL+n} (scaled): the h-parts of
@@ -420,7 +427,7 @@ class FusedAdjoint:
         is freed."""
         z, c0, outputs = self.graphs[k]
         self.graphs[k] = ()
-        H = self.H
+        H, adj = self.H, adj.to(self.dtype)
         grads = (adj[None, :, :H], adj[None, :, H:])[:len(outputs)]
         wrt = (z,) if c0 is None else (z, c0)
         with full_float32():

@@ -61,7 +61,7 @@ def memory_estimate(config: RunConfig, probes: list[Probe],
     fused = any(p.pass_ == "reverse" for p in probes) \
         and has_fused_adjoint(config.cell, config.activation) \
         and (on_gpu or fused_wins_on_cpu(config.cell, H))
-    graph = 8 * T * B * H * itemsize if fused else 0
+    graph = 8 * T * B * H * (8 if on_gpu else itemsize) if fused else 0  # float64 on a GPU
     return itemsize * (2 * (T + 1) * B * S + T * B * len(cell.gates) * H + 4 * K * B * S) \
         + kept + graph
 

@@ -215,15 +215,27 @@ def test_a_checkpointed_adjoint_is_the_stored_one(make, options):
 
 _FUSED = [{"cell": "rnn"}, {"cell": "rnn", "activation": "relu", "init": "identity"},
           {"cell": "lstm"}]
+# the fused adjoint's plan on the CPU (blocks of 64 in the cell's dtype) and on a GPU (blocks
+# of 256 in float64, engine._fused_plan), both run here
+_PLANS = pytest.mark.parametrize("plan", ["cpu", "gpu"])
+
+
+def _use_plan(monkeypatch, plan: str) -> None:
+    import gradscope.engine as engine
+
+    if plan == "gpu":
+        monkeypatch.setattr(engine, "_fused_plan", lambda u: (256, torch.float64))
 
 
 @pytest.mark.parametrize("options", [
     *_FUSED, {"cell": "lstm", "seq_len": 64}, {"cell": "rnn", "seq_len": 65},
     {"cell": "lstm", "seq_len": 2}])
-def test_the_fused_kernel_adjoint_matches_autograd(make, options, monkeypatch):
+@_PLANS
+def test_the_fused_kernel_adjoint_matches_autograd(make, options, monkeypatch, plan):
     """The adjoint from torch's fused kernel (an extra zero input tied to W_hh, whose gradient
     is dL/dh_{t-1}) against the brute-force twin, over several blocks of 64 steps; no block
     may fall back to the step-by-step pass here."""
+    _use_plan(monkeypatch, plan)
     import gradscope.engine as engine
 
     model, batch = make(**{"hidden": 4, "batch": 3, "seq_len": 150, **options})
@@ -237,8 +249,11 @@ def _no_fallback(*args):
 
 
 @pytest.mark.parametrize("options", _FUSED)
-def test_the_fused_kernel_adjoint_matches_the_loop_with_every_probe(make, options):
+@_PLANS
+def test_the_fused_kernel_adjoint_matches_the_loop_with_every_probe(make, options, monkeypatch,
+                                                                   plan):
     """With the forward probes in the same call (stored trajectory), in float32 and float64."""
+    _use_plan(monkeypatch, plan)
     for dtype, atol in (("float64", 1e-10), ("float32", 2e-4)):
         model, batch = make(**{"hidden": 8, "batch": 4, "seq_len": 200, "dtype": dtype,
                                **options})
@@ -253,9 +268,12 @@ def test_the_fused_kernel_adjoint_matches_the_loop_with_every_probe(make, option
 @pytest.mark.parametrize(("dtype", "options"), [
     *((d, o) for d in ("float32", "float64") for o in _DECAYING if o["cell"] != "gru"),
     ("float64", {"cell": "rnn", "activation": "relu", "init": "identity", "gain": 2.0})])
-def test_the_fused_kernel_adjoint_falls_back_outside_float_range(make, dtype, options):
+@_PLANS
+def test_the_fused_kernel_adjoint_falls_back_outside_float_range(make, dtype, options, monkeypatch,
+                                                                 plan):
     """Where a block of the fused kernel would leave the safe range (hundreds of decades over
     300 steps), it is redone step by step: the values match the generic pass."""
+    _use_plan(monkeypatch, plan)
     from dataclasses import replace
 
     model, batch = make(hidden=6, batch=3, seq_len=300, dtype=dtype, **options)
@@ -285,7 +303,7 @@ def test_the_fused_kernel_adjoint_reports_where_the_trajectory_overflows(make):
 def test_cells_without_a_fused_adjoint_use_the_loop(make, options):
     model, batch = make(hidden=4, batch=2, seq_len=20, **options)
     u = model.unroll(batch)
-    assert u.fused_adjoint(64) is None
+    assert u.fused_adjoint(64, torch.float64) is None
     got = measure(u, [PROBES.get("adjoint")], fused=True).log10["adjoint"]
     assert_log10_close(got, brute_force(model, batch)["adjoint"], name="adjoint")
 
@@ -500,13 +518,16 @@ def test_replayed_slices_read_each_chunks_coefficients(make, monkeypatch, option
         np.testing.assert_array_equal(graphed[name], eager[name], err_msg=name)
 
 
-def test_the_fused_adjoint_resumes_the_loop_at_the_first_block_out_of_range(make, monkeypatch):
+@_PLANS
+def test_the_fused_adjoint_resumes_the_loop_at_the_first_block_out_of_range(make, monkeypatch,
+                                                                            plan):
     """The fused blocks are checked all at once at the end: where the third from T failed
     its range check, the loop redoes the pass from that block's start, and the values are
     the loop's own (the blocks written after the failure were garbage; they are rewritten)."""
+    _use_plan(monkeypatch, plan)
     import gradscope.engine as engine
 
-    model, batch = make(cell="lstm", hidden=6, batch=3, seq_len=300)
+    model, batch = make(cell="lstm", hidden=6, batch=3, seq_len=300 if plan == "cpu" else 1200)
     u = model.unroll(batch)
     adjoint = [PROBES.get("adjoint")]
     want = measure(u, adjoint, fused=False).log10["adjoint"]
@@ -524,5 +545,5 @@ def test_the_fused_adjoint_resumes_the_loop_at_the_first_block_out_of_range(make
     monkeypatch.setattr(engine, "_safe_range", failing_third)
     monkeypatch.setattr(engine.FusedAdjoint, "back", garbage_after_third)
     got = measure(u, adjoint, fused=True).log10["adjoint"]
-    assert backs == [4, 3, 2, 1, 0]  # 300 steps: every block runs before the flags are read
+    assert backs == [4, 3, 2, 1, 0]  # 5 blocks: every one runs before the flags are read
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
