@@ -57,6 +57,12 @@ def _on_gpu(x: Tensor) -> bool:
     return x.device.type == "cuda"
 
 
+def _runs_ahead(x: Tensor) -> bool:
+    """Whether the device runs ahead of the host (a GPU): reading a value from it then waits
+    for everything queued, so checks are read late, together."""
+    return _on_gpu(x)
+
+
 @dataclass(frozen=True)
 class Unrolled:
     """A recurrence s_t = step(x_t, s_{t-1}), t = 1..T, on a flat state, with its losses."""
@@ -577,8 +583,9 @@ def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Ten
                    ) -> tuple[int, Tensor, Tensor]:
     """``_reverse_fast`` by the fused kernel's backward, a block of its steps at a time from
     step T down: the h-parts of lambda_t..lambda_t0+1 for the probes, lambda_t0 whole to go
-    on with. Nothing here waits for the device: each block's range check is kept as a flag
-    and all are read once, at the end. Returns (0, ...) where every block stayed in range;
+    on with. On a GPU nothing here waits for the device: each block's range check is kept as
+    a flag and all are read once, at the end (on the CPU, each at once). Returns (0, ...)
+    where every block stayed in range;
     else (t, adj, log_scale) at the start of the first block that did not, for the
     closed-form loop to redo from there (what later blocks wrote, it overwrites)."""
     T, h, L = u.seq_len, u.rows()["h"], fused.length
@@ -593,6 +600,8 @@ def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Ten
         if t0 > 0:  # lambda_t0's norm last
             norms = torch.cat([norms, torch.linalg.vector_norm(exit_, dim=-1)[None]])
         kept.append(_safe_range(norms, (adj != 0).any(dim=-1)))
+        if not _runs_ahead(adj) and not bool(kept[-1]):  # nothing to gain by going on
+            return entries[-1]
         n = t - t0
         ctx = ReverseStep(values, log_scale.expand(n, -1), {"h": h})
         for probe in probes:

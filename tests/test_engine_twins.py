@@ -519,11 +519,13 @@ def test_replayed_slices_read_each_chunks_coefficients(make, monkeypatch, option
 
 
 @_PLANS
+@pytest.mark.parametrize("ahead", [True, False])
 def test_the_fused_adjoint_resumes_the_loop_at_the_first_block_out_of_range(make, monkeypatch,
-                                                                            plan):
-    """The fused blocks are checked all at once at the end: where the third from T failed
-    its range check, the loop redoes the pass from that block's start, and the values are
-    the loop's own (the blocks written after the failure were garbage; they are rewritten)."""
+                                                                            plan, ahead):
+    """Where the third block from T fails its range check, the loop redoes the pass from that
+    block's start, and the values are the loop's own. On a GPU (``ahead``) the blocks' checks
+    are read all at once at the end, so the blocks after the failure ran on garbage, and
+    their values are rewritten; on the CPU the pass stops at the failure."""
     _use_plan(monkeypatch, plan)
     import gradscope.engine as engine
 
@@ -542,8 +544,9 @@ def test_the_fused_adjoint_resumes_the_loop_at_the_first_block_out_of_range(make
         lam_h, start = back(self, k, adj)
         return (lam_h * math.nan, start * math.nan) if len(backs) >= 3 else (lam_h, start)
 
+    monkeypatch.setattr(engine, "_runs_ahead", lambda x: ahead)
     monkeypatch.setattr(engine, "_safe_range", failing_third)
     monkeypatch.setattr(engine.FusedAdjoint, "back", garbage_after_third)
     got = measure(u, adjoint, fused=True).log10["adjoint"]
-    assert backs == [4, 3, 2, 1, 0]  # 5 blocks: every one runs before the flags are read
+    assert backs == ([4, 3, 2, 1, 0] if ahead else [4, 3, 2])  # 5 blocks
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
