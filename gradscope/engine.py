@@ -50,7 +50,7 @@ _STACKED = 2**22  # elements of tangents the forward pass stacks before its prob
 STREAMED_ABOVE = 16 * 2**20
 # On a GPU, memory is plentiful and every op is a kernel launch: larger slices (fewer probe
 # reads) and a larger trajectory taken whole (the fused kernel rather than a loop of steps)
-_STACKED_GPU, STREAMED_ABOVE_GPU = 2**26, 2**30
+STACKED_GPU, STREAMED_ABOVE_GPU = 2**26, 2**30
 
 
 def _on_gpu(x: Tensor) -> bool:
@@ -205,7 +205,8 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
         return profiles(nonfinite)
     g = _loss_grads(u, states[1:]) if forward else None  # (T', B, S)
     if forward:
-        stop = _forward_pass(u, _stored_chunks(states, g), forward, out, projections, seeds)
+        stored = _stored_chunks(states, g, _forward_plan(u)[0])
+        stop = _forward_pass(u, stored, forward, out, projections, seeds)
         nonfinite = nonfinite or stop
     if bad is None and reverse:  # the task loss needs the whole, finite trajectory
         blocks = u.fused_adjoint(*_fused_plan(u)) if use_fused else None
@@ -239,10 +240,10 @@ def _loss_at_last_step_only(u: Unrolled) -> bool:
 Chunk = tuple[int, Tensor, Tensor | None, NonFinite | None]  # t0, s_t0..s_t1, g_t0+1..g_t1, stop
 
 
-def _stored_chunks(states: Tensor, g: Tensor) -> Iterator[Chunk]:
+def _stored_chunks(states: Tensor, g: Tensor, chunk: int) -> Iterator[Chunk]:
     T = states.shape[0] - 1
-    for t0 in range(0, T, CHUNK):
-        t1 = min(t0 + CHUNK, T)
+    for t0 in range(0, T, chunk):
+        t1 = min(t0 + chunk, T)
         yield t0, states[t0:t1 + 1], g[t0:t1], None
 
 
@@ -349,11 +350,23 @@ def _fastest(ln_change: Tensor) -> Tensor:
     return torch.where(torch.isfinite(ln_change), ln_change.abs(), 0.0).max()
 
 
-def _length_for(fastest: float, steps: int, dtype: torch.dtype) -> int:
-    """``_block_length`` from ``_fastest``'s value."""
+def _length_for(fastest: float, steps: int, dtype: torch.dtype, cap: int = CHUNK) -> int:
+    """``_block_length`` from ``_fastest``'s value, at most ``cap``."""
     moved = fastest / math.log(10) / steps
     room = math.log10(torch.finfo(dtype).max) / 2  # decades from 1 to sqrt(max)
-    return max(1, min(CHUNK, int(0.5 * room / max(moved, 1e-3))))
+    return max(1, min(cap, int(0.5 * room / max(moved, 1e-3))))
+
+
+def _forward_plan(u: Unrolled) -> tuple[int, torch.dtype]:
+    """The forward pass's chunk of stored steps (its slices' longest) and its tangents' dtype.
+    On a GPU, with the closed-form back end, each slice costs a fixed round of probe ops
+    and waits whatever its length: the tangents are pushed in float64, whose range lets a
+    slice run about eight times as many steps before its renormalisation, through chunks of
+    four times the CPU's. On the CPU, and for the generic back end (forward-mode AD runs in
+    the recurrence's own dtype), CHUNK in the cell's dtype."""
+    if _on_gpu(u.s0) and u.linearize is not None:
+        return 4 * CHUNK, torch.float64
+    return CHUNK, u.s0.dtype
 
 
 def _in_safe_range(norms: Tensor, live: Tensor) -> bool:
@@ -383,7 +396,8 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
     per = projections or h
     columns = {p: slice(i * per, (i + 1) * per) for i, p in enumerate(parts)}
     weights = {p: -math.log(projections) if projections else 0.0 for p in parts}
-    tangent = torch.zeros(per * len(parts), B, S, dtype=u.s0.dtype, device=u.s0.device)
+    cap, dtype = _forward_plan(u)
+    tangent = torch.zeros(per * len(parts), B, S, dtype=dtype, device=u.s0.device)
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]  # one stream per seed
     for p in parts:
         block = tangent[columns[p], :, rows[p]]  # (per, B, h)
@@ -394,12 +408,14 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
             block.copy_(torch.eye(h, dtype=tangent.dtype)[:, None, :].expand(h, B, h))
     log_scale = torch.zeros(tangent.shape[:2], dtype=torch.float64, device=u.s0.device)
 
-    length = CHUNK  # the steps a slice may take at once: what the decay seen so far allows
+    length = cap  # the steps a slice may take at once: what the decay seen so far allows
     graphs = graphed_push(tangent.device)
-    stacked = _STACKED_GPU if _on_gpu(tangent) else _STACKED
+    stacked = STACKED_GPU if _on_gpu(tangent) else _STACKED
     for t0, states, g, stop in chunks:
         n = states.shape[0] - 1
         ops = u.ops(states, t0) if u.linearize is not None and n else None
+        if ops is not None and dtype != states.dtype:
+            ops = ops.to(dtype)
         done = 0
         while done < n:  # in slices whose stacked tangents stay small
             m = min(n - done, max(1, stacked // tangent.numel()))
@@ -423,7 +439,7 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
             # (m, probes * G + 2): the probes, whether a step left float range, the change
             read = torch.cat([*(probe(ctx) for probe in probes), grown[:, None].double(),
                               _fastest(ln_last).expand(m, 1)], dim=1).cpu().numpy()
-            length = _length_for(float(read[0, -1]), m, tangent.dtype)
+            length = _length_for(float(read[0, -1]), m, tangent.dtype, cap)
             bad = np.flatnonzero(read[:, -2])
             keep = int(bad[0]) if len(bad) else m
             for i, name in enumerate(p.name for p in probes):

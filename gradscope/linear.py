@@ -12,6 +12,7 @@ adjoints (B, S) for vjp; both may carry any leading dimensions.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -39,6 +40,14 @@ class StepOps:
             return self._jvp(i, v, out)
         return torch.where(self.mask[i], self._jvp(i, v, None), v,
                            **_into(out))
+
+    def to(self, dtype: torch.dtype) -> StepOps:
+        """A copy whose floating-point tensors are in ``dtype`` (the mask stays as it is)."""
+        other = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                setattr(other, name, value.to(dtype))
+        return other
 
     def push(self, v: Tensor, a: int, b: int, out: Tensor) -> Tensor:
         """Steps a+1..b from v (K, B, S), each step's J v into out[j] (b-a, K, B, S)."""

@@ -550,3 +550,32 @@ def test_the_fused_adjoint_resumes_the_loop_at_the_first_block_out_of_range(make
     got = measure(u, adjoint, fused=True).log10["adjoint"]
     assert backs == ([4, 3, 2, 1, 0] if ahead else [4, 3, 2])  # 5 blocks
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("options", [{"cell": "lstm"}, {"cell": "gru", "task": "copy"},
+                                     {"cell": "rnn", "activation": "relu"},
+                                     {"cell": "lstm", "init": "normal", "gain": 0.05}])
+def test_the_gpu_forward_plan_gives_the_same_numbers(make, monkeypatch, options):
+    """On a GPU the forward probes push float64 tangents through chunks of 256 steps
+    (engine._forward_plan), run here on the CPU: against the usual pass, to rounding in
+    float64, and to float32's rounding for a float32 recurrence (whose tangents the plan
+    widens); over chunks of 256 and a shorter rest, through more than 100 decades."""
+    import gradscope.engine as engine
+
+    slices, push_block = [], engine._push_block
+    for dtype, atol in (("float64", 1e-10), ("float32", 1e-4)):
+        model, batch = make(**{"hidden": 6, "batch": 3, "seq_len": 600, "dtype": dtype,
+                               **options})
+        u = model.unroll(batch)
+        probes = [PROBES.get(n) for n in probes_for(model.cell.parts) if n != "adjoint"]
+        usual = measure(u, probes).log10
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, "_forward_plan", lambda u: (256, torch.float64))
+            patch.setattr(engine, "_push_block", lambda ops, v, a, b, graphs: slices.append(
+                b - a) or push_block(ops, v, a, b, graphs))
+            planned = measure(u, probes).log10
+        for name in usual:
+            assert np.isfinite(usual[name]).all()
+            np.testing.assert_allclose(planned[name], usual[name], rtol=0, atol=atol,
+                                       err_msg=f"{name} {dtype}")
+    assert max(slices) > 64  # slices longer than the CPU's chunk
