@@ -96,7 +96,13 @@ class Cell(nn.Module):
         """``step`` on that step's ``drive``: the same recurrence, one add fewer per step."""
         return self._step(d, state, None if self.folds_bias else self.bias_hh)
 
-    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None) -> State:
+    def step_grouped(self, d: Tensor, state: State) -> State:
+        """``step_driven`` for a seed stack whose tensors are kept split by seed, (S, n, ...):
+        one batched matmul a step and no reshapes (training's loop, ``Model.hidden_states``)."""
+        return self._step(d, state, None if self.folds_bias else self.bias_hh, grouped=True)
+
+    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None,
+              grouped: bool = False) -> State:
         raise NotImplementedError
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -159,9 +165,20 @@ CELLS: Registry[type[Cell]] = Registry("cell", "--cell")
 # The step math, as functions of explicit weights, shared by the cells above and by the
 # adapters of users' torch.nn modules (gradscope.usermodel). ``xp`` is W_ih x + b_ih.
 
-def affine(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """x W^T + b. x (..., N, D); w (M, D) and b (M,), or seed-stacked w (S, M, D) and b (S, M),
-    which apply to the S consecutive groups of N/S rows each -> (..., N, M)."""
+def affine(x: Tensor, w: Tensor, b: Tensor | None = None, *, add: Tensor | None = None,
+           grouped: bool = False) -> Tensor:
+    """x W^T + b (+ ``add``, of the result's shape). x (..., N, D); w (M, D) and b (M,), or
+    seed-stacked w (S, M, D) and b (S, M), which apply to the S consecutive groups of N/S rows
+    each -> (..., N, M). ``grouped``: x (S, n, D) already split by seed (a seed stack's
+    training loop keeps its tensors so) -> (S, n, M), one batched matmul with ``add`` or b
+    folded in, no reshapes."""
+    if grouped:
+        if add is None and b is None:
+            return torch.bmm(x, w.mT)
+        y = torch.baddbmm(add if add is not None else b[:, None, :], x, w.mT)
+        return y + b[:, None, :] if add is not None and b is not None else y
+    if add is not None:
+        return add + affine(x, w, b)
     if w.dim() == 2:
         y = x @ w.T
         return y if b is None else y + b
@@ -184,23 +201,27 @@ def affine(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     return y.view(S, *lead, n, M).movedim(0, -3).flatten(-3, -2)
 
 
+# ``grouped``: the tensors of a seed stack kept split by seed, (S, n, ...) (``affine``)
+
 def rnn_step(xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
-             phi: Callable[[Tensor], Tensor]) -> State:
+             phi: Callable[[Tensor], Tensor], grouped: bool = False) -> State:
     (h,) = state
-    return (phi(xp + affine(h, w_hh, b_hh)),)
+    return (phi(affine(h, w_hh, b_hh, add=xp, grouped=grouped)),)
 
 
-def lstm_step(xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None) -> State:
+def lstm_step(xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
+              grouped: bool = False) -> State:
     h, c = state
-    i, f, g, o = (xp + affine(h, w_hh, b_hh)).chunk(4, dim=-1)  # each (B, H)
+    i, f, g, o = affine(h, w_hh, b_hh, add=xp, grouped=grouped).chunk(4, dim=-1)  # (B, H)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
-def gru_step(xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None) -> State:
+def gru_step(xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
+             grouped: bool = False) -> State:
     (h,) = state
     xr, xz, xn = xp.chunk(3, dim=-1)
-    hr, hz, hn = affine(h, w_hh, b_hh).chunk(3, dim=-1)
+    hr, hz, hn = affine(h, w_hh, b_hh, grouped=grouped).chunk(3, dim=-1)
     r = torch.sigmoid(xr + hr)
     z = torch.sigmoid(xz + hz)
     n = torch.tanh(xn + r * hn)
@@ -217,8 +238,9 @@ class RNNCell(Cell):
         self.activation = activation or "tanh"
         self.phi = ACTIVATIONS.get(self.activation).fn
 
-    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None) -> State:
-        return rnn_step(xp, state, self.weight_hh, b_hh, self.phi)
+    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None,
+              grouped: bool = False) -> State:
+        return rnn_step(xp, state, self.weight_hh, b_hh, self.phi, grouped)
 
     def _torch_module(self, inputs: int) -> nn.RNN:
         if self.activation not in ("tanh", "relu"):
@@ -233,8 +255,9 @@ class LSTMCell(Cell):
     gates = ("i", "f", "g", "o")
     keep_gate = "f"
 
-    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None) -> State:
-        return lstm_step(xp, state, self.weight_hh, b_hh)
+    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None,
+              grouped: bool = False) -> State:
+        return lstm_step(xp, state, self.weight_hh, b_hh, grouped)
 
     def _torch_module(self, inputs: int) -> nn.LSTM:
         return nn.LSTM(inputs, self.hidden)
@@ -247,8 +270,9 @@ class GRUCell(Cell):
     keep_gate = "z"
     folds_bias = False  # n = tanh(W_in x + b_in + r (W_hn h + b_hn)): b_hn sits inside r
 
-    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None) -> State:
-        return gru_step(xp, state, self.weight_hh, b_hh)
+    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None,
+              grouped: bool = False) -> State:
+        return gru_step(xp, state, self.weight_hh, b_hh, grouped)
 
     def _torch_module(self, inputs: int) -> nn.GRU:
         return nn.GRU(inputs, self.hidden)
