@@ -3,10 +3,12 @@
 On a GPU a step's closed-form jvp (gradscope.linear) is a handful of small kernels, and the
 forward pass runs it T times: the loop is bound by kernel launches, not by arithmetic. A CUDA
 graph records a slice's launches once and replays them with one call. Its tensors must stay
-at fixed addresses, so the graph reads a static copy of the chunk's coefficients (a StepOps
-whose tensors are filled in place for every chunk) and a static tangent, and writes a static
-output. A slice is captured the second time its (offset, length, shape) comes up, so that
-one-off slices (the last chunk's rest, a block length the decay chose once) stay eager.
+at fixed addresses, so the graph reads static copies: a StepOps whose per-step tensors
+(``StepOps.STEPS``) get the slice's steps copied into their first rows before every replay
+(so one graph serves a slice length wherever the slice lies), a static tangent, and a static
+output. A length is captured the second time it comes up, so that one-off slices (a chunk's
+rest, a length the decay chose once) stay eager; the forward pass rounds its slice lengths
+down to powers of two while graphs are on, so that few lengths come up.
 """
 
 from __future__ import annotations
@@ -19,78 +21,80 @@ from torch import Tensor
 from .linear import StepOps
 
 ENABLED = True  # off: every slice eager (the tests hold the two to each other)
-_MAX_GRAPHS = 16  # captured slices kept per pass; more shapes than this run eager
+_MAX_GRAPHS = 8  # slice lengths captured per pass; others run eager
 
 
 class GraphedPush:
     """``StepOps.push`` of one forward pass, replayed from CUDA graphs where it repeats."""
 
     def __init__(self) -> None:
-        self.static: StepOps | None = None  # holds the coefficients of ``self.source``
-        self.source: StepOps | None = None
+        self.static: StepOps | None = None  # the coefficients the graphs read
+        self.whole: dict[str, Tensor] = {}  # the tensors last copied whole, by name
         self.seen: set[tuple] = set()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
 
     def __call__(self, ops: StepOps, tangent: Tensor, a: int, b: int) -> Tensor | None:
         """The values (b-a, K, B, S) of steps a+1..b from ``tangent``, or None where this slice
-        runs eager (first sighting, or a chunk whose coefficients do not fit the static ones).
-        The values are the graph's own output: read them before the next call."""
-        key = (a, b - a, tuple(tangent.shape), tangent.dtype)
+        runs eager (a length's first sighting, or coefficients that do not fit the static
+        ones). The values are the graph's own output: read them before the next call."""
+        key = (b - a, tuple(tangent.shape), tangent.dtype)
         if key not in self.graphs:
             if key not in self.seen or len(self.graphs) >= _MAX_GRAPHS:
                 self.seen.add(key)
                 return None
-        if not self._load(ops):
+        if not self._load(ops, a, b):
             return None
         if key not in self.graphs:
-            self.graphs[key] = self._capture(tangent, a, b)
+            self.graphs[key] = self._capture(tangent, b - a)
         graph, static_in, static_out = self.graphs[key]
         static_in.copy_(tangent)
         graph.replay()
         return static_out
 
-    def _load(self, ops: StepOps) -> bool:
-        """Copy ``ops``'s tensors into the static ones (the first chunk's shapes; a shorter
-        last chunk fills their first steps); False where they do not fit."""
-        if ops is self.source:
-            return True
+    def _load(self, ops: StepOps, a: int, b: int) -> bool:
+        """Steps a..b-1 of ``ops``'s per-step tensors into the first rows of the static ones,
+        its other tensors (W_hh) whole where they changed; False where they do not fit
+        (another kind of ops, other shapes, more steps than the static ones hold)."""
         if self.static is None:
             self.static = copy.copy(ops)
             for name, value in vars(ops).items():
                 if isinstance(value, Tensor):
                     setattr(self.static, name, value.clone())
-            self.source = ops
-            return True
+        if type(ops) is not type(self.static):
+            return False
         pairs = []
         for name, value in vars(ops).items():
             held = getattr(self.static, name, None)
-            if isinstance(value, Tensor) != isinstance(held, Tensor) or type(ops) is not \
-                    type(self.static):
+            if isinstance(value, Tensor) != isinstance(held, Tensor):
                 return False
-            if isinstance(value, Tensor):
-                if value.dtype != held.dtype or value.shape[1:] != held.shape[1:] \
-                        or value.shape[0] > held.shape[0]:
+            if not isinstance(value, Tensor):
+                if value != held:
                     return False
-                pairs.append((held, value, getattr(self.source, name)))
-            elif value != getattr(self.static, name):
+                continue
+            if name in ops.STEPS:
+                value, held = value[a:b], held[:b - a]
+            elif self.whole.get(name) is value:  # W_hh: the same tensor chunk after chunk
+                continue
+            if value.dtype != held.dtype or value.shape != held.shape:
                 return False
-        for held, value, before in pairs:
-            if value is not before:  # W_hh is the same tensor in every chunk
-                held[:value.shape[0]].copy_(value)
-        self.source = ops
+            pairs.append((name, held, value))
+        for name, held, value in pairs:
+            held.copy_(value)
+            if name not in ops.STEPS:
+                self.whole[name] = value
         return True
 
-    def _capture(self, tangent: Tensor, a: int, b: int) -> tuple:
+    def _capture(self, tangent: Tensor, m: int) -> tuple:
         static_in = tangent.clone()
-        static_out = tangent.new_empty(b - a, *tangent.shape)
+        static_out = tangent.new_empty(m, *tangent.shape)
         side = torch.cuda.Stream()  # warm up off the capture, as torch's docs ask
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.static.push(static_in, a, b, static_out)
+            self.static.push(static_in, 0, m, static_out)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.static.push(static_in, a, b, static_out)
+            self.static.push(static_in, 0, m, static_out)
         return graph, static_in, static_out
 
 

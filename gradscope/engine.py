@@ -425,6 +425,8 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
             pushed = None
             if ops is not None and length > 1:
                 m = min(m, length)
+                if graphs is not None and m < n - done:  # few lengths: few graphs to capture
+                    m = 1 << (m.bit_length() - 1)
                 pushed = _push_block(ops, tangent, done, done + m, graphs)
             if pushed is None:
                 pushed = _push_steps(u, ops, states, t0, tangent, done, done + m)

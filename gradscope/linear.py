@@ -30,6 +30,8 @@ def _into(out: Tensor | None) -> dict:
 class StepOps:
     """The linear maps of one chunk's steps, indexed 0..C-1."""
 
+    STEPS: tuple[str, ...] = ("mask",)  # the tensors with one row per step (C, ...)
+
     def __init__(self, w_hh: Tensor, mask: Tensor | None) -> None:
         self.w = w_hh  # (G*H, H)
         self.mask = None if mask is None else mask[..., None]  # (C, B, 1)
@@ -69,6 +71,8 @@ class StepOps:
 class RNNOps(StepOps):
     """h' = phi(a), a = xp + W h + b: J v = phi'(a) * (v W^T)."""
 
+    STEPS = ("mask", "d")
+
     def __init__(self, cell: Cell, states: Tensor, xp: Tensor, mask: Tensor | None) -> None:
         super().__init__(cell.weight_hh, mask)
         with torch.enable_grad():
@@ -84,6 +88,8 @@ class RNNOps(StepOps):
 
 class LSTMOps(StepOps):
     """c' = f c + i g, h' = o tanh(c'), gates from a = xp + W h + b (order i, f, g, o)."""
+
+    STEPS = ("mask", "coef", "f", "oc")
 
     def __init__(self, cell: Cell, states: Tensor, xp: Tensor, mask: Tensor | None,
                  gates: Tensor | None = None) -> None:
@@ -148,6 +154,8 @@ def _lstm_gates(cell: Cell, h: Tensor, xp: Tensor) -> Tensor:
 
 class GRUOps(StepOps):
     """h' = (1 - z) n + z h with r, z, n from xp and W h + b (order r, z, n)."""
+
+    STEPS = ("mask", "coef", "z")
 
     def __init__(self, cell: Cell, states: Tensor, xp: Tensor, mask: Tensor | None) -> None:
         super().__init__(cell.weight_hh, mask)
