@@ -69,9 +69,11 @@ def test_a_ray_task_whose_worker_dies_is_retried_then_recorded(tmp_path, local_r
 
 
 def test_a_killed_ray_driver_resumes_with_every_run_exactly_once(tmp_path):
+    # one seed per job (--seed-stack 1), so that runs finish one by one, not four at once: the
+    # kill then lands with some runs done and some not
     argv = [sys.executable, "-m", "gradscope", "sweep", "--executor", "ray", "--workers", "2",
             "--cell", "rnn,gru", "--seeds", "4", "--seq-len", "40", "--hidden", "8", "--batch",
-            "4", "--steps", "40", "--out", str(tmp_path), "--no-report"]
+            "4", "--steps", "100", "--seed-stack", "1", "--out", str(tmp_path), "--no-report"]
     env = {k: v for k, v in os.environ.items() if k != CRASH_SEED_ENV}
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=env)
