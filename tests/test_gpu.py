@@ -84,3 +84,27 @@ def test_cuda_graphs_replay_the_eager_forward_pass(cell, projections, monkeypatc
     for name in eager:
         np.testing.assert_allclose(graphed[name], eager[name], rtol=0, atol=1e-12,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("gain", [1.0, 0.05])  # 0.05: through hundreds of decades
+def test_cuda_float32_forward_probes_match_the_cpu(cell, gain):
+    """A float32 recurrence's forward probes on a GPU (float64 tangents through chunks of 256
+    steps, CUDA graphs: engine._forward_plan) against the CPU's float32 pass."""
+    from gradscope.config import RunConfig
+    from gradscope.engine import measure
+    from gradscope.probes import PROBES, probes_for
+    from gradscope.runner import build
+
+    options = dict(cell=cell, hidden=32, batch=4, seq_len=1000, dtype="float32",
+                   init="normal", gain=gain)
+
+    def forward(device: str) -> dict:
+        built = build(RunConfig(device=device, **options), torch.device(device))
+        built.model.requires_grad_(False)  # the engine differentiates states only
+        probes = [PROBES.get(n) for n in probes_for(built.model.cell.parts) if n != "adjoint"]
+        return measure(built.model.unroll(built.batch), probes).log10
+
+    gpu, cpu = forward("cuda"), forward("cpu")
+    for name in cpu:
+        np.testing.assert_allclose(gpu[name], cpu[name], rtol=0, atol=1e-3, err_msg=name)
