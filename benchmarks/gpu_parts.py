@@ -4,8 +4,8 @@ split into its parts, each against the fused torch.nn forward+backward, in one r
     python3 benchmarks/gpu_parts.py            # on a machine with a CUDA device
     python3 benchmarks/gpu_parts.py --trace    # and torch.profiler's busiest ops
 
-Rows: the adjoint by the fused kernel's backward (as planned for a GPU, and as for a CPU) and
-by the closed-form loop; the trajectory
+Rows: the adjoint by the fused kernel's backward (as planned for a GPU; in blocks of 512
+lifted 77 decades, engine.FusedPlan; and as on a CPU) and by the closed-form loop; the trajectory
 alone; the forward probes (exact, on 2 sequences; and from 16 random directions) with their
 slices replayed from CUDA graphs, also with the LSTM's gate blocks not folded into per-sample
 matrices first, and run eager. With --trace, torch.profiler's busiest ops of a shorter run
@@ -59,9 +59,12 @@ def main() -> None:
     row("adjoint, fused kernel's backward, as planned (GPU: blocks of 256, float64)",
         lambda: measure(full, adjoint))
     plan = engine._fused_plan
-    engine._fused_plan = lambda u: (engine.CHUNK, u.s0.dtype)
-    row("adjoint, fused kernel's backward, as on a CPU (blocks of 64, float32)",
-        lambda: measure(full, adjoint))
+    lifted = engine.FusedPlan(512, torch.float64, 77.0)
+    as_cpu = engine.FusedPlan(engine.CHUNK, torch.float32)
+    for name, other in [("blocks of 512, float64, lifted 77 decades", lifted),
+                        ("as on a CPU (blocks of 64, float32)", as_cpu)]:
+        engine._fused_plan = lambda u, other=other: other
+        row(f"adjoint, fused kernel's backward, {name}", lambda: measure(full, adjoint))
     engine._fused_plan = plan
     row("adjoint, closed-form loop", lambda: measure(full, adjoint, fused=False))
     row("trajectory (fused kernel; LSTM: cell-state scan)", lambda: engine.trajectory(sub))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -194,7 +195,7 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
         return profiles(nonfinite)
     use_fused = _fused_applies(u, fused, bool(forward))
     if use_fused and not forward:  # its forward is the trajectory; it keeps block starts only
-        blocks = u.fused_adjoint(*_fused_plan(u))
+        blocks = u.fused_adjoint(*_fused_plan(u)[:2])
         if blocks is not None:  # else it left float range: the usual way tells where
             starts = Segmented(u, blocks.length, blocks.starts)
             _reverse_pass(u, starts, None, reverse, out, blocks)
@@ -209,7 +210,7 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
         stop = _forward_pass(u, stored, forward, out, projections, seeds)
         nonfinite = nonfinite or stop
     if bad is None and reverse:  # the task loss needs the whole, finite trajectory
-        blocks = u.fused_adjoint(*_fused_plan(u)) if use_fused else None
+        blocks = u.fused_adjoint(*_fused_plan(u)[:2]) if use_fused else None
         _reverse_pass(u, states, g, reverse, out, blocks)
     return profiles(nonfinite)
 
@@ -223,13 +224,26 @@ def _fused_applies(u: Unrolled, fused: bool | None, with_forward: bool) -> bool:
             and u.mask is None and u.groups == 1 and _loss_at_last_step_only(u))
 
 
-def _fused_plan(u: Unrolled) -> tuple[int, torch.dtype]:
-    """The fused adjoint's block length and dtype. On a GPU each block costs the kernel's
-    fixed overhead twice (forward, backward) and the steps are bound by launches, not
-    arithmetic: the kernel runs in float64, whose range (1e+-154 for norms) lets a block
-    span four chunks where a float32 one would often leave the safe range. On the CPU,
-    blocks of one chunk in the cell's dtype."""
-    return (4 * CHUNK, torch.float64) if _on_gpu(u.s0) else (CHUNK, u.s0.dtype)
+class FusedPlan(NamedTuple):
+    """How the fused adjoint runs: blocks of ``length`` steps, the kernel in ``dtype``, and
+    each block's incoming adjoint lifted ``lift`` decades above norm 1 where it has been
+    falling (below, where it has been growing; 0: started at norm 1), so that a block may
+    fall (or grow) that much further inside the safe range before its end."""
+
+    length: int
+    dtype: torch.dtype
+    lift: float = 0.0
+
+
+def _fused_plan(u: Unrolled) -> FusedPlan:
+    """The fused adjoint's plan. On a GPU each block costs the kernel's fixed overhead twice
+    (forward, backward) and the steps are bound by launches, not arithmetic: the kernel runs
+    in float64, whose range (1e+-154 for norms) lets a block span four chunks where a
+    float32 one would often leave the safe range. On the CPU, blocks of one chunk in the
+    cell's dtype. (benchmarks/gpu_parts.py also times longer blocks with a lift.)"""
+    if _on_gpu(u.s0):
+        return FusedPlan(4 * CHUNK, torch.float64)
+    return FusedPlan(CHUNK, u.s0.dtype)
 
 
 def _loss_at_last_step_only(u: Unrolled) -> bool:
@@ -607,11 +621,16 @@ def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Ten
     else (t, adj, log_scale) at the start of the first block that did not, for the
     closed-form loop to redo from there (what later blocks wrote, it overwrites)."""
     T, h, L = u.seq_len, u.rows()["h"], fused.length
+    lift = _fused_plan(u).lift * LN10  # ln of the lift, applied per sample on the device
     entries, kept = [], []
     t, adj = T, adj.to(fused.dtype)
+    up = torch.full_like(log_scale, lift)  # (B,) float64
+    shift = up  # the first block is taken to fall
     while t >= 1:
         t0 = ((t - 1) // L) * L
         entries.append((t, adj, log_scale))
+        if lift:  # the block starts at exp(shift), its log-scale lowered to match
+            adj, log_scale = adj * torch.exp(shift).to(adj.dtype)[:, None], log_scale - shift
         lam_h, exit_ = fused.back(t0 // L, adj)  # (n, B, H) of t0..t-1, (B, S)
         values = torch.cat([adj[None, :, h], lam_h.flip(0)[:-1]])  # (n, B, H): t..t0+1
         norms = torch.linalg.vector_norm(values[1:], dim=-1)
@@ -627,6 +646,8 @@ def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Ten
         if t0 > 0:
             adj, ln_exit = _rescaled(exit_, norms[-1])
             log_scale = log_scale + ln_exit
+            if lift:  # the next block is lifted where this one fell, lowered where it grew
+                shift = torch.where(ln_exit < shift, up, -up)
         t = t0
     left = torch.nonzero(~torch.stack(kept).cpu())  # the one wait for the device
     return (0, adj, log_scale) if not len(left) else entries[int(left[0])]

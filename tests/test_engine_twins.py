@@ -215,16 +215,19 @@ def test_a_checkpointed_adjoint_is_the_stored_one(make, options):
 
 _FUSED = [{"cell": "rnn"}, {"cell": "rnn", "activation": "relu", "init": "identity"},
           {"cell": "lstm"}]
-# the fused adjoint's plan on the CPU (blocks of 64 in the cell's dtype) and on a GPU (blocks
-# of 256 in float64, engine._fused_plan), both run here
-_PLANS = pytest.mark.parametrize("plan", ["cpu", "gpu"])
+# the fused adjoint's plan on the CPU (blocks of 64 in the cell's dtype), on a GPU (blocks of
+# 256 in float64, engine._fused_plan), and blocks of 512 in float64 lifted 77 decades (which
+# benchmarks/gpu_parts.py times on a GPU), all run here
+_PLANS = pytest.mark.parametrize("plan", ["cpu", "gpu", "lifted"])
 
 
 def _use_plan(monkeypatch, plan: str) -> None:
     import gradscope.engine as engine
 
-    if plan == "gpu":
-        monkeypatch.setattr(engine, "_fused_plan", lambda u: (256, torch.float64))
+    if plan != "cpu":
+        chosen = engine.FusedPlan(256, torch.float64) if plan == "gpu" else \
+            engine.FusedPlan(512, torch.float64, 77.0)
+        monkeypatch.setattr(engine, "_fused_plan", lambda u: chosen)
 
 
 @pytest.mark.parametrize("options", [
@@ -536,7 +539,8 @@ def test_the_fused_adjoint_resumes_the_loop_at_the_first_block_out_of_range(make
     _use_plan(monkeypatch, plan)
     import gradscope.engine as engine
 
-    model, batch = make(cell="lstm", hidden=6, batch=3, seq_len=300 if plan == "cpu" else 1200)
+    steps = {"cpu": 300, "gpu": 1200, "lifted": 2300}[plan]  # 5 blocks each
+    model, batch = make(cell="lstm", hidden=6, batch=3, seq_len=steps)
     u = model.unroll(batch)
     adjoint = [PROBES.get("adjoint")]
     want = measure(u, adjoint, fused=False).log10["adjoint"]
@@ -586,3 +590,25 @@ def test_the_gpu_forward_plan_gives_the_same_numbers(make, monkeypatch, options)
             np.testing.assert_allclose(planned[name], usual[name], rtol=0, atol=atol,
                                        err_msg=f"{name} {dtype}")
     assert max(slices) > 64  # slices longer than the CPU's chunk
+
+
+def test_a_lifted_block_holds_a_fall_that_a_block_from_norm_one_cannot(make, monkeypatch):
+    """A tanh RNN whose adjoint falls about 200 decades over 512 steps: from norm 1 a float64
+    block of 512 leaves the safe range (1e-154) and is redone by the loop; lifted to 1e+77
+    it holds, and the numbers are the loop's either way."""
+    import gradscope.engine as engine
+
+    model, batch = make(cell="rnn", hidden=6, batch=3, seq_len=1100, init="normal", gain=0.4)
+    u = model.unroll(batch)
+    adjoint = [PROBES.get("adjoint")]
+    want = measure(u, adjoint, fused=False).log10["adjoint"]
+    assert want[0] - want[511] > 154  # more than a block from norm 1 can hold
+    redone, step_back = [], engine._step_back
+    monkeypatch.setattr(engine, "_step_back", lambda *a: redone.append(1) or step_back(*a))
+    for lift in (0.0, 77.0):
+        redone.clear()
+        monkeypatch.setattr(engine, "_fused_plan",
+                            lambda u, lift=lift: engine.FusedPlan(512, torch.float64, lift))
+        got = measure(u, adjoint, fused=True).log10["adjoint"]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9, err_msg=f"lift {lift}")
+        assert bool(redone) == (lift == 0.0), (lift, len(redone))
