@@ -13,8 +13,6 @@ down to powers of two while graphs are on, so that few lengths come up.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor
 
@@ -56,10 +54,7 @@ class GraphedPush:
         its other tensors (W_hh) whole where they changed; False where they do not fit
         (another kind of ops, other shapes, more steps than the static ones hold)."""
         if self.static is None:
-            self.static = copy.copy(ops)
-            for name, value in vars(ops).items():
-                if isinstance(value, Tensor):
-                    setattr(self.static, name, value.clone())
+            self.static = ops.mapped(Tensor.clone)
         if type(ops) is not type(self.static):
             return False
         pairs = []

@@ -43,13 +43,17 @@ class StepOps:
         return torch.where(self.mask[i], self._jvp(i, v, None), v,
                            **_into(out))
 
-    def to(self, dtype: torch.dtype) -> StepOps:
-        """A copy whose floating-point tensors are in ``dtype`` (the mask stays as it is)."""
+    def mapped(self, fn: Callable[[Tensor], Tensor]) -> StepOps:
+        """A copy whose every tensor is ``fn`` of this one's."""
         other = copy.copy(self)
         for name, value in vars(self).items():
-            if isinstance(value, Tensor) and value.is_floating_point():
-                setattr(other, name, value.to(dtype))
+            if isinstance(value, Tensor):
+                setattr(other, name, fn(value))
         return other
+
+    def to(self, dtype: torch.dtype) -> StepOps:
+        """A copy whose floating-point tensors are in ``dtype`` (the mask stays as it is)."""
+        return self.mapped(lambda t: t.to(dtype) if t.is_floating_point() else t)
 
     def push(self, v: Tensor, a: int, b: int, out: Tensor) -> Tensor:
         """Steps a+1..b from v (K, B, S), each step's J v into out[j] (b-a, K, B, S)."""
