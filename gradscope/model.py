@@ -103,21 +103,12 @@ class Model(nn.Module):
             return cell.kernel_hidden(x)
         xps = cell.drive(x)
         state = cell.initial_state(xps.shape[1])
+        if self.groups == 1 or mask is not None:
+            return cell.recur(xps, state, mask)
         # a seed stack keeps its tensors split by seed, (S, n, ...): one bmm a step, no reshapes
-        grouped = self.groups > 1 and mask is None
-        if grouped:
-            xps = xps.unflatten(1, (self.groups, -1))
-            state = tuple(part.unflatten(0, (self.groups, -1)) for part in state)
-        hs = []
-        # unbind, not xps[t]: the backward of T indexings would write T full-size zero tensors
-        for t, xp in enumerate(xps.unbind(0)):
-            new = cell.step_grouped(xp, state) if grouped else cell.step_driven(xp, state)
-            if mask is not None:
-                new = tuple(torch.where(mask[t][:, None], n, o)
-                            for n, o in zip(new, state, strict=True))
-            state = new
-            hs.append(state[0])
-        return torch.stack(hs).flatten(1, 2) if grouped else torch.stack(hs)
+        xps = xps.unflatten(1, (self.groups, -1))
+        state = tuple(part.unflatten(0, (self.groups, -1)) for part in state)
+        return cell.recur(xps, state, grouped=True).flatten(1, 2)
 
     def loss(self, batch: Batch) -> Tensor:
         """The task loss L = sum_t w_t mean_b loss_t, the quantity the engine's adjoint traces."""

@@ -104,8 +104,8 @@ def test_seeds_stack_only_where_that_was_measured_faster():
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_a_stacks_training_loop_split_by_seed_is_the_flat_one(cell):
     """A seed stack's training loop keeps its tensors split by seed ((S, n, ...): one bmm a
-    step, no reshapes; ``Cell.step_grouped``): the same states, and the same gradients, as
-    the loop over the flat batch of S*n rows."""
+    step, no reshapes; ``Cell.recur``): the same states, and the same gradients, as the loop
+    over the flat batch of S*n rows."""
     import torch
 
     from gradscope.batched import stack_models
@@ -118,15 +118,15 @@ def test_a_stacks_training_loop_split_by_seed_is_the_flat_one(cell):
     model = stack_models([b.model for b in builts])
     data = Batch.stack([b.batch for b in builts])
     model.kernel = False  # the loop, both ways
-    grads, split, step_grouped = {}, [], model.cell.step_grouped
-    model.cell.step_grouped = lambda *args: split.append(1) or step_grouped(*args)
+    grads, split, step = {}, [], model.cell._step
+    model.cell._step = lambda *args, **kw: split.append(args[3]) or step(*args, **kw)
     for grouped in (True, False):
         model.groups = 3 if grouped else 1  # 1: the flat loop over the same stacked weights
         model.zero_grad()
         hs = model.hidden_states(data)
         hs.square().sum().backward()
         grads[grouped] = hs.detach(), [p.grad.clone() for p in model.cell.parameters()]
-    assert len(split) == 30  # the stack's loop was the one split by seed
+    assert split == [True] * 30 + [False] * 30  # the stack's loop was the one split by seed
     torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-12, atol=1e-12)
     for a, b in zip(grads[True][1], grads[False][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
