@@ -45,10 +45,10 @@ MAX_SEEDS = 8  # seeds per stack: more buys little on a CPU and multiplies peak 
 def stack_pays(config: RunConfig) -> bool:
     """Whether seeds of this configuration run faster as a stack than one at a time. Measured
     on the CPU (benchmarks/run.py --seeds, 8 seeds, H = 32, T = 200, one thread): with 8
-    sequences per seed a stack gave 1.2-3.8x the throughput, and with 32 2.0-2.6x for training
+    sequences per seed a stack gave 1.1-4.5x the throughput, and with 32 2.3-2.7x for training
     the RNN and GRU. Not above 16 sequences per seed for profiles alone (exact forward probes
-    are arithmetic: 0.8-1.0x at 32, 1.0-1.4x at 16), nor for training the float32 LSTM (0.7x
-    at 32, 1.0x at 16): one model trains in oneDNN's LSTM kernel, 5-11x faster than a loop
+    are arithmetic: 0.8-1.1x at 32, 1.0-1.4x at 16), nor for training the float32 LSTM (0.6x
+    at 32, 1.0x at 16): one model trains in oneDNN's LSTM kernel, 5-10x faster than a loop
     (--train-paths), while a stack calls it once per seed and adds its own bookkeeping."""
     on_cpu = config.device != "cuda" and resolve_device(config.device).type == "cpu"
     kernel_alone = config.cell == "lstm" and config.dtype == "float32" and config.steps > 0
