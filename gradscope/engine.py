@@ -425,6 +425,8 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
     length = cap  # the steps a slice may take at once: what the decay seen so far allows
     graphs = graphed_push(tangent.device)
     stacked = STACKED_GPU if _on_gpu(tangent) else _STACKED
+    # one buffer for every slice's pushed values: the probes read them before the next slice
+    scratch = tangent.new_empty(0)
     for t0, states, g, stop in chunks:
         n = states.shape[0] - 1
         ops = u.ops(states, t0) if u.linearize is not None and n else None
@@ -441,7 +443,10 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
                 m = min(m, length)
                 if graphs is not None and m < n - done:  # few lengths: few graphs to capture
                     m = 1 << (m.bit_length() - 1)
-                pushed = _push_block(ops, tangent, done, done + m, graphs)
+                need = m * tangent.numel()
+                if scratch.numel() < need:
+                    scratch = tangent.new_empty(need)
+                pushed = _push_block(ops, tangent, done, done + m, graphs, scratch)
             if pushed is None:
                 pushed = _push_steps(u, ops, states, t0, tangent, done, done + m)
             values_, ln_scales, tangent, ln_last = pushed
@@ -488,15 +493,20 @@ def _push_steps(u: Unrolled, ops: StepOps | None, states: Tensor, t0: int, tange
     return torch.stack(stacked), ln_scales, tangent, ln_scales[-1]
 
 
-def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int,
-                graphs: GraphedPush | None) -> Pushed | None:
+def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int, graphs: GraphedPush | None,
+                scratch: Tensor) -> Pushed | None:
     """Steps a+1..b renormalised once, at the end: as ``_push_steps`` (the values then carry
     their own scale), or None where a value would leave the safe range, or a live direction
     reach zero: then the slice is done step by step, so nothing underflows unseen. On a GPU
-    the steps replay from a CUDA graph where the slice repeats (``graphs``)."""
+    the steps replay from a CUDA graph where the slice repeats (``graphs``). The values are
+    written into ``scratch`` (flat, at least (b-a) x tangent's size), one buffer for the
+    whole pass: on the CPU a fresh one per slice is fresh pages from the system each time
+    (the exact forward probes of the LSTM, H = 128, T = 1000, 2 sequences: 1.08x faster with
+    one buffer, measured alternately in one process; the RNN and the GRU unchanged)."""
     values = None if graphs is None else graphs(ops, tangent, a, b)
     if values is None:  # (m, K, B, S), written in place
-        values = ops.push(tangent, a, b, tangent.new_empty(b - a, *tangent.shape))
+        into = scratch[:(b - a) * tangent.numel()].view(b - a, *tangent.shape)
+        values = ops.push(tangent, a, b, into)
     norms = torch.linalg.vector_norm(values, dim=-1)  # (m, K, B)
     live = (tangent != 0).any(dim=-1)  # a zero direction stays zero
     if not _in_safe_range(norms, live):
