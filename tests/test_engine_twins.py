@@ -476,6 +476,26 @@ def test_forward_probes_alone_stream_long_trajectories_with_the_same_numbers(mak
                                    err_msg=name)
 
 
+def _graph_stand_in(replayed: list):
+    """``GraphedPush._capture`` on the CPU: a closure over the same static tensors, doing what
+    a captured graph does (the same launches on the same tensors); ``replayed`` receives the
+    length of each capture."""
+
+    class Replay:
+        def __init__(self, static, m, static_in, static_out):
+            self.run = lambda: static.push(static_in, 0, m, static_out)
+
+        def replay(self):
+            self.run()
+
+    def capture(self, tangent, m):
+        static_in, static_out = tangent.clone(), tangent.new_empty(m, *tangent.shape)
+        replayed.append(m)
+        return Replay(self.static, m, static_in, static_out), static_in, static_out
+
+    return capture
+
+
 @pytest.mark.parametrize("options", [{"cell": "lstm"}, {"cell": "gru", "task": "copy"},
                                      {"cell": "rnn", "activation": "relu"}])
 def test_replayed_slices_read_each_chunks_coefficients(make, monkeypatch, options):
@@ -487,20 +507,8 @@ def test_replayed_slices_read_each_chunks_coefficients(make, monkeypatch, option
     import gradscope.cudagraphs as cudagraphs
     import gradscope.engine as engine
 
-    class Replay:  # what a captured graph does: the same launches on the same tensors
-        def __init__(self, static, m, static_in, static_out):
-            self.run = lambda: static.push(static_in, 0, m, static_out)
-
-        def replay(self):
-            self.run()
-
     replayed = []
-
-    def capture(self, tangent, m):
-        static_in, static_out = tangent.clone(), tangent.new_empty(m, *tangent.shape)
-        replayed.append(m)
-        return Replay(self.static, m, static_in, static_out), static_in, static_out
-
+    capture = _graph_stand_in(replayed)
     loaded, load = [], cudagraphs.GraphedPush._load
 
     def spy(self, ops, a, b):
@@ -612,3 +620,44 @@ def test_a_lifted_block_holds_a_fall_that_a_block_from_norm_one_cannot(make, mon
         got = measure(u, adjoint, fused=True).log10["adjoint"]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-9, err_msg=f"lift {lift}")
         assert bool(redone) == (lift == 0.0), (lift, len(redone))
+
+
+@pytest.mark.parametrize("options", [{"cell": "lstm"}, {"cell": "gru"}, {"cell": "rnn"},
+                                     {"cell": "lstm", "init": "orthogonal", "gain": 0.3},
+                                     {"cell": "rnn", "init": "orthogonal", "gain": 0.3}])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("lifted", [False, True])
+def test_every_gpu_plan_at_once_run_on_the_cpu_gives_the_cpu_numbers(make, monkeypatch, options,
+                                                                       dtype, lifted):
+    """Every switch a GPU throws, thrown together on the CPU: the fused adjoint (float64
+    blocks of 256, or ``lifted`` ones of 512; range checks read late), float64 tangents
+    through chunks of 256, slices replayed from (stood-in) graphs, the cell-state scan in
+    log2 rounds, the larger stacks and streaming limits. Every probe gives the CPU's numbers,
+    through hundreds of decades: a check, before a lent GPU runs tests/test_gpu.py, that the
+    paths work together."""
+    import gradscope.cudagraphs as cudagraphs
+    import gradscope.engine as engine
+    import gradscope.linear as linear
+
+    model, batch = make(**{"hidden": 6, "batch": 3, "seq_len": 700, "dtype": dtype,
+                           **options})
+    probes = [PROBES.get(n) for n in probes_for(model.cell.parts)]
+    cpu = measure(model.unroll(batch), probes).log10
+    replayed = []
+    if lifted:  # the fused adjoint's alternative plan that benchmarks/gpu_parts.py times
+        _use_plan(monkeypatch, "lifted")
+    monkeypatch.setattr(engine, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(engine, "_runs_ahead", lambda x: True)
+    monkeypatch.setattr(linear, "_scan_in_rounds", lambda device: True)
+    monkeypatch.setattr(cudagraphs.GraphedPush, "_capture", _graph_stand_in(replayed))
+    monkeypatch.setattr(engine, "graphed_push", lambda device: cudagraphs.GraphedPush())
+    backs, back = [], engine.FusedAdjoint.back
+    monkeypatch.setattr(engine.FusedAdjoint, "back",
+                        lambda self, *args: backs.append(1) or back(self, *args))
+    gpu = measure(model.unroll(batch), probes).log10
+    assert replayed, "no slice was replayed"
+    assert bool(backs) == (options["cell"] != "gru")  # the GRU has no fused adjoint
+    atol = 1e-9 if dtype == "float64" else 1e-3
+    for name in cpu:
+        assert np.isfinite(cpu[name]).all(), name
+        np.testing.assert_allclose(gpu[name], cpu[name], rtol=0, atol=atol, err_msg=name)
