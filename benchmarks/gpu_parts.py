@@ -7,8 +7,9 @@ split into its parts, each against the fused torch.nn forward+backward, in one r
 Rows: the adjoint by the fused kernel's backward (as planned for a GPU; in blocks of 512
 lifted 77 decades, engine.FusedPlan; and as on a CPU) and by the closed-form loop; the trajectory
 alone; the forward probes (exact, on 2 sequences; and from 16 random directions) with their
-slices replayed from CUDA graphs, also with the LSTM's gate blocks not folded into per-sample
-matrices first, and run eager. With --trace, torch.profiler's busiest ops of a shorter run
+slices replayed from CUDA graphs, as planned for a GPU and as on a CPU (float32 tangents,
+shorter chunks), also with the LSTM's gate blocks not folded into per-sample matrices first,
+and run eager. With --trace, torch.profiler's busiest ops of a shorter run
 (also written to $OUT/trace.txt where $OUT is set). Not part of the test suite.
 """
 
@@ -68,7 +69,13 @@ def main() -> None:
     engine._fused_plan = plan
     row("adjoint, closed-form loop", lambda: measure(full, adjoint, fused=False))
     row("trajectory (fused kernel; LSTM: cell-state scan)", lambda: engine.trajectory(sub))
-    row("forward probes, CUDA graphs", lambda: measure(sub, forward))
+    row("forward probes, CUDA graphs (GPU plan: float64 tangents, chunks of 256)",
+        lambda: measure(sub, forward))
+    forward_plan = engine._forward_plan
+    engine._forward_plan = lambda u: (engine.CHUNK, u.s0.dtype)
+    row("forward probes, CUDA graphs, as on a CPU (float32 tangents, chunks of 64)",
+        lambda: measure(sub, forward))
+    engine._forward_plan = forward_plan
     row("forward probes, CUDA graphs, 16 random directions",
         lambda: measure(sub, forward, projections=16))
     many = linear._many_directions
