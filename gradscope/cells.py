@@ -6,7 +6,8 @@ its weights copy one to one into torch.nn.RNN / LSTM / GRU (``torch_module``), w
 to prove that the step functions compute the same thing.
 
 The input projection ``W_ih x + b_ih`` does not depend on the state, so it is computed for all
-steps at once (``project``) and the step function takes it as ``xp``.
+steps at once (``project``) and the step function takes it as ``xp``. Training unrolls the
+steps under autograd with ``recur`` (or torch.nn's fused kernel, ``kernel_hidden``).
 
 Seed-stacked weights: a weight may carry a leading dimension of S seeds (``(S, G*H, H)``, biases
 ``(S, G*H)``; see gradscope.batched). The batch then holds S groups of equal size, seed-major,
