@@ -114,6 +114,7 @@ class LSTMOps(StepOps):
         self.coef = coef
         self.f = f
         self.oc = o * (1 - tc * tc)
+        self.blocks = _gate_blocks(self.w, H)
 
     def _jvp(self, i: int, v: Tensor, out: Tensor | None) -> Tensor:
         # few ops a step: on a GPU each is a kernel launch, and this runs K directions x T steps
@@ -121,10 +122,8 @@ class LSTMOps(StepOps):
         out = torch.empty_like(v) if out is None else out
         if _many_directions(v, H):  # the i, f, g blocks summed in per-sample matrices first
             m = self.w.new_empty(v.shape[-2], H, 2 * H)  # (B, H, 2H): to dc', to the o gate
-            coef = self.coef[i]
-            torch.sum(_per_sample(self.w[..., :3 * H, :], coef[:, :3 * H]).unflatten(-1, (3, H)),
-                      dim=-2, out=m[..., :H])
-            _per_sample(self.w[..., 3 * H:, :], coef[:, 3 * H:], out=m[..., H:])
+            _blocks_sum(self.blocks, self.coef[i], (0, 1, 2), out=m[..., :H])
+            _blocks_sum(self.blocks, self.coef[i], (3,), out=m[..., H:])
             da = _by_sample(v[..., :H], m)  # (..., 2H): dc' less f dc, the o gate's da
             to_c, to_h = da[..., :H], da[..., H:]
         else:
@@ -173,11 +172,13 @@ class GRUOps(StepOps):
         self.coef = torch.cat([un * hn * r * (1 - r), (h - n) * z * (1 - z), un * r], dim=-1)
         self.z = z
         self.H = cell.hidden
+        self.blocks = _gate_blocks(self.w, self.H)
 
     def _jvp(self, i: int, v: Tensor, out: Tensor | None) -> Tensor:
         H = self.H
         if _many_directions(v, H):  # the three blocks summed in per-sample matrices first
-            m = _per_sample(self.w, self.coef[i]).unflatten(-1, (3, H)).sum(-2)  # (B, H, H)
+            m = _blocks_sum(self.blocks, self.coef[i], (0, 1, 2),
+                            out=self.w.new_empty(v.shape[-2], H, H))  # (B, H, H)
             dh = _by_sample(v, m)
         else:
             dh = affine(v, self.w).mul_(self.coef[i]).unflatten(-1, (3, H)).sum(-2)  # (..., H)
@@ -202,14 +203,30 @@ def _many_directions(v: Tensor, hidden: int) -> bool:
     return v.dim() >= 3 and v.numel() >= hidden * v.shape[-2] * v.shape[-1]
 
 
-def _per_sample(w: Tensor, coef: Tensor, out: Tensor | None = None) -> Tensor:
-    """W^T scaled column-wise by each sample's coefficients: w (G*H, H), or seed-stacked
-    (S, G*H, H); coef (B, G*H) -> (B, H, G*H), into ``out`` where given."""
-    if w.dim() == 2:
-        return torch.mul(w.T, coef[:, None, :], **_into(out))
-    S = w.shape[0]
-    into = _into(None if out is None else out.unflatten(0, (S, -1)))
-    return torch.mul(w.mT[:, None], coef.view(S, -1, 1, coef.shape[-1]), **into).flatten(0, 1)
+def _gate_blocks(w: Tensor, hidden: int) -> Tensor:
+    """W_hh (G*H, H) -> its gate blocks transposed, W_g^T, each contiguous: (G, H, H); seed-
+    stacked (S, G*H, H) -> (G, S, 1, H, H), to broadcast over each seed's samples."""
+    blocks = w.unflatten(-2, (-1, hidden)).mT  # (G, H, H), or (S, G, H, H)
+    if w.dim() == 3:
+        blocks = blocks.movedim(1, 0)[:, :, None]
+    return blocks.contiguous()
+
+
+def _blocks_sum(blocks: Tensor, coef: Tensor, gates: tuple[int, ...], out: Tensor) -> Tensor:
+    """The sum over ``gates`` of W_g^T scaled column-wise by each sample's coefficients of gate
+    g (coef (B, G*H)) -> (B, H, H), into ``out``. One op per gate on contiguous blocks:
+    the exact forward probes 1.07-1.15x faster (LSTM and GRU, H = 32-128, T = 1000, 2 CPU
+    cores, alternately in one process) than scaling W^T whole, then summing its blocks."""
+    G, H = blocks.shape[0], blocks.shape[-1]
+    if blocks.dim() == 5:  # seed-stacked: the samples are (S, n)
+        c = coef.view(blocks.shape[1], -1, 1, G, H)
+        out_ = out.unflatten(0, (blocks.shape[1], -1))
+    else:
+        c, out_ = coef.view(-1, 1, G, H), out
+    torch.mul(blocks[gates[0]], c[..., gates[0], :], out=out_)
+    for g in gates[1:]:
+        out_.addcmul_(blocks[g], c[..., g, :])
+    return out
 
 
 def _by_sample(v: Tensor, m: Tensor) -> Tensor:
