@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 import torch
-from run import B, fused, machine, setup, timed
+from run import B, fused_step, machine, setup, side_by_side, timed
 
 import gradscope.cudagraphs as cudagraphs
 import gradscope.engine as engine
@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
     args = parser.parse_args()
     cell, H, T, device = args.cell, args.hidden, args.steps, args.device
-    base = fused(cell, H, T, device, torch.float32)
+    step = fused_step(cell, H, T, device, torch.float32)
+    base = timed(step, 2, device)
     built = setup(cell, H, T, device, "float32")
     full = built.model.unroll(built.batch)
     sub = built.model.unroll(built.batch.take(args.samples))
@@ -48,10 +49,10 @@ def main() -> None:
     forward = [PROBES.get(n) for n in probes_for(built.model.cell.parts) if n != "adjoint"]
     rows = []
 
-    def row(name, fn, repeats=2):
-        seconds = timed(fn, repeats, device)
+    def row(name, fn, repeats=2):  # each part timed alternately with the fused baseline
+        t_base, seconds = side_by_side(step, fn, repeats, device)
         rows.append((name, seconds))
-        print(f"| {name} | {seconds:.3f} | {seconds / base:.2f}x |", flush=True)
+        print(f"| {name} | {seconds:.3f} | {seconds / t_base:.2f}x |", flush=True)
 
     print(f"machine: {machine(device)}; torch {torch.__version__}; {cell} H={H} B={B} T={T} "
           f"float32; forward probes on {args.samples} sequences\n")
