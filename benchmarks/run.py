@@ -46,19 +46,21 @@ def machine(device: str) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+def wall_time(fn, device: str) -> float:
+    """One call's wall time, the device's queued work included."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def timed(fn, repeats: int, device: str) -> float:
     """The best of ``repeats`` wall times, after one warm-up."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(wall_time(fn, device) for _ in range(repeats))
 
 
 def keep_freed_memory() -> None:
@@ -79,17 +81,8 @@ def side_by_side(base, fn, repeats: int, device: str) -> tuple[float, float]:
     """(best time of ``base``, best of ``fn``), timed alternately after a warm-up of each: on a
     shared machine whose speed drifts during a run, both see the same stretch of it."""
     base(), fn()
-    best = [float("inf"), float("inf")]
-    for _ in range(repeats):
-        for k, f in enumerate((base, fn)):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            f()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best[k] = min(best[k], time.perf_counter() - start)
-    return best[0], best[1]
+    times = [(wall_time(base, device), wall_time(fn, device)) for _ in range(repeats)]
+    return min(t for t, _ in times), min(t for _, t in times)
 
 
 def fused_step(cell: str, H: int, T: int, device: str, dtype: torch.dtype):
@@ -103,10 +96,6 @@ def fused_step(cell: str, H: int, T: int, device: str, dtype: torch.dtype):
         out[-1].sum().backward()
 
     return step
-
-
-def fused(cell: str, H: int, T: int, device: str, dtype: torch.dtype) -> float:
-    return timed(fused_step(cell, H, T, device, dtype), 5 if T <= 1000 else 2, device)
 
 
 def setup(cell: str, H: int, T: int, device: str, dtype: str, batch: int = B, seed: int = 0):
