@@ -85,7 +85,7 @@ class Cell(nn.Module):
     folds_bias = True
 
     def step(self, xp: Tensor, state: State) -> State:
-        return self._step(xp, state, self.bias_hh)
+        return self._step(xp, state, self.weight_hh, self.bias_hh)
 
     def drive(self, x: Tensor) -> Tensor:
         """(T, B, D) -> (T, B, G*H): W_ih x + b_ih of every step, plus b_hh where it folds in."""
@@ -95,14 +95,14 @@ class Cell(nn.Module):
 
     def step_driven(self, d: Tensor, state: State) -> State:
         """``step`` on that step's ``drive``: the same recurrence, one add fewer per step."""
-        return self._step(d, state, None if self.folds_bias else self.bias_hh)
+        return self._step(d, state, self.weight_hh, None if self.folds_bias else self.bias_hh)
 
-    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None, grouped: bool = False,
-              w_hh: Tensor | None = None, add: Tensor | None = None) -> State:
+    def _step(self, xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
+              grouped: bool = False, add: Tensor | None = None) -> State:
         """One step on ``xp`` (W_ih x + b_ih, plus b_hh where it folds in and ``b_hh`` is
-        None). ``w_hh``: the recurrent weight to use (default the cell's); ``add``: a tensor
-        of W_hh h's shape added to it in place of ``b_hh`` (for cells whose b_hh does not
-        fold in; ``recur``)."""
+        None) with the recurrent weight ``w_hh`` (the cell's, or ``recur``'s detached copy);
+        ``add``: a tensor of W_hh h's shape added to it in place of ``b_hh`` (for cells whose
+        b_hh does not fold in; ``recur``)."""
         raise NotImplementedError
 
     def recur(self, drive: Tensor, state: State, mask: Tensor | None = None,
@@ -144,7 +144,7 @@ class Cell(nn.Module):
         h0, hs = state[0], []
         # unbind, not drive[t]: the backward of T indexings would write T full-size zeros
         for t, (d, add) in enumerate(zip(drive.unbind(0), adds, strict=True)):
-            new = self._step(d, state, b_hh, grouped, w_hh=w_hh, add=add)
+            new = self._step(d, state, w_hh, b_hh, grouped, add)
             if mask is not None:
                 new = tuple(torch.where(mask[t][:, None], n, o)
                             for n, o in zip(new, state, strict=True))
@@ -321,10 +321,9 @@ class RNNCell(Cell):
         self.activation = activation or "tanh"
         self.phi = ACTIVATIONS.get(self.activation).fn
 
-    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None, grouped: bool = False,
-              w_hh: Tensor | None = None, add: Tensor | None = None) -> State:
-        w = self.weight_hh if w_hh is None else w_hh
-        return rnn_step(xp, state, w, b_hh, self.phi, grouped)
+    def _step(self, xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
+              grouped: bool = False, add: Tensor | None = None) -> State:
+        return rnn_step(xp, state, w_hh, b_hh, self.phi, grouped)
 
     def _torch_module(self, inputs: int) -> nn.RNN:
         if self.activation not in ("tanh", "relu"):
@@ -339,10 +338,9 @@ class LSTMCell(Cell):
     gates = ("i", "f", "g", "o")
     keep_gate = "f"
 
-    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None, grouped: bool = False,
-              w_hh: Tensor | None = None, add: Tensor | None = None) -> State:
-        w = self.weight_hh if w_hh is None else w_hh
-        return lstm_step(xp, state, w, b_hh, grouped)
+    def _step(self, xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
+              grouped: bool = False, add: Tensor | None = None) -> State:
+        return lstm_step(xp, state, w_hh, b_hh, grouped)
 
     def _torch_module(self, inputs: int) -> nn.LSTM:
         return nn.LSTM(inputs, self.hidden)
@@ -355,10 +353,9 @@ class GRUCell(Cell):
     keep_gate = "z"
     folds_bias = False  # n = tanh(W_in x + b_in + r (W_hn h + b_hn)): b_hn sits inside r
 
-    def _step(self, xp: Tensor, state: State, b_hh: Tensor | None, grouped: bool = False,
-              w_hh: Tensor | None = None, add: Tensor | None = None) -> State:
-        w = self.weight_hh if w_hh is None else w_hh
-        return gru_step(xp, state, w, b_hh, grouped, add)
+    def _step(self, xp: Tensor, state: State, w_hh: Tensor, b_hh: Tensor | None,
+              grouped: bool = False, add: Tensor | None = None) -> State:
+        return gru_step(xp, state, w_hh, b_hh, grouped, add)
 
     def _torch_module(self, inputs: int) -> nn.GRU:
         return nn.GRU(inputs, self.hidden)
