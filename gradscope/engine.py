@@ -52,6 +52,9 @@ STREAMED_ABOVE = 16 * 2**20
 # On a GPU, memory is plentiful and every op is a kernel launch: larger slices (fewer probe
 # reads) and a larger trajectory taken whole (the fused kernel rather than a loop of steps)
 STACKED_GPU, STREAMED_ABOVE_GPU = 2**26, 2**30
+# and both passes run in float64 through chunks of four times the CPU's (``_fused_plan``,
+# ``_forward_plan``; gradscope.runner's memory estimate counts them so)
+GPU_CHUNK, GPU_DTYPE = 4 * CHUNK, torch.float64
 
 
 def _on_gpu(x: Tensor) -> bool:
@@ -242,7 +245,7 @@ def _fused_plan(u: Unrolled) -> FusedPlan:
     float32 one would often leave the safe range. On the CPU, blocks of one chunk in the
     cell's dtype. (benchmarks/gpu_parts.py also times longer blocks with a lift.)"""
     if _on_gpu(u.s0):
-        return FusedPlan(4 * CHUNK, torch.float64)
+        return FusedPlan(GPU_CHUNK, GPU_DTYPE)
     return FusedPlan(CHUNK, u.s0.dtype)
 
 
@@ -379,7 +382,7 @@ def _forward_plan(u: Unrolled) -> tuple[int, torch.dtype]:
     four times the CPU's. On the CPU, and for the generic back end (forward-mode AD runs in
     the recurrence's own dtype), CHUNK in the cell's dtype."""
     if _on_gpu(u.s0) and u.linearize is not None:
-        return 4 * CHUNK, torch.float64
+        return GPU_CHUNK, GPU_DTYPE
     return CHUNK, u.s0.dtype
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .cells import CELLS
 from .config import RunConfig
-from .engine import STACKED_GPU
+from .engine import GPU_DTYPE, STACKED_GPU
 from .errors import ConfigError
 from .linear import KEPT_GATES_BYTES, fused_wins_on_cpu, has_fused_adjoint
 from .measure import snapshot
@@ -62,11 +62,11 @@ def memory_estimate(config: RunConfig, probes: list[Probe],
     fused = any(p.pass_ == "reverse" for p in probes) \
         and has_fused_adjoint(config.cell, config.activation) \
         and (on_gpu or fused_wins_on_cpu(config.cell, H))
-    graph = 8 * T * B * H * (8 if on_gpu else itemsize) if fused else 0  # float64 on a GPU
-    # on a GPU the forward pass stacks float64 slices of up to STACKED_GPU values, its probes
+    graph = 8 * T * B * H * (GPU_DTYPE.itemsize if on_gpu else itemsize) if fused else 0
+    # on a GPU the forward pass stacks GPU_DTYPE slices of up to STACKED_GPU values, its probes
     # make about two copies of a slice, and its CUDA graphs' outputs (one per slice length,
     # powers of two) hold up to two more
-    slices = 5 * 8 * min(STACKED_GPU, T * K * B * S) if on_gpu and K else 0
+    slices = 5 * GPU_DTYPE.itemsize * min(STACKED_GPU, T * K * B * S) if on_gpu and K else 0
     return itemsize * (2 * (T + 1) * B * S + T * B * len(cell.gates) * H + 4 * K * B * S) \
         + kept + graph + slices
 
