@@ -32,7 +32,7 @@ class GraphedPush:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
 
     def __call__(self, ops: StepOps, tangent: Tensor, a: int, b: int) -> Tensor | None:
-        """The values (b-a, K, B, S) of steps a+1..b from ``tangent``, or None where this slice
+        """The values (b-a, B, K, S) of steps a+1..b from ``tangent``, or None where this slice
         runs eager (a length's first sighting, or coefficients that do not fit the static
         ones). The values are the graph's own output: read them before the next call."""
         key = (b - a, tuple(tangent.shape), tangent.dtype)

@@ -6,8 +6,9 @@ a handful of elementwise products. The engine's generic back end (forward-mode A
 one call per step) stays the reference: the tests hold the two to 1e-10.
 
 Shapes: a chunk covers steps t0+1..t0+C; ``states`` is (C+1, B, S) (s_{t0}..s_{t0+C}), ``xp``
-(C, B, G*H) the input projections, ``mask`` (C, B) or None. Directions are (K, B, S) for jvp,
-adjoints (B, S) for vjp; both may carry any leading dimensions.
+(C, B, G*H) the input projections, ``mask`` (C, B) or None. Directions are (B, K, S) for jvp,
+sample-major (each sample's K directions one contiguous K x S matrix, so that per-sample
+matmuls read and write them in place); adjoints (B, S) for vjp.
 """
 
 from __future__ import annotations
@@ -37,11 +38,10 @@ class StepOps:
         self.mask = None if mask is None else mask[..., None]  # (C, B, 1)
 
     def jvp(self, i: int, v: Tensor, out: Tensor | None = None) -> Tensor:
-        """J v for step i; into ``out`` (v's shape, not v) where given."""
+        """J v for step i, v (B, K, S); into ``out`` (v's shape, not v) where given."""
         if self.mask is None:
             return self._jvp(i, v, out)
-        return torch.where(self.mask[i], self._jvp(i, v, None), v,
-                           **_into(out))
+        return torch.where(self.mask[i][:, None], self._jvp(i, v, None), v, **_into(out))
 
     def mapped(self, fn: Callable[[Tensor], Tensor]) -> StepOps:
         """A copy whose every tensor is ``fn`` of this one's."""
@@ -56,7 +56,7 @@ class StepOps:
         return self.mapped(lambda t: t.to(dtype) if t.is_floating_point() else t)
 
     def push(self, v: Tensor, a: int, b: int, out: Tensor) -> Tensor:
-        """Steps a+1..b from v (K, B, S), each step's J v into out[j] (b-a, K, B, S)."""
+        """Steps a+1..b from v (B, K, S), each step's J v into out[j] (b-a, B, K, S)."""
         for j, i in enumerate(range(a, b)):
             v = self.jvp(i, v, out=out[j])
         return out
@@ -84,7 +84,7 @@ class RNNOps(StepOps):
             (self.d,) = torch.autograd.grad(cell.phi(a).sum(), a)  # phi'(a), (C, B, H)
 
     def _jvp(self, i: int, v: Tensor, out: Tensor | None) -> Tensor:
-        return torch.mul(affine(v, self.w), self.d[i], **_into(out))
+        return torch.mul(_directions_times(v, self.w), self.d[i][:, None], **_into(out))
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
         return affine(self.d[i] * lam, self.w.mT)
@@ -121,16 +121,17 @@ class LSTMOps(StepOps):
         H = self.H
         out = torch.empty_like(v) if out is None else out
         if _many_directions(v, H):  # the i, f, g blocks summed in per-sample matrices first
-            m = self.w.new_empty(v.shape[-2], H, 2 * H)  # (B, H, 2H): to dc', to the o gate
-            _blocks_sum(self.blocks, self.coef[i], (0, 1, 2), out=m[..., :H])
-            _blocks_sum(self.blocks, self.coef[i], (3,), out=m[..., H:])
-            da = _by_sample(v[..., :H], m)  # (..., 2H): dc' less f dc, the o gate's da
-            to_c, to_h = da[..., :H], da[..., H:]
+            m = self.w.new_empty(v.shape[0], H, 2 * H)  # (B, H, 2H): to the o gate, to dc'
+            _blocks_sum(self.blocks, self.coef[i], (3,), out=m[..., :H])
+            _blocks_sum(self.blocks, self.coef[i], (0, 1, 2), out=m[..., H:])
+            torch.bmm(v[..., :H], m, out=out)  # the o gate's da, dc' less f dc
+            to_h = out[..., :H]
         else:
-            da = affine(v[..., :H], self.w).mul_(self.coef[i])  # (..., 4H)
-            to_c, to_h = da[..., :3 * H].unflatten(-1, (3, H)).sum(-2), da[..., 3 * H:]
-        dc = torch.addcmul(to_c, self.f[i], v[..., H:], out=out[..., H:])
-        torch.addcmul(to_h, self.oc[i], dc, out=out[..., :H])
+            da = _directions_times(v[..., :H], self.w).mul_(self.coef[i][:, None])  # (B, K, 4H)
+            torch.sum(da[..., :3 * H].unflatten(-1, (3, H)), -2, out=out[..., H:])
+            to_h = da[..., 3 * H:]
+        dc = out[..., H:].addcmul_(self.f[i][:, None], v[..., H:])
+        torch.addcmul(to_h, self.oc[i][:, None], dc, out=out[..., :H])
         return out
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
@@ -178,11 +179,12 @@ class GRUOps(StepOps):
         H = self.H
         if _many_directions(v, H):  # the three blocks summed in per-sample matrices first
             m = _blocks_sum(self.blocks, self.coef[i], (0, 1, 2),
-                            out=self.w.new_empty(v.shape[-2], H, H))  # (B, H, H)
-            dh = _by_sample(v, m)
-        else:
-            dh = affine(v, self.w).mul_(self.coef[i]).unflatten(-1, (3, H)).sum(-2)  # (..., H)
-        return torch.addcmul(dh, self.z[i], v, **_into(out))
+                            out=self.w.new_empty(v.shape[0], H, H))  # (B, H, H)
+            dh = torch.bmm(v, m, **_into(out))
+        else:  # (B, K, H)
+            dh = _directions_times(v, self.w).mul_(self.coef[i][:, None]).unflatten(-1, (3, H))
+            dh = torch.sum(dh, -2, **_into(out))
+        return dh.addcmul_(self.z[i][:, None], v)
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
         return affine(self.coef[i] * lam.tile(3), self.w.mT) + self.z[i] * lam
@@ -199,8 +201,17 @@ OPS = {"rnn": RNNOps, "lstm": LSTMOps, "gru": GRUOps}
 # matrices costs more than the matmul saves.
 
 def _many_directions(v: Tensor, hidden: int) -> bool:
-    """Whether v (..., B, S) holds at least ``hidden`` directions per sample."""
-    return v.dim() >= 3 and v.numel() >= hidden * v.shape[-2] * v.shape[-1]
+    """Whether v (B, K, S) holds at least ``hidden`` directions per sample."""
+    return v.shape[1] >= hidden
+
+
+def _directions_times(v: Tensor, w: Tensor) -> Tensor:
+    """v W^T for directions v (B, K, D): W (M, D) for every sample, or seed-stacked (S, M, D),
+    each seed's for its B/S consecutive samples -> (B, K, M). One matmul either way: a
+    sample's directions are rows next to each other, so every seed's rows are one block."""
+    if w.dim() == 2:
+        return v @ w.T
+    return torch.bmm(v.reshape(w.shape[0], -1, v.shape[-1]), w.mT).view(*v.shape[:-1], -1)
 
 
 def _gate_blocks(w: Tensor, hidden: int) -> Tensor:
@@ -227,12 +238,6 @@ def _blocks_sum(blocks: Tensor, coef: Tensor, gates: tuple[int, ...], out: Tenso
     for g in gates[1:]:
         out_.addcmul_(blocks[g], c[..., g, :])
     return out
-
-
-def _by_sample(v: Tensor, m: Tensor) -> Tensor:
-    """v (..., B, H) times each sample's own matrix m (B, H, N) -> (..., B, N)."""
-    flat = v.reshape(-1, *v.shape[-2:]).transpose(0, 1)  # (B, K, H)
-    return torch.bmm(flat, m).transpose(0, 1).reshape(*v.shape[:-1], m.shape[-1])
 
 
 @contextmanager
