@@ -35,13 +35,16 @@ class StepOps:
 
     def __init__(self, w_hh: Tensor, mask: Tensor | None) -> None:
         self.w = w_hh  # (G*H, H)
+        self.H = w_hh.shape[-1]
         self.mask = None if mask is None else mask[..., None]  # (C, B, 1)
 
-    def jvp(self, i: int, v: Tensor, out: Tensor | None = None) -> Tensor:
-        """J v for step i, v (B, K, S); into ``out`` (v's shape, not v) where given."""
+    def jvp(self, i: int, v: Tensor, out: Tensor | None = None, m: Tensor | None = None
+            ) -> Tensor:
+        """J v for step i, v (B, K, S); into ``out`` (v's shape, not v) where given; ``m``:
+        step i's per-sample matrices (``matrices``) where already built."""
         if self.mask is None:
-            return self._jvp(i, v, out)
-        return torch.where(self.mask[i][:, None], self._jvp(i, v, None), v, **_into(out))
+            return self._jvp(i, v, out, m)
+        return torch.where(self.mask[i][:, None], self._jvp(i, v, None, m), v, **_into(out))
 
     def mapped(self, fn: Callable[[Tensor], Tensor]) -> StepOps:
         """A copy whose every tensor is ``fn`` of this one's."""
@@ -56,16 +59,24 @@ class StepOps:
         return self.mapped(lambda t: t.to(dtype) if t.is_floating_point() else t)
 
     def push(self, v: Tensor, a: int, b: int, out: Tensor) -> Tensor:
-        """Steps a+1..b from v (B, K, S), each step's J v into out[j] (b-a, B, K, S)."""
+        """Steps a+1..b from v (B, K, S), each step's J v into out[j] (b-a, B, K, S). With
+        many directions, every step's per-sample matrices are built at once, a few ops for
+        the slice instead of a few per step."""
+        ms = self.matrices(a, b) if _many_directions(v, self.H) else None
         for j, i in enumerate(range(a, b)):
-            v = self.jvp(i, v, out=out[j])
+            v = self.jvp(i, v, out=out[j], m=None if ms is None else ms[j])
         return out
+
+    def matrices(self, a: int, b: int) -> Tensor | None:
+        """Gated cells: steps a..b-1's per-sample matrices (b-a, B, H, N) that their jvps with
+        many directions multiply by; None for a cell without them."""
+        return None
 
     def vjp(self, i: int, lam: Tensor) -> Tensor:
         out = self._vjp(i, lam)
         return out if self.mask is None else torch.where(self.mask[i], out, lam)
 
-    def _jvp(self, i: int, v: Tensor, out: Tensor | None) -> Tensor:
+    def _jvp(self, i: int, v: Tensor, out: Tensor | None, m: Tensor | None) -> Tensor:
         raise NotImplementedError
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
@@ -83,7 +94,7 @@ class RNNOps(StepOps):
             a = (xp + affine(states[:-1], cell.weight_hh, cell.bias_hh)).detach().requires_grad_()
             (self.d,) = torch.autograd.grad(cell.phi(a).sum(), a)  # phi'(a), (C, B, H)
 
-    def _jvp(self, i: int, v: Tensor, out: Tensor | None) -> Tensor:
+    def _jvp(self, i: int, v: Tensor, out: Tensor | None, m: Tensor | None) -> Tensor:
         return torch.mul(_directions_times(v, self.w), self.d[i][:, None], **_into(out))
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
@@ -98,7 +109,7 @@ class LSTMOps(StepOps):
     def __init__(self, cell: Cell, states: Tensor, xp: Tensor, mask: Tensor | None,
                  gates: Tensor | None = None) -> None:
         super().__init__(cell.weight_hh, mask)
-        H = self.H = cell.hidden
+        H = self.H
         c, c_next = states[:-1, ..., H:], states[1:, ..., H:]
         if gates is None:  # not kept by the trajectory: from h and xp again
             gates = _lstm_gates(cell, states[:-1, ..., :H], xp)
@@ -116,14 +127,20 @@ class LSTMOps(StepOps):
         self.oc = o * (1 - tc * tc)
         self.blocks = _gate_blocks(self.w, H)
 
-    def _jvp(self, i: int, v: Tensor, out: Tensor | None) -> Tensor:
+    def matrices(self, a: int, b: int) -> Tensor:
+        """(b-a, B, H, 2H): the o gate's block, and the i, f, g blocks summed (to dc')."""
+        H, coef = self.H, self.coef[a:b]
+        m = self.w.new_empty(*coef.shape[:-1], H, 2 * H)
+        _blocks_sum(self.blocks, coef, (3,), out=m[..., :H])
+        _blocks_sum(self.blocks, coef, (0, 1, 2), out=m[..., H:])
+        return m
+
+    def _jvp(self, i: int, v: Tensor, out: Tensor | None, m: Tensor | None) -> Tensor:
         # few ops a step: on a GPU each is a kernel launch, and this runs K directions x T steps
         H = self.H
         out = torch.empty_like(v) if out is None else out
         if _many_directions(v, H):  # the i, f, g blocks summed in per-sample matrices first
-            m = self.w.new_empty(v.shape[0], H, 2 * H)  # (B, H, 2H): to the o gate, to dc'
-            _blocks_sum(self.blocks, self.coef[i], (3,), out=m[..., :H])
-            _blocks_sum(self.blocks, self.coef[i], (0, 1, 2), out=m[..., H:])
+            m = self.matrices(i, i + 1)[0] if m is None else m
             torch.bmm(v[..., :H], m, out=out)  # the o gate's da, dc' less f dc
             to_h = out[..., :H]
         else:
@@ -172,14 +189,18 @@ class GRUOps(StepOps):
         # dh' = [un hn r(1-r), (h - n) z(1-z), un r] . d(hr, hz, hn) + z dh
         self.coef = torch.cat([un * hn * r * (1 - r), (h - n) * z * (1 - z), un * r], dim=-1)
         self.z = z
-        self.H = cell.hidden
         self.blocks = _gate_blocks(self.w, self.H)
 
-    def _jvp(self, i: int, v: Tensor, out: Tensor | None) -> Tensor:
+    def matrices(self, a: int, b: int) -> Tensor:
+        """(b-a, B, H, H): the three blocks summed."""
+        coef = self.coef[a:b]
+        return _blocks_sum(self.blocks, coef, (0, 1, 2),
+                           out=self.w.new_empty(*coef.shape[:-1], self.H, self.H))
+
+    def _jvp(self, i: int, v: Tensor, out: Tensor | None, m: Tensor | None) -> Tensor:
         H = self.H
         if _many_directions(v, H):  # the three blocks summed in per-sample matrices first
-            m = _blocks_sum(self.blocks, self.coef[i], (0, 1, 2),
-                            out=self.w.new_empty(v.shape[0], H, H))  # (B, H, H)
+            m = self.matrices(i, i + 1)[0] if m is None else m
             dh = torch.bmm(v, m, **_into(out))
         else:  # (B, K, H)
             dh = _directions_times(v, self.w).mul_(self.coef[i][:, None]).unflatten(-1, (3, H))
@@ -225,15 +246,16 @@ def _gate_blocks(w: Tensor, hidden: int) -> Tensor:
 
 def _blocks_sum(blocks: Tensor, coef: Tensor, gates: tuple[int, ...], out: Tensor) -> Tensor:
     """The sum over ``gates`` of W_g^T scaled column-wise by each sample's coefficients of gate
-    g (coef (B, G*H)) -> (B, H, H), into ``out``. One op per gate on contiguous blocks:
-    the exact forward probes 1.07-1.15x faster (LSTM and GRU, H = 32-128, T = 1000, 2 CPU
-    cores, alternately in one process) than scaling W^T whole, then summing its blocks."""
+    g (coef (..., B, G*H)) -> (..., B, H, H), into ``out``. One op per gate on contiguous
+    blocks: the exact forward probes 1.07-1.15x faster (LSTM and GRU, H = 32-128, T = 1000, 2
+    CPU cores, alternately in one process) than scaling W^T whole, then summing its blocks."""
     G, H = blocks.shape[0], blocks.shape[-1]
+    lead = coef.shape[:-2]
     if blocks.dim() == 5:  # seed-stacked: the samples are (S, n)
-        c = coef.view(blocks.shape[1], -1, 1, G, H)
-        out_ = out.unflatten(0, (blocks.shape[1], -1))
+        c = coef.view(*lead, blocks.shape[1], -1, 1, G, H)
+        out_ = out.unflatten(len(lead), (blocks.shape[1], -1))
     else:
-        c, out_ = coef.view(-1, 1, G, H), out
+        c, out_ = coef.view(*lead, -1, 1, G, H), out
     torch.mul(blocks[gates[0]], c[..., gates[0], :], out=out_)
     for g in gates[1:]:
         out_.addcmul_(blocks[g], c[..., g, :])
