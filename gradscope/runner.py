@@ -63,9 +63,10 @@ def memory_estimate(config: RunConfig, probes: list[Probe],
         and has_fused_adjoint(config.cell, config.activation) \
         and (on_gpu or fused_wins_on_cpu(config.cell, H))
     graph = 8 * T * B * H * (GPU_DTYPE.itemsize if on_gpu else itemsize) if fused else 0
-    # on a GPU the forward pass stacks GPU_DTYPE slices of up to STACKED_GPU values, its probes
-    # make about two copies of a slice, and its CUDA graphs' outputs (one per slice length,
-    # powers of two) hold up to two more
+    # on a GPU the forward pass stacks GPU_DTYPE slices of up to STACKED_GPU values, builds the
+    # slice's per-sample matrices (half a slice for the gated cells; linear.StepOps.matrices),
+    # its probes take temporaries, and its CUDA graphs' outputs (one per slice length, powers
+    # of two) hold up to two more: five slices is a bound
     slices = 5 * GPU_DTYPE.itemsize * min(STACKED_GPU, T * K * B * S) if on_gpu and K else 0
     return itemsize * (2 * (T + 1) * B * S + T * B * len(cell.gates) * H + 4 * K * B * S) \
         + kept + graph + slices
