@@ -661,3 +661,40 @@ def test_every_gpu_plan_at_once_run_on_the_cpu_gives_the_cpu_numbers(make, monke
     for name in cpu:
         assert np.isfinite(cpu[name]).all(), name
         np.testing.assert_allclose(gpu[name], cpu[name], rtol=0, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("seeds", [1, 3])
+@pytest.mark.parametrize("task", ["adding", "language"])
+def test_closed_form_jvps_push_any_number_of_directions_as_forward_mode_ad(cell, seeds, task):
+    """gradscope.linear's jvps on sample-major directions (B, K, S), by both of their paths:
+    fewer directions than H (v W^T, then the gate blocks summed) and at least H (a matrix per
+    sample, a slice's all built at once by ``push``), step by step against forward-mode AD
+    (``engine.push``), for one model and a seed stack of 3 (each seed's own W_hh), with equal
+    lengths and with sequences that end early (their directions held)."""
+    from gradscope.batched import stack_models
+    from gradscope.config import RunConfig
+    from gradscope.engine import push, trajectory
+    from gradscope.model import build
+    from gradscope.tasks import Batch
+
+    builts = [build(RunConfig(cell=cell, hidden=5, batch=4, seq_len=24, seed=s, task=task,
+                              dtype="float64"), torch.device("cpu")) for s in range(seeds)]
+    model = builts[0].model if seeds == 1 else stack_models([b.model for b in builts])
+    batch = builts[0].batch if seeds == 1 else Batch.stack([b.batch for b in builts])
+    model.requires_grad_(False)
+    u = model.unroll(batch)
+    if task == "language":
+        assert not bool(u.mask.all()), "some sequences should end early"
+    states, _ = trajectory(u)
+    ops = u.ops(states, 0)
+    B, S = u.s0.shape
+    gen = torch.Generator().manual_seed(0)
+    for K in (2, 5, 2 * 5):  # below H, H, every direction of the LSTM's state
+        v = torch.randn(B, K, S, generator=gen, dtype=torch.float64)
+        pushed = ops.push(v, 0, 24, v.new_empty(24, B, K, S))
+        for t in range(1, 25):
+            want = push(u, t, states[t - 1], v if t == 1 else pushed[t - 2])
+            torch.testing.assert_close(pushed[t - 1], want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(ops.jvp(t - 1, pushed[t - 2] if t > 1 else v), want,
+                                       rtol=1e-12, atol=1e-12)
