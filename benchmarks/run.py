@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def machine(device: str) -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{model}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads"
 
 
 def wall_time(fn, device: str) -> float:
