@@ -673,28 +673,81 @@ def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Ten
 def _reverse_general(u: Unrolled, states: Tensor, direct: Tensor, has_direct: list[bool],
                      adj: Tensor, log_scale: Tensor, probes: Sequence[Probe],
                      per_sample: dict[str, Tensor]) -> None:
-    """Losses at many steps (copy): combine each step's term with what comes back."""
+    """Losses at many steps (copy): lambda_{t-1} = J_t^T lambda_t + dL/ds_{t-1}. As in
+    ``_reverse_fast``, a block of steps at a time, renormalised at its end, each step's own term
+    brought to the block's scale (``_general_block``); a block that cannot be is redone a step
+    at a time, each step's two terms combined in log space."""
     T, rows = u.seq_len, u.rows()
     cache: list = []
-    for t in range(T, 0, -1):
+    length, t = CHUNK, T  # adj = lambda_t / exp(log_scale), of norm 1 (or 0) per sample
+    while t >= 1:
+        # 1. A block: lambda_t, ..., lambda_{t-n+1} from adj, ending at an ops chunk's start,
+        #    and the exit lambda_{t-n}, which starts the next block (not needed after step 1).
+        n = min(length, t - ((t - 1) // CHUNK) * CHUNK)
+        block = _general_block(u, states, direct, has_direct, adj, log_scale, t, n, cache) \
+            if n > 1 else None
+        if block is not None:
+            values, norms = block
+            ctx = ReverseStep(values[:n], log_scale.expand(n, -1), rows)
+            for probe in probes:
+                per_sample[probe.name][T - t:T - t + n] = probe(ctx)
+            if values.shape[0] > n:
+                adj, ln_exit = _rescaled(values[n], norms[n])
+                log_scale = log_scale + ln_exit
+                length = _block_length(ln_exit, n, adj.dtype)
+            t -= n
+            continue
+        # 2. One step: lambda_{t-1} = J_t^T lambda_t + dL/ds_{t-1}, combined without leaving
+        #    float range.
         ctx = ReverseStep(adj[None], log_scale[None], rows)
         for probe in probes:
             per_sample[probe.name][T - t] = probe(ctx)[0]
         if t == 1:
             break
-        # lambda_{t-1} = J_t^T lambda_t + dL/ds_{t-1}, combined without leaving float range.
         back, ln_back = _unit(_step_back(u, states, t, adj, cache))
         ln_back = ln_back + log_scale
+        before = log_scale
         if not has_direct[t - 2]:  # most tasks score one step: nothing to add here
             adj, log_scale = back, ln_back
-            continue
-        here, ln_here = _unit(direct[t - 2])
-        top = torch.maximum(ln_back, ln_here)  # (B,)
-        live = torch.isfinite(top)
-        w_back = torch.where(live, torch.exp(ln_back - top), 0.0).to(adj.dtype)
-        w_here = torch.where(live, torch.exp(ln_here - top), 0.0).to(adj.dtype)
-        adj, ln_sum = _unit(w_back[:, None] * back + w_here[:, None] * here)
-        log_scale = torch.where(live, top + ln_sum, -math.inf)
+        else:
+            here, ln_here = _unit(direct[t - 2])
+            top = torch.maximum(ln_back, ln_here)  # (B,)
+            live = torch.isfinite(top)
+            w_back = torch.where(live, torch.exp(ln_back - top), 0.0).to(adj.dtype)
+            w_here = torch.where(live, torch.exp(ln_here - top), 0.0).to(adj.dtype)
+            adj, ln_sum = _unit(w_back[:, None] * back + w_here[:, None] * here)
+            log_scale = torch.where(live, top + ln_sum, -math.inf)
+        length = _block_length(log_scale - before, 1, adj.dtype)
+        t -= 1
+
+
+def _general_block(u: Unrolled, states: Tensor, direct: Tensor, has_direct: list[bool],
+                   adj: Tensor, log_scale: Tensor, t: int, n: int, cache: list
+                   ) -> tuple[Tensor, Tensor] | None:
+    """``_reverse_general``'s steps t..t-n+1 renormalised once, at the end: lambda_t down to
+    lambda_{t-n} (that exit where t-n >= 1), (n or n+1, B, S), divided by exp(log_scale), and
+    their norms; each step's own term dL/ds_{s-1} is divided by exp(log_scale) to join them.
+    None where that cannot be done: an adjoint exactly zero (log_scale -inf: no scale to bring
+    a term to) where a term is to be added, or values that leave the safe range (a term far
+    above a decayed adjoint, or that overflowed, at the block's scale, included)."""
+    steps = [s for s in range(t, t - n, -1) if s > 1]  # each takes lambda_s to lambda_{s-1}
+    if any(has_direct[s - 2] for s in steps):
+        if not bool(torch.isfinite(log_scale).all()):
+            return None
+        inv = torch.exp(-log_scale).to(adj.dtype)[:, None]  # (B, 1), may be inf: checked below
+    block = [adj]
+    for s in steps:
+        back = _step_back(u, states, s, block[-1], cache)
+        if has_direct[s - 2]:
+            back = torch.addcmul(back, direct[s - 2], inv)
+        block.append(back)
+    values = torch.stack(block)
+    norms = norm(values)  # (., B)
+    # a zero adjoint stays exactly zero where no term is added; where one is, every sample
+    # started at norm 1 (a finite log_scale), so that all are checked, NaN and inf included
+    if not _in_safe_range(norms[1:], norms[0] > 0):
+        return None
+    return values, norms
 
 
 class Segmented:

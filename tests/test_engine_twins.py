@@ -698,3 +698,59 @@ def test_closed_form_jvps_push_any_number_of_directions_as_forward_mode_ad(cell,
             torch.testing.assert_close(pushed[t - 1], want, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(ops.jvp(t - 1, pushed[t - 2] if t > 1 else v), want,
                                        rtol=1e-12, atol=1e-12)
+
+
+def _sparse_losses(u, steps):
+    """``u`` with its loss read at ``steps`` only (1-based), each weighted 1."""
+    from dataclasses import replace
+
+    weights = torch.zeros_like(u.weights)
+    weights[[s - 1 for s in steps]] = 1.0
+    return replace(u, weights=weights)
+
+
+@pytest.mark.parametrize(("dtype", "options", "steps", "redone"), [
+    *(("float32", o, None, False) for o in _DECAYING),  # the copy task: a loss at every step
+    ("float64", _DECAYING[1], None, False),
+    ("float64", _GROWING, None, False),
+    # losses far apart: in float32 the adjoint falls so far below the next loss's term that
+    # the term overflows at its scale (redone); in float64 it may fit (154 decades of room);
+    # with W_hh = 0 the adjoint is exactly zero before each term: no scale to bring it to
+    ("float32", _DECAYING[0], (300, 240, 120, 7), True),
+    ("float64", _DECAYING[1], (300, 150, 149, 20), False),
+    ("float64", _GROWING, (300, 100), False),
+    ("float64", {"cell": "rnn", "zero_recurrence": True}, (300, 299, 200, 50), True),
+])
+def test_the_blocked_adjoint_with_losses_at_many_steps_is_the_step_by_step_one(
+        make, monkeypatch, dtype, options, steps, redone):
+    """Losses at many steps: the reverse pass takes blocks of steps, each step's own loss term
+    brought to the block's scale (``engine._general_block``), and redoes a block step by step,
+    combining in log space, where that cannot be done. Against every step done that way."""
+    from gradscope import engine
+
+    options = dict(options)
+    zero = options.pop("zero_recurrence", False)
+    model, batch = make(hidden=6, batch=3, seq_len=300 - (20 if steps is None else 0),
+                        dtype=dtype, task="copy" if steps is None else "adding", **options)
+    if zero:
+        model.cell.weight_hh.zero_()
+    u = model.unroll(batch)
+    if steps is not None:
+        u = _sparse_losses(u, steps)
+    assert not engine._loss_at_last_step_only(u)
+    adjoint = [PROBES.get("adjoint")]
+    blocks = []
+    block = engine._general_block
+    monkeypatch.setattr(engine, "_general_block", lambda *a: blocks.append(block(*a)) or
+                        blocks[-1])
+    got = measure(u, adjoint, fused=False).log10["adjoint"]
+    monkeypatch.setattr(engine, "_general_block", lambda *a: None)
+    want = measure(u, adjoint, fused=False).log10["adjoint"]
+    assert sum(b is not None for b in blocks) >= 5, "blocks should carry most of the pass"
+    if redone:
+        assert any(b is None for b in blocks), "some block should have been redone"
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    finite = np.isfinite(want)
+    assert finite.sum() == len(steps) if zero else finite.sum() > 200  # W_hh = 0: zero between
+    np.testing.assert_allclose(got[finite], want[finite], rtol=0,
+                               atol=1e-4 if dtype == "float32" else 1e-9)
