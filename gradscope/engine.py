@@ -88,7 +88,7 @@ class Unrolled:
     # (states (C+1, B, S) of steps t0..t0+C, xs (C, B, X), mask (C, B) | None, t0) -> the
     # chunk's StepOps (gradscope.linear). None: forward-mode AD and autograd, one call per step.
     linearize: Callable[[Tensor, Tensor, Tensor | None, int], StepOps] | None = None
-    # s_0..s_T at once with fewer ops per step than ``step`` (built-in cells, one length)
+    # s_0..s_T at once with fewer ops per step than ``step`` (built-in cells)
     fast_trajectory: Callable[[], Tensor] | None = None
     # The adjoint from the fused kernel's own backward (built-in rnn and lstm, one length):
     # (block length, the kernel's dtype) -> gradscope.linear.FusedAdjoint, its forward done;

@@ -326,8 +326,10 @@ class Linearization:
     they fit in KEPT_GATES_BYTES it keeps them, and ``ops`` on chunks of that trajectory reuses
     them instead of a second matmul over all steps."""
 
-    def __init__(self, cell: Cell, inputs: Callable[[], Tensor], s0: Tensor) -> None:
+    def __init__(self, cell: Cell, inputs: Callable[[], Tensor], s0: Tensor,
+                 lengths: Tensor | None = None) -> None:
         self.cell, self.inputs, self.s0 = cell, inputs, s0
+        self.lengths = lengths  # (B,) where sequences end early, each holding its last state
         self.kept: tuple[Tensor, Tensor] | None = None  # (the trajectory, its gates)
 
     def ops(self, states: Tensor, xp: Tensor, mask: Tensor | None, t0: int) -> StepOps:
@@ -362,14 +364,24 @@ class Linearization:
         return fused if fused.finite else None
 
     def trajectory(self) -> Tensor:
-        """s_0..s_T (T+1, B, S), sequences of one length; the same recurrence as
-        ``cell.step``, up to rounding.
+        """s_0..s_T (T+1, B, S); the same recurrence as ``cell.step``, up to rounding, a
+        sequence that ends early holding its last state (as ``Unrolled.step_at`` does).
 
         The cells torch.nn has (rnn with tanh or relu, lstm, gru) run as its fused kernel
         (oneDNN on the CPU, cuDNN on the GPU), which returns h_1..h_T; the LSTM's c_t then
         follows from its gates, a chunk of steps at a time, and a one-op-per-step scan. Other
-        cells, and seed stacks, loop over the steps.
+        cells, and seed stacks, loop over the steps. Either runs every sequence through all T
+        steps: a state depends on earlier steps only, so each sequence's states up to its end
+        are its own, and the states after it are then overwritten with the one at its end.
         """
+        states = self._every_step()
+        if self.lengths is not None:
+            for b, n in enumerate(self.lengths.tolist()):
+                states[n + 1:, b] = states[n, b]
+        return states
+
+    def _every_step(self) -> Tensor:
+        """``trajectory`` with every sequence run through all T steps."""
         cell, x, s0 = self.cell, self.inputs(), self.s0
         if cell.weight_hh.dim() == 3 or not has_torch_kernel(cell.name, cell.activation):
             return _looped(cell, cell.drive(x), s0)

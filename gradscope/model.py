@@ -164,7 +164,7 @@ class Model(nn.Module):
         s0 = torch.cat(cell.initial_state(batch.inputs.shape[1]), dim=-1)  # (B, n_parts*H)
         assert s0.shape[1] == n_parts * H
         xs = Projected(self, batch.inputs)  # (T, B, G*H), a chunk at a time
-        fast = Linearization(cell, lambda: self.encode(batch.inputs), s0)
+        fast = Linearization(cell, lambda: self.encode(batch.inputs), s0, batch.lengths)
         return Unrolled(
             step=step,
             s0=s0,
@@ -175,7 +175,7 @@ class Model(nn.Module):
             mask=self.mask(batch),
             groups=self.groups,
             linearize=fast.ops,
-            fast_trajectory=None if batch.lengths is not None else fast.trajectory,
+            fast_trajectory=fast.trajectory,
             fused_adjoint=None if batch.lengths is not None else fast.fused_adjoint,
             fused_on_cpu=fast.fused_wins_on_cpu(),
         )

@@ -110,14 +110,27 @@ def test_random_projections_estimate_the_exact_forward_probes(make, cell):
 
 @pytest.mark.parametrize("options", [
     *({"cell": "rnn", "activation": a} for a in ACTIVATIONS.names()),
-    {"cell": "lstm"}, {"cell": "gru"}])
+    {"cell": "lstm"}, {"cell": "gru"},
+    # sequences that end early, each holding its last state: the kernel (or a seed stack's
+    # loop) runs all of them to T, and what comes after each one's end is overwritten
+    *({"cell": c, "task": "language", "batch": 6} for c in ("rnn", "lstm", "gru")),
+    {"cell": "rnn", "activation": "sigmoid", "task": "language", "batch": 6},
+    {"cell": "lstm", "task": "language", "batch": 6, "seeds": 3}])
 def test_the_fast_trajectory_is_the_step_by_step_one(make, options):
     from dataclasses import replace
 
+    from gradscope.batched import stack_models
     from gradscope.engine import trajectory
+    from gradscope.tasks import Batch
 
-    model, batch = make(hidden=5, batch=3, seq_len=40, **options)
+    options = {"hidden": 5, "batch": 3, "seq_len": 40, **options}
+    seeds = options.pop("seeds", 1)
+    builts = [make(seed=s, **options) for s in range(seeds)]
+    model = builts[0][0] if seeds == 1 else stack_models([m for m, _ in builts])
+    batch = builts[0][1] if seeds == 1 else Batch.stack([b for _, b in builts])
     u = model.unroll(batch)
+    if options.get("task") == "language":
+        assert len(set(batch.lengths.tolist())) > 1 and int(batch.lengths.min()) < 40
     assert u.fast_trajectory is not None
     fast, _ = trajectory(u)
     slow, _ = trajectory(replace(u, fast_trajectory=None))
