@@ -617,14 +617,25 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
             length = 1  # 2. redo it with every step renormalised
             continue
         # 3. The probes over the block, then the block's exit renormalised.
-        ctx = ReverseStep(values[:n], log_scale.expand(n, -1), rows)
-        for probe in probes:
-            per_sample[probe.name][T - t:T - t + n] = probe(ctx)
-        if values.shape[0] > n:
-            adj, ln_exit = _rescaled(values[n], norms[n])
-            log_scale = log_scale + ln_exit
-            length = _block_length(ln_exit, n, adj.dtype)
+        exit_ = _probed_block(values, norms, n, log_scale, T - t, rows, probes, per_sample)
+        if exit_ is not None:
+            adj, log_scale, length = exit_
         t -= n
+
+
+def _probed_block(values: Tensor, norms: Tensor, n: int, log_scale: Tensor, k: int,
+                  rows: dict[str, slice], probes: Sequence[Probe],
+                  per_sample: dict[str, Tensor]) -> tuple[Tensor, Tensor, int] | None:
+    """A reverse block read: the probes over lambda_t..lambda_{t-n+1} (``values[:n]``, each
+    divided by exp(log_scale); k = T - t), then its exit (``values[n]``, where the block has
+    one) renormalised: (exit, its log_scale, the next block's length), or None."""
+    ctx = ReverseStep(values[:n], log_scale.expand(n, -1), rows)
+    for probe in probes:
+        per_sample[probe.name][k:k + n] = probe(ctx)
+    if values.shape[0] == n:
+        return None
+    adj, ln_exit = _rescaled(values[n], norms[n])
+    return adj, log_scale + ln_exit, _block_length(ln_exit, n, adj.dtype)
 
 
 def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Tensor,
@@ -687,14 +698,9 @@ def _reverse_general(u: Unrolled, states: Tensor, direct: Tensor, has_direct: li
         block = _general_block(u, states, direct, has_direct, adj, log_scale, t, n, cache) \
             if n > 1 else None
         if block is not None:
-            values, norms = block
-            ctx = ReverseStep(values[:n], log_scale.expand(n, -1), rows)
-            for probe in probes:
-                per_sample[probe.name][T - t:T - t + n] = probe(ctx)
-            if values.shape[0] > n:
-                adj, ln_exit = _rescaled(values[n], norms[n])
-                log_scale = log_scale + ln_exit
-                length = _block_length(ln_exit, n, adj.dtype)
+            exit_ = _probed_block(*block, n, log_scale, T - t, rows, probes, per_sample)
+            if exit_ is not None:
+                adj, log_scale, length = exit_
             t -= n
             continue
         # 2. One step: lambda_{t-1} = J_t^T lambda_t + dL/ds_{t-1}, combined without leaving
