@@ -297,21 +297,23 @@ def fused_wins_on_cpu(cell: str, hidden: int) -> bool:
 
 
 def kernel_trains_faster(cell: str, activation: str | None, dtype: torch.dtype,
-                         device: torch.device, stacked: bool) -> bool:
+                         device: torch.device, stacked: bool, masked: bool = False) -> bool:
     """Whether training runs the recurrence in torch.nn's fused kernel (``Cell.kernel_hidden``)
     rather than a loop of step functions under autograd (``Cell.recur``). Measured on the CPU
     (H = 32, T = 200, B = 8 and 32, one thread; benchmarks/run.py --train-paths): for one
     model the kernel is faster for the LSTM (float32 5-10x, float64 1.04-1.06x) and the GRU
     (0.98-1.13x), and the vanilla RNN's loop, two ops a step, is faster than its kernel
     (0.72-0.96x of its time). A seed stack calls the kernel once per seed, which beats the
-    stack's one batched loop only for the float32 LSTM (oneDNN's fast path). On a GPU a loop is
-    launch-bound: always the kernel."""
+    stack's one batched loop only for the float32 LSTM (oneDNN's fast path). Where sequences
+    end early (``masked``), the loop holds them with one more op a step, and one vanilla RNN
+    trains faster in the kernel too (1.02-1.29x, H = 32-64, T = 200-1000, B = 8 and 32, the
+    language task). On a GPU a loop is launch-bound: always the kernel."""
     if not has_torch_kernel(cell, activation):
         return False
     if device.type == "cuda":
         return True
     if cell == "rnn":
-        return False
+        return masked and not stacked
     return not stacked or (cell == "lstm" and dtype == torch.float32)
 
 

@@ -91,16 +91,23 @@ class Model(nn.Module):
 
     def hidden_states(self, batch: Batch) -> Tensor:
         """h_1..h_T (T, B, H) under autograd (training): by torch.nn's fused kernel where it
-        is faster and all sequences have one length, else by a plain loop; ended samples
-        hold."""
+        is faster, else by a plain loop; ended samples hold."""
         mask = self.mask(batch)
         cell, x = self.cell, self.encode(batch.inputs)
         kernel = self.kernel
         if kernel is None:
             kernel = kernel_trains_faster(cell.name, cell.activation, x.dtype, x.device,
-                                          stacked=self.groups > 1)
-        if kernel and mask is None:
-            return cell.kernel_hidden(x)
+                                          stacked=self.groups > 1, masked=mask is not None)
+        if kernel and (batch.lengths is None or bool((batch.lengths > 0).all())):
+            hs = cell.kernel_hidden(x)
+            if batch.lengths is None:
+                return hs
+            # the kernel runs every sequence to T; a state depends on earlier steps only, so
+            # each one's states up to its end are its own, and after it each holds the one at
+            # its end: taken from there (the steps past the end get no gradient)
+            steps = torch.arange(hs.shape[0], device=hs.device)[:, None]
+            held = torch.minimum(steps, batch.lengths[None, :].to(hs.device) - 1)  # (T, B)
+            return hs.gather(0, held[..., None].expand_as(hs))
         xps = cell.drive(x)
         state = cell.initial_state(xps.shape[1])
         if self.groups == 1 or mask is not None:

@@ -95,12 +95,13 @@ def _loss_gradients(model, batch, kernel):
 @pytest.mark.parametrize("options", [
     {"cell": "rnn"}, {"cell": "rnn", "activation": "relu", "init": "identity"},
     {"cell": "lstm"}, {"cell": "gru"}, {"cell": "lstm", "task": "copy", "seq_len": 8},
-    {"cell": "gru", "task": "language", "seq_len": 30}])
+    {"cell": "gru", "task": "language", "seq_len": 30},
+    {"cell": "lstm", "task": "language", "seq_len": 30, "batch": 6}])
 @pytest.mark.parametrize("seeds", [1, 3])
 def test_training_through_the_fused_kernel_gets_the_loops_gradients(make, options, seeds):
     """torch.nn's kernel on the cell's own parameters (one call per seed in a stack) gives the
-    loss and every parameter's gradient that the step loop gives, in float64; varying lengths
-    stay on the loop."""
+    loss and every parameter's gradient that the step loop gives, in float64, also where
+    sequences end early (the kernel runs them on, and each holds the state at its end)."""
     from gradscope.batched import stack_models
     from gradscope.tasks import Batch
 
@@ -125,6 +126,8 @@ def test_training_runs_the_kernel_where_it_is_measured_faster():
     for cell in ("lstm", "gru"):
         assert kernel_trains_faster(cell, None, f64, cpu, stacked=False)
     assert not kernel_trains_faster("rnn", None, f32, cpu, stacked=False)  # its loop is faster
+    assert kernel_trains_faster("rnn", None, f32, cpu, stacked=False, masked=True)  # not held
+    assert not kernel_trains_faster("rnn", None, f32, cpu, stacked=True, masked=True)
     assert kernel_trains_faster("lstm", None, f32, cpu, stacked=True)
     assert not kernel_trains_faster("lstm", None, f64, cpu, stacked=True)
     assert not kernel_trains_faster("gru", None, f32, cpu, stacked=True)
