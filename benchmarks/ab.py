@@ -1,0 +1,113 @@
+"""gradscope against an earlier commit of itself: one measurement timed alternately, in one
+process, with the code of both, so that both see the same stretch of a shared machine.
+
+    .venv/bin/python benchmarks/ab.py REV forward --cell lstm --hidden 128 --samples 2
+    .venv/bin/python benchmarks/ab.py REV adjoint --cell gru --task copy --hidden 128
+    .venv/bin/python benchmarks/ab.py REV train --cell lstm --hidden 32 --seq-len 200 \\
+        --task language --threads 1
+
+REV is any git revision; its files are exported (git archive) into a temporary folder and
+imported beside the working tree's. Prints one markdown row: the best time of each, their
+ratio (this tree / REV), and the largest difference between the two profiles (log10). Not
+part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(root: Path) -> dict:
+    """gradscope imported from ``root``: its modules, apart from any other copy's."""
+    for name in [n for n in sys.modules if n == "gradscope" or n.startswith("gradscope.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(root))
+    try:
+        return {name: importlib.import_module(f"gradscope.{name}")
+                for name in ("config", "engine", "model", "probes")}
+    finally:
+        sys.path.pop(0)
+
+
+def export(rev: str, into: Path) -> Path:
+    """The files of ``rev`` (git archive), unpacked under ``into``."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "gradscope"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def workload(g: dict, args: argparse.Namespace):
+    """(a call to time, what it measures: {name: log10 profile} or {})."""
+    options = dict(cell=args.cell, hidden=args.hidden, batch=args.batch, seq_len=args.seq_len,
+                   task=args.task, dtype=args.dtype, device="cpu")
+    built = g["model"].build(g["config"].RunConfig(**options), torch.device("cpu"))
+    model, batch = built.model, built.batch
+    if args.case == "train":
+        model.requires_grad_(True)
+        return lambda: model.group_losses(batch).sum().backward(), {}
+    model.requires_grad_(False)
+    probes = g["probes"]
+    if args.case == "adjoint":
+        u, chosen = model.unroll(batch), [probes.PROBES.get("adjoint")]
+    else:
+        u = model.unroll(batch.take(args.samples))
+        chosen = [probes.PROBES.get(n) for n in probes.probes_for(u.parts) if n != "adjoint"]
+
+    def run():
+        return g["engine"].measure(u, chosen, projections=args.projections).log10
+
+    return run, run()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rev", help="the earlier commit (any git revision)")
+    parser.add_argument("case", choices=["forward", "adjoint", "train"],
+                        help="forward probes, the adjoint, or one training step")
+    parser.add_argument("--cell", default="lstm")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--task", default="adding")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--samples", type=int, default=2, help="sequences for forward probes")
+    parser.add_argument("--projections", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs, profiles = {}, {}
+        for name, root in ((args.rev, export(args.rev, Path(tmp))), ("this tree", ROOT)):
+            runs[name], profiles[name] = workload(load(root), args)
+        for fn in runs.values():  # a warm-up each
+            fn()
+        times = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    old, new = (min(times[name]) for name in runs)
+    first, second = profiles.values()
+    diff = max((float(np.nanmax(np.abs(first[k] - second[k]))) for k in first), default=0.0)
+    print(f"| {args.case} | {args.cell} | {args.task} | H={args.hidden} T={args.seq_len} "
+          f"B={args.batch} {args.dtype} | {args.rev}: {old:.4f} s | this tree: {new:.4f} s "
+          f"| {new / old:.2f}x | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
