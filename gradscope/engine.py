@@ -395,6 +395,15 @@ def _in_safe_range(norms: Tensor, live: Tensor) -> bool:
     return bool(_safe_range(norms, live))
 
 
+def _steps_in_range(norms: Tensor, live: Tensor) -> int:
+    """How many of the steps (norms (m, ...)) come before the first whose norms leave the safe
+    range (``_in_safe_range``)."""
+    safe = torch.finfo(norms.dtype)
+    low, high = math.sqrt(safe.tiny), math.sqrt(safe.max)
+    ok = ((norms >= low) & (norms <= high) | ~live).flatten(1).all(dim=1)  # (m,)
+    return int(ok.logical_not().to(torch.int8).argmax()) if not bool(ok.all()) else len(ok)
+
+
 def _safe_range(norms: Tensor, live: Tensor) -> Tensor:
     """``_in_safe_range`` as a tensor on the device, not yet waited for."""
     safe = torch.finfo(norms.dtype)
@@ -457,6 +466,7 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
             if pushed is None:
                 pushed = _push_steps(u, ops, states, t0, tangent, done, done + m)
             values_, ln_scales, tangent, ln_last = pushed
+            m = values_.shape[0]  # a block may keep fewer steps: the rest is the next slice's
             # 3. The probes, over the slice: each step's values times exp(its log-scale).
             scales = log_scale + ln_scales
             log_scale = log_scale + ln_last
@@ -503,8 +513,10 @@ def _push_steps(u: Unrolled, ops: StepOps | None, states: Tensor, t0: int, tange
 def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int, graphs: GraphedPush | None,
                 scratch: Tensor) -> Pushed | None:
     """Steps a+1..b renormalised once, at the end: as ``_push_steps`` (the values then carry
-    their own scale), or None where a value would leave the safe range, or a live direction
-    reach zero: then the slice is done step by step, so nothing underflows unseen. On a GPU
+    their own scale). Where a value would leave the safe range, or a live direction reach
+    zero, only the steps before the first such one are kept (fewer than b-a: the caller goes
+    on from there), or None where that is the first: then it is done step by step, so
+    nothing underflows unseen. On a GPU
     the steps replay from a CUDA graph where the slice repeats (``graphs``). The values are
     written into ``scratch`` (flat, at least (b-a) x tangent's size), one buffer for the
     whole pass: on the CPU a fresh one per slice is fresh pages from the system each time
@@ -517,7 +529,10 @@ def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int, graphs: GraphedPu
     norms = torch.linalg.vector_norm(values, dim=-1)  # (m, B, K)
     live = (tangent != 0).any(dim=-1)  # a zero direction stays zero
     if not _in_safe_range(norms, live):
-        return None
+        good = _steps_in_range(norms, live)
+        if good == 0:
+            return None
+        values, norms = values[:good], norms[:good]
     zeros = torch.zeros(values.shape[:3], dtype=torch.float64, device=values.device)
     return values, zeros, *_rescaled(values[-1], norms[-1])
 

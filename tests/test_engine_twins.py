@@ -767,3 +767,42 @@ def test_the_blocked_adjoint_with_losses_at_many_steps_is_the_step_by_step_one(
     assert finite.sum() == len(steps) if zero else finite.sum() > 200  # W_hh = 0: zero between
     np.testing.assert_allclose(got[finite], want[finite], rtol=0,
                                atol=1e-4 if dtype == "float32" else 1e-9)
+
+
+@pytest.mark.parametrize("options", _DECAYING)
+def test_a_forward_slice_keeps_its_steps_before_the_first_out_of_range(make, monkeypatch,
+                                                                      options):
+    """A slice whose values leave float32's safe range part way keeps the steps before that
+    (each still in range), and the pass goes on from there; only a slice whose first step
+    leaves it is done step by step. The same numbers as every step renormalised."""
+    import gradscope.engine as engine
+
+    model, batch = make(hidden=6, batch=3, seq_len=300, dtype="float32", **options)
+    u = model.unroll(batch)
+    probes = [PROBES.get(n) for n in probes_for(model.cell.parts) if n != "adjoint"]
+    asked, kept = [], []
+    push_block = engine._push_block
+    info = torch.finfo(torch.float32)
+    tiny, big = math.sqrt(info.tiny), math.sqrt(info.max)
+
+    def spied(ops, tangent, a, b, *rest):
+        out = push_block(ops, tangent, a, b, *rest)
+        asked.append(b - a)
+        kept.append(0 if out is None else out[0].shape[0])
+        if out is not None:  # every kept step inside the safe range, for every live direction
+            norms = torch.linalg.vector_norm(out[0], dim=-1)
+            live = (tangent != 0).any(dim=-1)
+            assert bool((((norms >= tiny) & (norms <= big)) | ~live).all())
+        return out
+
+    monkeypatch.setattr(engine, "_push_block", spied)
+    got = measure(u, probes).log10
+    assert any(0 < k < a for a, k in zip(asked, kept, strict=True)), (asked, kept)
+    monkeypatch.setattr(engine, "_push_block", lambda *args: None)  # every step alone
+    want = measure(u, probes).log10
+    for name in want:
+        np.testing.assert_array_equal(np.isneginf(got[name]), np.isneginf(want[name]))
+        finite = np.isfinite(want[name])
+        assert finite.sum() > 250, name
+        np.testing.assert_allclose(got[name][finite], want[name][finite], rtol=0, atol=1e-4,
+                                   err_msg=name)
