@@ -397,18 +397,20 @@ def _in_safe_range(norms: Tensor, live: Tensor) -> bool:
 
 def _steps_in_range(norms: Tensor, live: Tensor) -> int:
     """How many of the steps (norms (m, ...)) come before the first whose norms leave the safe
-    range (``_in_safe_range``)."""
-    safe = torch.finfo(norms.dtype)
-    low, high = math.sqrt(safe.tiny), math.sqrt(safe.max)
-    ok = ((norms >= low) & (norms <= high) | ~live).flatten(1).all(dim=1)  # (m,)
-    return int(ok.logical_not().to(torch.int8).argmax()) if not bool(ok.all()) else len(ok)
+    range (``_in_safe_range``): m where none does, after one wait for the device."""
+    ok = _within(norms, live).flatten(1).all(dim=1)  # (m,)
+    return len(ok) if bool(ok.all()) else int(ok.logical_not().to(torch.int8).argmax())
 
 
 def _safe_range(norms: Tensor, live: Tensor) -> Tensor:
     """``_in_safe_range`` as a tensor on the device, not yet waited for."""
+    return _within(norms, live).all()
+
+
+def _within(norms: Tensor, live: Tensor) -> Tensor:
+    """Each norm inside [sqrt(tiny), sqrt(max)] of its dtype, or not live (elementwise)."""
     safe = torch.finfo(norms.dtype)
-    low, high = math.sqrt(safe.tiny), math.sqrt(safe.max)
-    return ((norms >= low) & (norms <= high) | ~live).all()
+    return (norms >= math.sqrt(safe.tiny)) & (norms <= math.sqrt(safe.max)) | ~live
 
 
 def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
@@ -528,11 +530,10 @@ def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int, graphs: GraphedPu
         values = ops.push(tangent, a, b, into)
     norms = torch.linalg.vector_norm(values, dim=-1)  # (m, B, K)
     live = (tangent != 0).any(dim=-1)  # a zero direction stays zero
-    if not _in_safe_range(norms, live):
-        good = _steps_in_range(norms, live)
-        if good == 0:
-            return None
-        values, norms = values[:good], norms[:good]
+    good = _steps_in_range(norms, live)
+    if good == 0:
+        return None
+    values, norms = values[:good], norms[:good]
     zeros = torch.zeros(values.shape[:3], dtype=torch.float64, device=values.device)
     return values, zeros, *_rescaled(values[-1], norms[-1])
 
@@ -621,12 +622,8 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
         # 1. A block: lambda_t, ..., lambda_{t-n+1} from adj, ending at an ops chunk's start;
         #    exit = lambda_{t-n}, which starts the next block (not needed after step 1).
         n = min(length, t - ((t - 1) // CHUNK) * CHUNK)
-        block = [adj]
-        for s in range(t, t - n, -1):
-            if s > 1:
-                block.append(_step_back(u, states, s, block[-1], cache))
-        values = torch.stack(block)  # (n or n+1, B, S)
-        norms = norm(values)  # (., B); a step at a time (n = 1), the exit may be tiny
+        # (n or n+1, B, S), (., B); a step at a time (n = 1), the exit may be tiny
+        values, norms = _back_steps(u, states, adj, t, n, cache)
         live = norms[0] > 0  # a zero adjoint stays exactly zero
         if not _in_safe_range(norms[1:], live) and n > 1:
             length = 1  # 2. redo it with every step renormalised
@@ -636,6 +633,23 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
         if exit_ is not None:
             adj, log_scale, length = exit_
         t -= n
+
+
+def _back_steps(u: Unrolled, states: Tensor | Segmented, adj: Tensor, t: int, n: int,
+                cache: list, direct: Tensor | None = None, has_direct: Sequence[bool] = (),
+                inv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """lambda_t (``adj``) down to lambda_{t-n} (that exit where t-n >= 1) by one vjp a step,
+    renormalised nowhere: (n or n+1, B, S), and their norms (., B). With ``direct``, each
+    step's own loss term dL/ds_{s-1} (where ``has_direct``) times ``inv`` is added
+    (``_general_block``)."""
+    block = [adj]
+    for s in range(t, max(t - n, 1), -1):  # each takes lambda_s to lambda_{s-1}
+        back = _step_back(u, states, s, block[-1], cache)
+        if direct is not None and has_direct[s - 2]:
+            back = torch.addcmul(back, direct[s - 2], inv)
+        block.append(back)
+    values = torch.stack(block)
+    return values, norm(values)
 
 
 def _probed_block(values: Tensor, norms: Tensor, n: int, log_scale: Tensor, k: int,
@@ -751,19 +765,13 @@ def _general_block(u: Unrolled, states: Tensor, direct: Tensor, has_direct: list
     None where that cannot be done: an adjoint exactly zero (log_scale -inf: no scale to bring
     a term to) where a term is to be added, or values that leave the safe range (a term far
     above a decayed adjoint, or that overflowed, at the block's scale, included)."""
-    steps = [s for s in range(t, t - n, -1) if s > 1]  # each takes lambda_s to lambda_{s-1}
-    if any(has_direct[s - 2] for s in steps):
+    terms = {}
+    if any(has_direct[s - 2] for s in range(t, max(t - n, 1), -1)):
         if not bool(torch.isfinite(log_scale).all()):
             return None
         inv = torch.exp(-log_scale).to(adj.dtype)[:, None]  # (B, 1), may be inf: checked below
-    block = [adj]
-    for s in steps:
-        back = _step_back(u, states, s, block[-1], cache)
-        if has_direct[s - 2]:
-            back = torch.addcmul(back, direct[s - 2], inv)
-        block.append(back)
-    values = torch.stack(block)
-    norms = norm(values)  # (., B)
+        terms = dict(direct=direct, has_direct=has_direct, inv=inv)
+    values, norms = _back_steps(u, states, adj, t, n, cache, **terms)
     # a zero adjoint stays exactly zero where no term is added; where one is, every sample
     # started at norm 1 (a finite log_scale), so that all are checked, NaN and inf included
     if not _in_safe_range(norms[1:], norms[0] > 0):

@@ -41,7 +41,11 @@ class StepOps:
     def jvp(self, i: int, v: Tensor, out: Tensor | None = None, m: Tensor | None = None
             ) -> Tensor:
         """J v for step i, v (B, K, S); into ``out`` (v's shape, not v) where given; ``m``:
-        step i's per-sample matrices (``matrices``) where already built."""
+        step i's per-sample matrices (``matrices``) where already built. The jvps of cells
+        that have them take them with many directions, and v W^T then gate sums with few."""
+        if m is None and _many_directions(v, self.H):
+            ms = self.matrices(i, i + 1)
+            m = None if ms is None else ms[0]
         if self.mask is None:
             return self._jvp(i, v, out, m)
         return torch.where(self.mask[i][:, None], self._jvp(i, v, None, m), v, **_into(out))
@@ -139,8 +143,7 @@ class LSTMOps(StepOps):
         # few ops a step: on a GPU each is a kernel launch, and this runs K directions x T steps
         H = self.H
         out = torch.empty_like(v) if out is None else out
-        if _many_directions(v, H):  # the i, f, g blocks summed in per-sample matrices first
-            m = self.matrices(i, i + 1)[0] if m is None else m
+        if m is not None:  # the i, f, g blocks summed in per-sample matrices first
             torch.bmm(v[..., :H], m, out=out)  # the o gate's da, dc' less f dc
             to_h = out[..., :H]
         else:
@@ -199,8 +202,7 @@ class GRUOps(StepOps):
 
     def _jvp(self, i: int, v: Tensor, out: Tensor | None, m: Tensor | None) -> Tensor:
         H = self.H
-        if _many_directions(v, H):  # the three blocks summed in per-sample matrices first
-            m = self.matrices(i, i + 1)[0] if m is None else m
+        if m is not None:  # the three blocks summed in per-sample matrices first
             dh = torch.bmm(v, m, **_into(out))
         else:  # (B, K, H)
             dh = _directions_times(v, self.w).mul_(self.coef[i][:, None]).unflatten(-1, (3, H))
