@@ -9,7 +9,8 @@ process, with the code of both, so that both see the same stretch of a shared ma
         --batch 8 --samples 8 --seeds 8 --threads 1     # a sweep's seed stack
 
 REV is any git revision; its files are exported (git archive) into a temporary folder and
-imported beside the working tree's. Prints one markdown row: the best time of each, their
+imported beside the working tree's; the two run alternately (``run.side_by_side``, best of
+--repeats after a warm-up each). Prints one markdown row: the best time of each, their
 ratio (this tree / REV), and the largest difference between the two profiles (log10). Not
 part of the test suite.
 """
@@ -21,11 +22,11 @@ import importlib
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from run import side_by_side
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,15 +110,7 @@ def main() -> None:
         runs, profiles = {}, {}
         for name, root in ((args.rev, export(args.rev, Path(tmp))), ("this tree", ROOT)):
             runs[name], profiles[name] = workload(load(root), args)
-        for fn in runs.values():  # a warm-up each
-            fn()
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    old, new = (min(times[name]) for name in runs)
+        old, new = side_by_side(*runs.values(), args.repeats, "cpu")
     first, second = profiles.values()
     diff = max((float(np.nanmax(np.abs(first[k] - second[k]))) for k in first), default=0.0)
     stack = f" x{args.seeds} seeds" if args.seeds > 1 else ""
