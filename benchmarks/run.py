@@ -197,15 +197,15 @@ SEED_WORKLOADS = {  # what a sweep's run does, in parts
 }
 
 
-def seeds_case(cell: str, workload: dict, seeds: int, batch: int) -> tuple[float, float]:
+def seeds_case(cell: str, workload: dict, seeds: int, batch: int,
+               dtype: str) -> tuple[float, float]:
     """(one seed at a time, one seed stack): seconds for ``seeds`` runs of H=32, T=200."""
     from dataclasses import replace
 
     from gradscope.batched import execute_seeds
     from gradscope.runner import execute
 
-    base = RunConfig(cell=cell, hidden=32, seq_len=200, batch=batch, dtype="float32",
-                     **workload)
+    base = RunConfig(cell=cell, hidden=32, seq_len=200, batch=batch, dtype=dtype, **workload)
     configs = [replace(base, seed=s) for s in range(seeds)]
     execute(configs[0]), execute_seeds(configs[:2])  # warm-up
     start = time.perf_counter()
@@ -217,16 +217,16 @@ def seeds_case(cell: str, workload: dict, seeds: int, batch: int) -> tuple[float
     return alone, time.perf_counter() - start
 
 
-def seeds_table(seeds: int, batch: int, threads: int) -> None:
+def seeds_table(seeds: int, batch: int, threads: int, dtype: str) -> None:
     """With 1 thread, as a sweep's worker runs; with the machine's threads, as one command."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    print(f"\n| {seeds} seeds, H=32, T={200}, B={batch}, {threads} thread(s) | cell "
+    print(f"\n| {seeds} seeds, H=32, T={200}, B={batch}, {dtype}, {threads} thread(s) | cell "
           "| one at a time (s) | one stack (s) | throughput ratio |")
     print("|---|---|---|---|---|")
     for name, workload in SEED_WORKLOADS.items():
         for cell in ("rnn", "lstm", "gru"):
-            alone, stacked = seeds_case(cell, workload, seeds, batch)
+            alone, stacked = seeds_case(cell, workload, seeds, batch, dtype)
             print(f"| {name} | {cell} | {alone:.2f} | {stacked:.2f} | {alone / stacked:.1f}x |",
                   flush=True)
     torch.set_num_threads(before)
@@ -278,6 +278,9 @@ def main() -> None:
                         help="only seed stacks against one seed at a time (8 seeds)")
     parser.add_argument("--seed-batch", type=int, default=32,
                         help="sequences per seed in the --seeds cases")
+    parser.add_argument("--seed-dtype", default="float32", choices=["float32", "float64"],
+                        help="arithmetic of the --seeds cases (gradscope's runs default to "
+                        "float64)")
     parser.add_argument("--seed-threads", type=int, default=1,
                         help="torch threads in the --seeds cases (a sweep's worker has 1)")
     parser.add_argument("--train-paths", action="store_true",
@@ -296,7 +299,7 @@ def main() -> None:
         if args.train_paths:
             train_paths_table(args.seed_threads)
         if args.seeds:
-            seeds_table(8, args.seed_batch, args.seed_threads)
+            seeds_table(8, args.seed_batch, args.seed_threads, args.seed_dtype)
         return
     cases = [("lstm", 128, 1000), ("rnn", 128, 1000)]
     if args.full:
