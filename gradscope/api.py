@@ -14,11 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from . import checkconfig
-from . import sweep as sweeps
-from .batched import MAX_SEEDS
 from .check import CheckResult, Exit, exit_code, to_text
 from .checkconfig import CheckFile
-from .config import RunConfig
+from .config import MAX_SEEDS, RunConfig
 from .errors import ConfigError
 from .executors import DEFAULT_RETRIES, Outcome, make_executor
 from .files import atomic_write, check_writable_dir, ensure_writable_dir
@@ -29,7 +27,7 @@ from .report import write_report
 from .results import RunResult
 from .runner import check_config, execute
 from .store import Store, run_id
-from .sweep import SweepReport, SweepSpec
+from .sweep import PRESETS, SweepReport, SweepSpec, from_mapping, load_toml, run_sweep
 
 
 def run(config: RunConfig | None = None, *, out: str | Path | None = None,
@@ -102,12 +100,12 @@ def sweep_spec(*, preset: str | None = None, config_file: str | Path | None = No
     if preset is not None and config_file is not None:
         raise ConfigError("give --preset or --config, not both")
     if preset is not None:
-        data, source = sweeps.PRESETS.get(preset), f"preset {preset}"
+        data, source = PRESETS.get(preset), f"preset {preset}"
     elif config_file is not None:
-        data, source = sweeps.load_toml(Path(config_file)), str(config_file)
+        data, source = load_toml(Path(config_file)), str(config_file)
     else:
         data, source = {}, "options"
-    return sweeps.from_mapping(data, source, overrides=options, seeds=seeds)
+    return from_mapping(data, source, overrides=options, seeds=seeds)
 
 
 def sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local",
@@ -138,7 +136,7 @@ def sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local",
     with Store(folder) as store, store.writer():
         skipped = len(store.finished_ids() & {run_id(c) for c in spec.runs})
         on_start(len(spec.runs) - skipped, skipped)
-        result = sweeps.run_sweep(
+        result = run_sweep(
             spec, store, runner, command=command or "gradscope.sweep()",
             meta={"notes": list(spec.notes), "runs": len(spec.runs), "executor": executor,
                   "time_utc": datetime.now(UTC).isoformat(timespec="seconds")},

@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .config import RunConfig
+from .config import MAX_SEEDS, RunConfig
 from .measure import snapshot, snapshot_groups
 from .model import Built, Model, build
 from .results import RunResult, Snapshot
@@ -38,8 +38,6 @@ from .runner import (
 from .tasks import Batch
 from .theory import lyapunov
 from .train import train
-
-MAX_SEEDS = 8  # seeds per stack: more buys little on a CPU and multiplies peak memory
 
 
 def stack_pays(config: RunConfig) -> bool:

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -22,13 +23,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import api
 from .check import to_json, to_junit, to_markdown
-from .config import RunConfig
+from .config import MAX_SEEDS, RunConfig
 from .errors import ConfigError, GradscopeError
 from .files import atomic_write_text, check_writable_dir
-from .plots import label
-from .results import RunResult
+
+if TYPE_CHECKING:
+    from .results import RunResult
 
 app = typer.Typer(
     add_completion=False,
@@ -42,6 +43,14 @@ err_console = Console(stderr=True, highlight=False)
 
 DEFAULTS = RunConfig()
 _ARGV: list[str] = []  # the arguments of this invocation, set by main()
+
+
+def _api():
+    """gradscope.api, imported when a command runs: it brings torch, pandas and matplotlib,
+    which --help and usage errors need not wait for."""
+    from . import api
+
+    return api
 
 
 @app.command("run", epilog="Example:  gradscope run --cell lstm --forget-bias 3 --task recall")
@@ -102,7 +111,7 @@ def run_command(
         projections=projections, checkpoint=checkpoint,
     )
     out = out if out is not None else Path("runs") / _default_name(config)
-    result = api.run(config, out=out, command=" ".join(["gradscope", *_ARGV]))
+    result = _api().run(config, out=out, command=" ".join(["gradscope", *_ARGV]))
     print_result(result)
     out_console.print(f"wrote {out / 'result.json'} and {out / 'profile.png'}")
 
@@ -110,7 +119,7 @@ def run_command(
 @app.command("list", epilog="Example:  gradscope list")
 def list_command() -> None:
     """Print every registry: cells, activations, initialisations, gate schemes, tasks, probes."""
-    for kind, entries in api.registries().items():
+    for kind, entries in _api().registries().items():
         table = Table(title=f"{kind}s", title_justify="left", show_header=False, box=None)
         for name, help_text in entries:
             table.add_row(f"[bold]{name}[/]", help_text)
@@ -125,7 +134,7 @@ def compare_command(
     out: Path = typer.Option(None, help="Write the overlay figure to this PNG file."),
 ) -> None:
     """Compare saved runs on one probe: a table of summaries and an overlay figure."""
-    results = api.compare(list(runs), probe, out)
+    results = _api().compare(list(runs), probe, out)
     table = Table(title=f"{probe}: which configuration keeps its gradient longest")
     table.caption = "slope: log10 per step; half-life, horizon: steps"
     table.add_column("run", overflow="fold")
@@ -135,7 +144,7 @@ def compare_command(
     for path, result in zip(runs, results, strict=True):
         s = result.summary[probe]
         horizon = str(s.horizon) if s.horizon is not None else f"> {len(result.profiles[probe])}"
-        table.add_row(str(path), label(result), _fmt(s.slope, "+.4f"),
+        table.add_row(str(path), result.label(), _fmt(s.slope, "+.4f"),
                       _fmt(s.half_life, ".1f", "inf"), horizon, s.verdict)
     out_console.print(table)
     if out is not None:
@@ -182,7 +191,7 @@ def sweep_command(
                                            "[default: a local Ray instance]."),
     gpus_per_run: float = typer.Option(0.0, help="ray: GPUs per run (0.25 packs four on one)."),
     retries: int = typer.Option(2, help="Tries more for a run whose worker process dies."),
-    seed_stack: int = typer.Option(api.MAX_SEEDS, help="Runs that differ only in their seed, "
+    seed_stack: int = typer.Option(MAX_SEEDS, help="Runs that differ only in their seed, "
                                    "computed together as one seed stack (same numbers) where "
                                    "a stack is faster; 1: one seed at a time."),
     out: Path = typer.Option(Path("reports"), help="Folder of the store and the report."),
@@ -199,7 +208,7 @@ def sweep_command(
              "steps": steps, "optimizer": optimizer, "lr": lr, "clip": clip,
              "profile_every": profile_every, "dtype": dtype}
     options = {k: _parse_list(k, v) for k, v in given.items() if v is not None}
-    spec = api.sweep_spec(preset=preset, config_file=config, options=options, seeds=seeds)
+    spec = _api().sweep_spec(preset=preset, config_file=config, options=options, seeds=seeds)
     for note in spec.notes:
         out_console.print(f"note: {note}")
     progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
@@ -226,7 +235,7 @@ def sweep_command(
                         failed=f"[red]{failures} failed[/]" if failures else "")
 
     try:
-        result, index = api.sweep(spec, out, executor=executor, workers=workers,
+        result, index = _api().sweep(spec, out, executor=executor, workers=workers,
                                   retries=retries, address=address, gpus_per_run=gpus_per_run,
                                   report=report, seed_stack=seed_stack,
                                   command=" ".join(["gradscope", *_ARGV]),
@@ -246,7 +255,7 @@ def report_command(
     probe: str = typer.Option("grad_h0", help="The probe that the comparisons show."),
 ) -> None:
     """Write FOLDER/report/index.html (self-contained) and one PNG per figure beside it."""
-    out_console.print(f"report: {api.write_report(folder, probe=probe)}")
+    out_console.print(f"report: {_api().write_report(folder, probe=probe)}")
 
 
 @app.command("export", epilog="Example:  gradscope export reports --format csv")
@@ -255,7 +264,7 @@ def export_command(
     format: str = typer.Option("csv", help="csv | parquet (parquet needs pyarrow)."),
 ) -> None:
     """Export the results store as tables: runs (with summaries), profiles, curves."""
-    for path in api.export(folder, format):
+    for path in _api().export(folder, format):
         out_console.print(f"wrote {path}")
 
 
@@ -287,7 +296,7 @@ def check_command(
     overrides = {k: v for k, v in {"tolerance": tolerance, "seq-len": seq_len, "batch": batch,
                                    "seed": seed, "device": device, "dtype": dtype}.items()
                  if v is not None}
-    results, code, checks = api.check(config, only=check or None,
+    results, code, checks = _api().check(config, only=check or None,
                                       update_baseline=update_baseline, overrides=overrides)
     if format == "json":
         print(json.dumps(to_json(results), indent=1))

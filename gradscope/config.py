@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from .errors import ConfigError
 
 DTYPES = ("float64", "float32")
+MAX_SEEDS = 8  # seeds per stack: more buys little on a CPU and multiplies peak memory
 DEVICES = ("auto", "cpu", "cuda")
 
 

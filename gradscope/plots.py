@@ -71,11 +71,6 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
         plt.close(fig)
 
 
-def label(result: RunResult) -> str:
-    """A short name for a run: 'rnn/tanh orthogonal task adding seq-len 300'."""
-    return result.config.label(("task", "seq_len"))
-
-
 def comparison_figure(results: list[RunResult], probe: str) -> plt.Figure:
     """One probe of several runs on one axis: which configuration keeps its gradient longest."""
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
@@ -83,7 +78,7 @@ def comparison_figure(results: list[RunResult], probe: str) -> plt.Figure:
         values = result.profiles[probe]
         steps = result.steps(probe)
         finite = np.isfinite(values)
-        ax.plot(steps[finite], values[finite], lw=1.6, label=label(result))
+        ax.plot(steps[finite], values[finite], lw=1.6, label=result.label())
     axis = results[0].axes[probe]
     ax.set_title(f"{probe}: log10 magnitude against time distance", fontsize=10)
     ax.set_xlabel(f"{AXIS_LABEL[axis]}")

@@ -118,6 +118,10 @@ class RunResult:
         """Every measurement: at initialisation, then during training."""
         return [self.initial, *(self.training.snapshots if self.training else [])]
 
+    def label(self) -> str:
+        """A short name for the run: 'rnn/tanh orthogonal task adding seq-len 300'."""
+        return self.config.label(("task", "seq_len"))
+
     def steps(self, probe: str) -> np.ndarray:
         first = FIRST_STEP[self.axes[probe]]
         return np.arange(first, first + len(self.profiles[probe]))

@@ -16,9 +16,9 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .batched import MAX_SEEDS, group_seeds
+from .batched import group_seeds
 from .cells import CELLS
-from .config import RunConfig
+from .config import MAX_SEEDS, RunConfig
 from .errors import ConfigError
 from .executors import Executor, Outcome
 from .registry import Registry

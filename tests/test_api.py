@@ -95,3 +95,37 @@ def test_jacobian_samples_measure_forward_probes_on_the_first_sequences(make):
     np.testing.assert_array_equal(snap.profiles["adjoint"], full.log10["adjoint"])
     assert list(snap.profiles) == [p.name for p in probes]
     assert batch.take(2).inputs.shape[1] == 2
+
+
+def _fresh_python(code: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    return done.stdout.strip()
+
+
+def test_the_command_line_loads_without_torch_and_the_api_on_first_use():
+    """--help and usage errors answer at once: the CLI module does not import torch, pandas
+    or matplotlib; the package's API functions load when first asked for."""
+    heavy = "('torch', 'pandas', 'matplotlib')"
+    out = _fresh_python(
+        "import sys, gradscope.cli, gradscope;"
+        f"print([m for m in {heavy} if m in sys.modules]);"
+        "gradscope.run;"
+        f"print([m for m in {heavy} if m in sys.modules])")
+    assert out.splitlines() == ["[]", "['torch', 'pandas', 'matplotlib']"]
+
+
+def test_api_functions_keep_the_names_of_the_submodules_check_and_sweep():
+    # importing gradscope.check or gradscope.sweep sets the module as the package's attribute,
+    # unless the package keeps its function there
+    out = _fresh_python(
+        "import gradscope.check, gradscope.sweep, gradscope;"
+        "from gradscope.check import to_json;"
+        "print(gradscope.check.__module__, gradscope.sweep.__module__, gradscope.run.__name__)")
+    assert out == "gradscope.api gradscope.api run"
+    assert set(gradscope.__all__) <= set(dir(gradscope))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        gradscope.nope  # noqa: B018
