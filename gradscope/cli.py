@@ -83,9 +83,9 @@ def run_command(
     projections: int = typer.Option(None, help="Estimate the forward probes from P random "
                                                "directions per part (error ~ sqrt(2/P)) "
                                                "[default: exact]."),
-    jacobian_samples: int = typer.Option(None, help="Forward probes on the first N sequences "
-                                                    "(cost ~ H forward passes each) [default: "
-                                                    "all]."),
+    jacobian_samples: int = typer.Option(None, help="Forward probes on the first N sequences, "
+                                                    "N <= --batch (cost ~ H forward passes "
+                                                    "each) [default: all]."),
     checkpoint: bool = typer.Option(False, help="Adjoint: keep every ~sqrt(T)-th state and "
                                                 "recompute the rest (memory O(sqrt(T) B H) "
                                                 "instead of O(T B H), one more forward pass)."),

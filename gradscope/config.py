@@ -82,6 +82,10 @@ class RunConfig:
         ):
             raise ConfigError("--jacobian-samples must be a positive integer, got "
                               f"{self.jacobian_samples!r}")
+        if self.jacobian_samples is not None and self.jacobian_samples > self.batch:
+            raise ConfigError(f"--jacobian-samples {self.jacobian_samples} is more than the "
+                              f"--batch of {self.batch} sequences; give 1 to {self.batch}, or "
+                              "leave it out to use them all")
         if not isinstance(self.checkpoint, bool):
             raise ConfigError(f"checkpoint must be true or false, got {self.checkpoint!r}")
         if self.projections is not None and (

@@ -62,6 +62,8 @@ def test_probes_option_selects(tmp_path, capsys):
     (["run", "--probes", "hessian"], "unknown probe 'hessian' for --probes"),
     (["run", "--task", "temporal-order", "--seq-len", "5"], "--seq-len 5 is too short"),
     (["run", "--nope"], "No such option: --nope"),
+    (["run", "--batch", "4", "--jacobian-samples", "5"],
+     "--jacobian-samples 5 is more than the --batch of 4 sequences; give 1 to 4"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
