@@ -7,6 +7,7 @@ fused torch.nn kernel's forward+backward, measured side by side in one run, as r
     .venv/bin/python benchmarks/run.py --device cuda --full
     .venv/bin/python benchmarks/run.py --seeds     # seed stacks against one seed at a time
     .venv/bin/python benchmarks/run.py --train-paths   # training: step loop against kernel
+    .venv/bin/python benchmarks/run.py --user-models   # `gradscope check` on torch.nn modules
     .venv/bin/python benchmarks/run.py --keep-freed-memory  # no run pays for fresh pages
 
 Prints a markdown table (paste it into docs/benchmarks.md). Not part of the test suite.
@@ -28,7 +29,7 @@ import torch
 from gradscope.config import RunConfig
 from gradscope.engine import measure
 from gradscope.model import build
-from gradscope.probes import PROBES, probes_for
+from gradscope.probes import PROBES, layer_probes, probes_for
 
 B = 32
 
@@ -264,6 +265,38 @@ def train_paths_table(threads: int) -> None:
     torch.set_num_threads(before)
 
 
+def user_models_table() -> None:
+    """What `gradscope check` measures on users' own torch.nn modules (T = 200, B = 8, the
+    check's defaults, float64, its probe grad_h0 and every deeper layer's): one layer by the
+    built-in cell with the module's weights (the fast back end), timed alternately with the
+    same measurement by forward-mode AD through the module's step (the generic back end, which
+    stacked layers take)."""
+    from dataclasses import replace
+
+    from gradscope.usermodel import adapt, unroll
+
+    print("\n| torch.nn module, T=200, B=8, float64 | layers | generic back end (s) "
+          "| built-in cell (s) | speed-up |")
+    print("|---|---|---|---|---|")
+    torch.manual_seed(0)
+    for kind in (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN):
+        for layers in (1, 2):
+            a = adapt(kind(16, 128, num_layers=layers), "benchmark", torch.float64)
+            probes = [PROBES.get("grad_h0"), *layer_probes(a.parts)]
+            generic = unroll(replace(a, cell=None), seq_len=200, batch=8, seed=0,
+                             input_size=None, device=torch.device("cpu"))
+            if a.cell is None:
+                t = timed(lambda u=generic, p=probes: measure(u, p), 3, "cpu")
+                print(f"| {kind.__name__}(16, 128) | {layers} | {t:.2f} | - | - |", flush=True)
+                continue
+            fast = unroll(a, seq_len=200, batch=8, seed=0, input_size=None,
+                          device=torch.device("cpu"))
+            t_generic, t_fast = side_by_side(lambda u=generic, p=probes: measure(u, p),
+                                             lambda u=fast, p=probes: measure(u, p), 3, "cpu")
+            print(f"| {kind.__name__}(16, 128) | {layers} | {t_generic:.2f} | {t_fast:.2f} "
+                  f"| {t_generic / t_fast:.1f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every case, not just the targets")
@@ -283,6 +316,8 @@ def main() -> None:
                         "float64)")
     parser.add_argument("--seed-threads", type=int, default=1,
                         help="torch threads in the --seeds cases (a sweep's worker has 1)")
+    parser.add_argument("--user-models", action="store_true",
+                        help="only `gradscope check` on torch.nn modules: built-in cell or not")
     parser.add_argument("--train-paths", action="store_true",
                         help="only training's recurrence: step loop against fused kernel")
     parser.add_argument("--naive-t", type=int, default=200,
@@ -294,8 +329,10 @@ def main() -> None:
     if args.keep_freed_memory:
         keep_freed_memory()
     dtype = "float32"
-    if args.seeds or args.train_paths:
+    if args.seeds or args.train_paths or args.user_models:
         print(f"machine: {machine(args.device)}; torch {torch.__version__}")
+        if args.user_models:
+            user_models_table()
         if args.train_paths:
             train_paths_table(args.seed_threads)
         if args.seeds:

@@ -4,6 +4,7 @@ and its ``unroll`` into the engine's flat-state recurrence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -160,32 +161,46 @@ class Model(nn.Module):
 
     def unroll(self, batch: Batch) -> Unrolled:
         cell = self.cell
-        H, n_parts = cell.hidden, len(cell.parts)
-
-        def step(xp: Tensor, s: Tensor) -> Tensor:
-            return torch.cat(cell.step(xp, s.split(H, dim=-1)), dim=-1)
+        H = cell.hidden
 
         def losses(states: Tensor, first: int) -> Tensor:
             return self.step_losses(states[..., :H], batch, first)
 
         s0 = torch.cat(cell.initial_state(batch.inputs.shape[1]), dim=-1)  # (B, n_parts*H)
-        assert s0.shape[1] == n_parts * H
-        xs = Projected(self, batch.inputs)  # (T, B, G*H), a chunk at a time
-        fast = Linearization(cell, lambda: self.encode(batch.inputs), s0, batch.lengths)
-        return Unrolled(
-            step=step,
-            s0=s0,
-            xs=xs,
-            parts=cell.parts,
-            losses=losses,
-            weights=self.loss_weights(batch).to(s0.device),
-            mask=self.mask(batch),
-            groups=self.groups,
-            linearize=fast.ops,
-            fast_trajectory=fast.trajectory,
-            fused_adjoint=None if batch.lengths is not None else fast.fused_adjoint,
-            fused_on_cpu=fast.fused_wins_on_cpu(),
-        )
+        return unroll_cell(cell, lambda: self.encode(batch.inputs),
+                           Projected(self, batch.inputs),  # (T, B, G*H), a chunk at a time
+                           s0, losses, self.loss_weights(batch).to(s0.device),
+                           mask=self.mask(batch), lengths=batch.lengths, groups=self.groups)
+
+
+def unroll_cell(cell: Cell, inputs: Callable[[], Tensor], xs: Tensor | Projected, s0: Tensor,
+                losses: Callable[[Tensor, int], Tensor], weights: Tensor, *,
+                mask: Tensor | None = None, lengths: Tensor | None = None,
+                groups: int = 1) -> Unrolled:
+    """The engine's view of a built-in cell, with its fast back end: ``inputs`` gives the
+    cell's inputs x (T, B, D) (for torch's fused kernel), ``xs`` their projections
+    W_ih x + b_ih (T, B, G*H); ``lengths`` (B,) where sequences end early (``mask``)."""
+    H = cell.hidden
+    assert s0.shape[1] == len(cell.parts) * H
+
+    def step(xp: Tensor, s: Tensor) -> Tensor:
+        return torch.cat(cell.step(xp, s.split(H, dim=-1)), dim=-1)
+
+    fast = Linearization(cell, inputs, s0, lengths)
+    return Unrolled(
+        step=step,
+        s0=s0,
+        xs=xs,
+        parts=cell.parts,
+        losses=losses,
+        weights=weights,
+        mask=mask,
+        groups=groups,
+        linearize=fast.ops,
+        fast_trajectory=fast.trajectory,
+        fused_adjoint=None if lengths is not None else fast.fused_adjoint,
+        fused_on_cpu=fast.fused_wins_on_cpu(),
+    )
 
 
 @dataclass(frozen=True)

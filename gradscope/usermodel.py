@@ -20,6 +20,11 @@ Accepted (``SUPPORTED``):
 State parts: the first layer's are "h" (and "c"); a stacked model's layer k adds "h@k"
 ("c@k"). The loss is a fixed random projection of the top layer's h (seeded, unit norm):
 L_t = mean over the batch of r . h_t, and the task loss L = L_T.
+
+A one-layer torch.nn RNN (tanh, relu), LSTM or GRU, and their cells, compute exactly what the
+built-in cell of gradscope.cells does: it takes their weights and the engine measures it with
+its fast back end (closed-form Jacobians, torch's fused kernel). Stacked layers and the step
+protocol go through forward-mode AD and autograd, one call per step.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .cells import State, gru_step, lstm_step, rnn_step
+from .cells import CELLS, Cell, State, gru_step, lstm_step, rnn_step
 from .engine import Unrolled
 from .errors import ConfigError
+from .model import unroll_cell
 
 SUPPORTED = ("torch.nn.RNN, LSTM or GRU; torch.nn.RNNCell, LSTMCell or GRUCell; or a module "
              "with input_size, initial_state(batch) and step(x, state)")
@@ -53,6 +59,7 @@ class Adapted:
     step: Callable[[Tensor, Tensor], Tensor]  # (x_t (B, D), s (..., B, S)) -> s'
     initial_state: Callable[[int], Tensor]  # batch -> (B, S)
     top: str  # the part that the loss reads: the top layer's h
+    cell: Cell | None = None  # the same recurrence as a built-in cell, where it is one
 
 
 def import_factory(path: str, where: str) -> Callable[..., nn.Module]:
@@ -141,7 +148,8 @@ def _stacked(m: nn.RNNBase, where: str) -> Adapted:
         return m.weight_hh_l0.new_zeros(batch, H * per_layer * L)
 
     top = "h" if L == 1 else f"h@{L}"
-    return Adapted(m, m.input_size, H, parts, step, initial, top)
+    cell = _builtin(m.mode, *weights[0]) if L == 1 else None
+    return Adapted(m, m.input_size, H, parts, step, initial, top, cell)
 
 
 def _cell(m: nn.RNNCellBase) -> Adapted:
@@ -157,7 +165,26 @@ def _cell(m: nn.RNNCellBase) -> Adapted:
     def initial(batch: int) -> Tensor:
         return m.weight_hh.new_zeros(batch, H * per_layer)
 
-    return Adapted(m, m.input_size, H, ("h", "c")[:per_layer], step, initial, "h")
+    cell = _builtin(mode, m.weight_ih, m.bias_ih, m.weight_hh, m.bias_hh)
+    return Adapted(m, m.input_size, H, ("h", "c")[:per_layer], step, initial, "h", cell)
+
+
+_BUILTIN = {"LSTM": ("lstm", None), "GRU": ("gru", None), "RNN_TANH": ("rnn", "tanh"),
+            "RNN_RELU": ("rnn", "relu")}  # torch.nn's mode -> (cell, activation)
+
+
+def _builtin(mode: str, w_ih: Tensor, b_ih: Tensor | None, w_hh: Tensor,
+             b_hh: Tensor | None) -> Cell:
+    """The built-in cell with one torch.nn layer's weights (an absent bias is zero): the same
+    recurrence, in the same gate order."""
+    name, activation = _BUILTIN[mode]
+    hidden, inputs = w_hh.shape[1], w_ih.shape[1]
+    cell = CELLS.get(name)(inputs, hidden, activation).to(w_hh)
+    with torch.no_grad():
+        for mine, theirs in ((cell.weight_ih, w_ih), (cell.weight_hh, w_hh),
+                             (cell.bias_ih, b_ih), (cell.bias_hh, b_hh)):
+            mine.zero_() if theirs is None else mine.copy_(theirs)
+    return cell.requires_grad_(False)
 
 
 def _protocol(m: nn.Module, where: str) -> Adapted:
@@ -184,22 +211,35 @@ def _protocol(m: nn.Module, where: str) -> Adapted:
 def unroll(a: Adapted, *, seq_len: int, batch: int, seed: int, input_size: int | None,
            device: torch.device) -> Unrolled:
     """The engine's view: random N(0, 1) inputs, the random-projection loss on the top h."""
-    gen = torch.Generator().manual_seed(seed)
     d = input_size or a.input_size
     if d != a.input_size:
         raise ConfigError(f"input-size {d} does not match the model's input_size "
                           f"{a.input_size}")
     s0 = a.initial_state(batch).to(device)
     dtype = s0.dtype
-    xs = torch.randn(seq_len, batch, d, generator=gen, dtype=torch.float64).to(device, dtype)
+    xs = inputs(a, seq_len, batch, seed).to(device, dtype)
     r = projection(a.hidden, seed).to(device, dtype)
     index = a.parts.index(a.top)
     top = slice(index * a.hidden, (index + 1) * a.hidden)
     weights = torch.zeros(seq_len, device=device)
     weights[-1] = 1.0
+
+    def losses(states: Tensor, first: int) -> Tensor:
+        return states[..., top] @ r
+
+    if a.cell is not None:
+        cell = a.cell.to(device)
+        with torch.no_grad():
+            projected = cell.project(xs)  # (T, B, G*H)
+        return unroll_cell(cell, lambda: xs, projected, s0, losses, weights)
     a.module.to(device)
-    return Unrolled(step=a.step, s0=s0, xs=xs, parts=a.parts,
-                    losses=lambda states, first: states[..., top] @ r, weights=weights)
+    return Unrolled(step=a.step, s0=s0, xs=xs, parts=a.parts, losses=losses, weights=weights)
+
+
+def inputs(a: Adapted, seq_len: int, batch: int, seed: int) -> Tensor:
+    """The measurement's inputs (T, B, D), float64: N(0, 1), drawn from the seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(seq_len, batch, a.input_size, generator=gen, dtype=torch.float64)
 
 
 def projection(hidden: int, seed: int) -> Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 from gradscope.engine import measure
 from gradscope.errors import ConfigError
 from gradscope.probes import PROBES, layer_probes, probes_for
-from gradscope.usermodel import adapt, outputs, projection, unroll
+from gradscope.usermodel import adapt, inputs, outputs, projection, unroll
 
 
 def _seeded(module):
@@ -75,7 +75,8 @@ def _twin(module, seq_len, batch, seed):
     L, H = m.num_layers, m.hidden_size
     h0 = torch.zeros(L, batch, H, dtype=torch.float64, requires_grad=True)
     c0 = torch.zeros(L, batch, H, dtype=torch.float64, requires_grad=True)
-    out, _ = m(u.xs, (h0, c0))  # (T, B, H): the top layer's h_t
+    x = inputs(a, seq_len, batch, seed)
+    out, _ = m(x, (h0, c0))  # (T, B, H): the top layer's h_t
     r = projection(H, seed)
     step_loss = (out @ r).mean(dim=1)  # (T,)
     grads = {f"grad_h0{'' if k == 0 else f'@{k + 1}'}": [] for k in range(L)}
@@ -88,16 +89,44 @@ def _twin(module, seq_len, batch, seed):
     return u, a, {k: np.array(v) for k, v in grads.items()}
 
 
-def test_a_stacked_lstm_is_measured_exactly_for_every_layer():
-    module = nn.LSTM(3, 4, num_layers=2).double()
+@pytest.mark.parametrize("layers", [1, 2])
+def test_an_lstm_is_measured_exactly_for_every_layer(layers):
+    """One layer runs on the built-in cell's fast back end, two by forward-mode AD: both
+    against autograd on the module itself."""
+    module = nn.LSTM(3, 4, num_layers=layers).double()
     u, a, want = _twin(module, seq_len=12, batch=3, seed=1)
+    assert (a.cell is not None) == (layers == 1) == (u.linearize is not None)
     probes = [PROBES.get(n) for n in probes_for(a.parts)] + layer_probes(a.parts)
     got = measure(u, probes).log10
-    assert {"grad_h0", "grad_c0", "jacobian", "jacobian_c", "adjoint", "grad_h0@2",
-            "grad_c0@2"} == set(got)
-    for name in ("grad_h0", "grad_h0@2"):
+    assert {"grad_h0", "grad_c0", "jacobian", "jacobian_c", "adjoint",
+            *(("grad_h0@2", "grad_c0@2") if layers == 2 else ())} == set(got)
+    for name in want:
         ratio = np.abs(10.0 ** (got[name] - want[name]) - 1)
         assert ratio.max() < 1e-6, name
+
+
+@pytest.mark.parametrize("module", [
+    nn.RNN(3, 5), nn.RNN(3, 5, nonlinearity="relu", bias=False),
+    nn.LSTM(3, 5, batch_first=True), nn.LSTM(3, 5, bias=False), nn.GRU(3, 5),
+    nn.RNNCell(3, 5, nonlinearity="relu"), nn.LSTMCell(3, 5), nn.GRUCell(3, 5, bias=False),
+], ids=lambda m: repr(m))
+def test_one_layer_modules_take_the_built_in_cells_fast_back_end(module):
+    """The built-in cell with the module's weights: every probe as the step-by-step generic
+    back end measures the module itself."""
+    from dataclasses import replace
+
+    a = adapt(_seeded(module), "test")
+    assert a.cell is not None
+    probes = [PROBES.get(n) for n in probes_for(a.parts)]
+    got = {}
+    for fast in (True, False):
+        u = unroll(a if fast else replace(a, cell=None), seq_len=40, batch=3, seed=2,
+                   input_size=None, device=torch.device("cpu"))
+        assert (u.linearize is not None) == fast
+        got[fast] = measure(u, probes).log10
+    for name in got[False]:
+        np.testing.assert_allclose(got[True][name], got[False][name], rtol=0, atol=1e-9,
+                                   err_msg=name)
 
 
 def test_the_step_protocol_is_measured():
