@@ -267,28 +267,24 @@ def train_paths_table(threads: int) -> None:
 
 def user_models_table() -> None:
     """What `gradscope check` measures on users' own torch.nn modules (T = 200, B = 8, the
-    check's defaults, float64, its probe grad_h0 and every deeper layer's): one layer by the
-    built-in cell with the module's weights (the fast back end), timed alternately with the
-    same measurement by forward-mode AD through the module's step (the generic back end, which
-    stacked layers take)."""
+    check's defaults, float64, its probe grad_h0 and every deeper layer's): by the built-in
+    cells with the module's weights, a layer each (the fast back end), timed alternately with
+    the same measurement by forward-mode AD through the module's step (the generic back end,
+    which modules of the step protocol take)."""
     from dataclasses import replace
 
     from gradscope.usermodel import adapt, unroll
 
     print("\n| torch.nn module, T=200, B=8, float64 | layers | generic back end (s) "
-          "| built-in cell (s) | speed-up |")
+          "| built-in cells (s) | speed-up |")
     print("|---|---|---|---|---|")
     torch.manual_seed(0)
     for kind in (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN):
         for layers in (1, 2):
             a = adapt(kind(16, 128, num_layers=layers), "benchmark", torch.float64)
             probes = [PROBES.get("grad_h0"), *layer_probes(a.parts)]
-            generic = unroll(replace(a, cell=None), seq_len=200, batch=8, seed=0,
+            generic = unroll(replace(a, cells=()), seq_len=200, batch=8, seed=0,
                              input_size=None, device=torch.device("cpu"))
-            if a.cell is None:
-                t = timed(lambda u=generic, p=probes: measure(u, p), 3, "cpu")
-                print(f"| {kind.__name__}(16, 128) | {layers} | {t:.2f} | - | - |", flush=True)
-                continue
             fast = unroll(a, seq_len=200, batch=8, seed=0, input_size=None,
                           device=torch.device("cpu"))
             t_generic, t_fast = side_by_side(lambda u=generic, p=probes: measure(u, p),

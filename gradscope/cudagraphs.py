@@ -52,7 +52,10 @@ class GraphedPush:
     def _load(self, ops: StepOps, a: int, b: int) -> bool:
         """Steps a..b-1 of ``ops``'s per-step tensors into the first rows of the static ones,
         its other tensors (W_hh) whole where they changed; False where they do not fit
-        (another kind of ops, other shapes, more steps than the static ones hold)."""
+        (another kind of ops, other shapes, more steps than the static ones hold, ops whose
+        tensors sit elsewhere: ``StepOps.GRAPHED``)."""
+        if not ops.GRAPHED:
+            return False
         if self.static is None:
             self.static = ops.mapped(Tensor.clone)
         if type(ops) is not type(self.static):

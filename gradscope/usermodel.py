@@ -21,10 +21,11 @@ State parts: the first layer's are "h" (and "c"); a stacked model's layer k adds
 ("c@k"). The loss is a fixed random projection of the top layer's h (seeded, unit norm):
 L_t = mean over the batch of r . h_t, and the task loss L = L_T.
 
-A one-layer torch.nn RNN (tanh, relu), LSTM or GRU, and their cells, compute exactly what the
-built-in cell of gradscope.cells does: it takes their weights and the engine measures it with
-its fast back end (closed-form Jacobians, torch's fused kernel). Stacked layers and the step
-protocol go through forward-mode AD and autograd, one call per step.
+A torch.nn RNN (tanh, relu), LSTM or GRU, and their cells, compute exactly what the built-in
+cells of gradscope.cells do, a layer each: they take the module's weights and the engine
+measures them with its fast back end (closed-form Jacobians, torch's fused kernel; stacked
+layers by ``linear.Layered``). Modules of the step protocol go through forward-mode AD and
+autograd, one call per step.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 from .cells import CELLS, Cell, State, gru_step, lstm_step, rnn_step
 from .engine import Unrolled
 from .errors import ConfigError
+from .linear import Layered
 from .model import unroll_cell
 
 SUPPORTED = ("torch.nn.RNN, LSTM or GRU; torch.nn.RNNCell, LSTMCell or GRUCell; or a module "
@@ -59,7 +61,7 @@ class Adapted:
     step: Callable[[Tensor, Tensor], Tensor]  # (x_t (B, D), s (..., B, S)) -> s'
     initial_state: Callable[[int], Tensor]  # batch -> (B, S)
     top: str  # the part that the loss reads: the top layer's h
-    cell: Cell | None = None  # the same recurrence as a built-in cell, where it is one
+    cells: tuple[Cell, ...] = ()  # the same recurrence as built-in cells, a layer each
 
 
 def import_factory(path: str, where: str) -> Callable[..., nn.Module]:
@@ -148,8 +150,8 @@ def _stacked(m: nn.RNNBase, where: str) -> Adapted:
         return m.weight_hh_l0.new_zeros(batch, H * per_layer * L)
 
     top = "h" if L == 1 else f"h@{L}"
-    cell = _builtin(m.mode, *weights[0]) if L == 1 else None
-    return Adapted(m, m.input_size, H, parts, step, initial, top, cell)
+    cells = tuple(_builtin(m.mode, *layer) for layer in weights)
+    return Adapted(m, m.input_size, H, parts, step, initial, top, cells)
 
 
 def _cell(m: nn.RNNCellBase) -> Adapted:
@@ -166,7 +168,7 @@ def _cell(m: nn.RNNCellBase) -> Adapted:
         return m.weight_hh.new_zeros(batch, H * per_layer)
 
     cell = _builtin(mode, m.weight_ih, m.bias_ih, m.weight_hh, m.bias_hh)
-    return Adapted(m, m.input_size, H, ("h", "c")[:per_layer], step, initial, "h", cell)
+    return Adapted(m, m.input_size, H, ("h", "c")[:per_layer], step, initial, "h", (cell,))
 
 
 _BUILTIN = {"LSTM": ("lstm", None), "GRU": ("gru", None), "RNN_TANH": ("rnn", "tanh"),
@@ -227,13 +229,16 @@ def unroll(a: Adapted, *, seq_len: int, batch: int, seed: int, input_size: int |
     def losses(states: Tensor, first: int) -> Tensor:
         return states[..., top] @ r
 
-    if a.cell is not None:
-        cell = a.cell.to(device)
-        with torch.no_grad():
-            projected = cell.project(xs)  # (T, B, G*H)
-        return unroll_cell(cell, lambda: xs, projected, s0, losses, weights)
     a.module.to(device)
-    return Unrolled(step=a.step, s0=s0, xs=xs, parts=a.parts, losses=losses, weights=weights)
+    cells = [cell.to(device) for cell in a.cells]
+    if len(cells) == 1:
+        with torch.no_grad():
+            projected = cells[0].project(xs)  # (T, B, G*H)
+        return unroll_cell(cells[0], lambda: xs, projected, s0, losses, weights)
+    fast = Layered(cells, lambda: xs, s0) if cells else None
+    return Unrolled(step=a.step, s0=s0, xs=xs, parts=a.parts, losses=losses, weights=weights,
+                    linearize=None if fast is None else fast.ops,
+                    fast_trajectory=None if fast is None else fast.trajectory)
 
 
 def inputs(a: Adapted, seq_len: int, batch: int, seed: int) -> Tensor:

@@ -95,7 +95,7 @@ def test_an_lstm_is_measured_exactly_for_every_layer(layers):
     against autograd on the module itself."""
     module = nn.LSTM(3, 4, num_layers=layers).double()
     u, a, want = _twin(module, seq_len=12, batch=3, seed=1)
-    assert (a.cell is not None) == (layers == 1) == (u.linearize is not None)
+    assert len(a.cells) == layers and u.linearize is not None
     probes = [PROBES.get(n) for n in probes_for(a.parts)] + layer_probes(a.parts)
     got = measure(u, probes).log10
     assert {"grad_h0", "grad_c0", "jacobian", "jacobian_c", "adjoint",
@@ -105,22 +105,27 @@ def test_an_lstm_is_measured_exactly_for_every_layer(layers):
         assert ratio.max() < 1e-6, name
 
 
-@pytest.mark.parametrize("module", [
-    nn.RNN(3, 5), nn.RNN(3, 5, nonlinearity="relu", bias=False),
-    nn.LSTM(3, 5, batch_first=True), nn.LSTM(3, 5, bias=False), nn.GRU(3, 5),
-    nn.RNNCell(3, 5, nonlinearity="relu"), nn.LSTMCell(3, 5), nn.GRUCell(3, 5, bias=False),
-], ids=lambda m: repr(m))
-def test_one_layer_modules_take_the_built_in_cells_fast_back_end(module):
-    """The built-in cell with the module's weights: every probe as the step-by-step generic
-    back end measures the module itself."""
+@pytest.mark.parametrize("module, seq_len", [
+    (nn.RNN(3, 5), 40), (nn.RNN(3, 5, nonlinearity="relu", bias=False), 40),
+    (nn.LSTM(3, 5, batch_first=True), 40), (nn.LSTM(3, 5, bias=False), 40), (nn.GRU(3, 5), 40),
+    (nn.RNNCell(3, 5, nonlinearity="relu"), 40), (nn.LSTMCell(3, 5), 40),
+    (nn.GRUCell(3, 5, bias=False), 40),
+    (nn.RNN(3, 5, num_layers=2), 300), (nn.RNN(3, 5, nonlinearity="relu", num_layers=3), 40),
+    (nn.LSTM(3, 5, num_layers=3, batch_first=True), 300), (nn.LSTM(3, 5, num_layers=2), 40),
+    (nn.GRU(3, 5, num_layers=2), 300), (nn.GRU(3, 5, num_layers=3, bias=False), 40),
+], ids=lambda m: repr(m) if isinstance(m, nn.Module) else f"T{m}")
+def test_torch_nn_modules_take_the_built_in_cells_fast_back_end(module, seq_len):
+    """The built-in cells with the module's weights, a layer each (stacked: ``Layered``):
+    every probe, every layer's, as the step-by-step generic back end measures the module
+    itself; at T = 300 through up to 120 decades."""
     from dataclasses import replace
 
     a = adapt(_seeded(module), "test")
-    assert a.cell is not None
-    probes = [PROBES.get(n) for n in probes_for(a.parts)]
+    assert len(a.cells) == getattr(module, "num_layers", 1)
+    probes = [PROBES.get(n) for n in probes_for(a.parts)] + layer_probes(a.parts)
     got = {}
     for fast in (True, False):
-        u = unroll(a if fast else replace(a, cell=None), seq_len=40, batch=3, seed=2,
+        u = unroll(a if fast else replace(a, cells=()), seq_len=seq_len, batch=3, seed=2,
                    input_size=None, device=torch.device("cpu"))
         assert (u.linearize is not None) == fast
         got[fast] = measure(u, probes).log10
