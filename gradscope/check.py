@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .files import atomic_write_text
-from .summary import Summary, json_safe
+from .summary import Summary, json_safe, left_range
 
 BASELINE_SCHEMA = "gradscope.baseline/1"
 
@@ -63,10 +63,12 @@ class CheckResult:
 def rule_finite(nonfinite: dict | None) -> RuleResult:
     if nonfinite is None:
         return RuleResult("finite", True, "finite at every step", "no overflow or NaN")
-    return RuleResult("finite", False, f"{nonfinite['where']} not finite at step "
-                      f"{nonfinite['step']}", "no overflow or NaN",
-                      f"the forward pass left float range at step {nonfinite['step']}",
-                      f"overflow at step {nonfinite['step']}")
+    step, where = nonfinite["step"], nonfinite["where"]
+    if where == "underflow":
+        return RuleResult("finite", False, f"underflow at step {step}", "no overflow or NaN",
+                          left_range(nonfinite), f"underflow at step {step}")
+    return RuleResult("finite", False, f"{where} not finite at step {step}",
+                      "no overflow or NaN", left_range(nonfinite), f"overflow at step {step}")
 
 
 def rule_min_slope(slope: float | None, exactly_zero: bool, limit: float) -> RuleResult:

@@ -27,6 +27,7 @@ from .check import to_json, to_junit, to_markdown
 from .config import MAX_SEEDS, RunConfig
 from .errors import ConfigError, GradscopeError
 from .files import atomic_write_text, check_writable_dir
+from .summary import left_range
 
 if TYPE_CHECKING:
     from .results import RunResult
@@ -380,9 +381,8 @@ def print_result(result: RunResult) -> None:
         out_console.print("after training: " + ", ".join(
             f"{name} slope {_fmt(s.slope, '+.4f')}" for name, s in last.summary.items()))
     if result.nonfinite:
-        out_console.print(f"[magenta]the forward pass left float range ({result.nonfinite['where']}"
-                          f" not finite) at step {result.nonfinite['step']}; later steps are not "
-                          "computed[/]")
+        out_console.print(f"[magenta]{left_range(result.nonfinite)}; later steps are not "
+                          "computed[/]", markup=True)
 
 
 def print_theory(theory: dict) -> None:

@@ -30,8 +30,9 @@ def profile_figure(result: RunResult) -> plt.Figure:
                 label=f"{name} [{AXIS_LABEL[result.axes[name]]}]")
     _theory_lines(ax, result)
     if result.nonfinite:
-        ax.axvline(result.nonfinite["step"], color="red", ls="--", lw=1,
-                   label=f"non-finite {result.nonfinite['where']} at t={result.nonfinite['step']}")
+        where, step = result.nonfinite["where"], result.nonfinite["step"]
+        ax.axvline(step, color="red", ls="--", lw=1,
+                   label=f"left float range ({where}) at t={step}")
     c = result.config
     ax.set_title(f"{c.label()}, task {c.task}, H={c.hidden}, T={result.task['seq_len']}",
                  fontsize=10)

@@ -7,7 +7,7 @@ result.json layout::
      "task": {"name", "variant", "seq_len", "chance_loss"},
      "profiles": {"<probe>": {"axis": "t" | "k", "first_step": 1 | 0, "log10": [...]}},
      "summary": {"<probe>": {"slope", "half_life", "horizon", "verdict", "start", "end"}},
-     "nonfinite": null | {"step": t, "where": "state" | "tangent"},
+     "nonfinite": null | {"step": t, "where": "state" | "tangent" | "underflow"},
      "training": null | {"steps_done", "diverged_at", "final_loss", "chance_loss", "accuracy",
                          "learned", "curve": [...], "snapshots": [{"step", "profiles",
                          "summary", "nonfinite"}, ...]},
@@ -185,3 +185,4 @@ class RunResult:
         if path.is_dir():
             path = path / "result.json"
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+

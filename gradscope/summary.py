@@ -94,3 +94,13 @@ def json_safe(x):
     if isinstance(x, (list, tuple, np.ndarray)):
         return [json_safe(v) for v in x]
     return x
+
+
+def left_range(nonfinite: dict) -> str:
+    """Where and how a measurement left float range, in words (``RunResult.nonfinite``)."""
+    step, where = nonfinite["step"], nonfinite["where"]
+    if where == "underflow":
+        return (f"the forward probes left float range at step {step}: a part of the state "
+                "(one layer's, say) fell further below the rest than the dtype holds (about "
+                "1e-31 in float32, 1e-292 in float64)")
+    return f"the forward pass left float range ({where} not finite) at step {step}"

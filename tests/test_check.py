@@ -52,6 +52,9 @@ def test_max_growth_and_finite():
     assert not r.passed and r.shortfall == "0.50 decades"
     assert rule_finite(None).passed
     assert not rule_finite({"step": 7, "where": "state"}).passed
+    underflow = rule_finite({"step": 9, "where": "underflow"})
+    assert not underflow.passed and underflow.measured == "underflow at step 9"
+    assert "fell further below the rest than the dtype holds" in underflow.detail
 
 
 def test_baseline_windows_name_the_worst_window():

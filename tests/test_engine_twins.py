@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import gpu_switches, graph_stand_in
 from twins import assert_log10_close, brute_force
 
 from gradscope.activations import ACTIVATIONS
@@ -489,26 +490,6 @@ def test_forward_probes_alone_stream_long_trajectories_with_the_same_numbers(mak
                                    err_msg=name)
 
 
-def _graph_stand_in(replayed: list):
-    """``GraphedPush._capture`` on the CPU: a closure over the same static tensors, doing what
-    a captured graph does (the same launches on the same tensors); ``replayed`` receives the
-    length of each capture."""
-
-    class Replay:
-        def __init__(self, static, m, static_in, static_out):
-            self.run = lambda: static.push(static_in, 0, m, static_out)
-
-        def replay(self):
-            self.run()
-
-    def capture(self, tangent, m):
-        static_in, static_out = tangent.clone(), tangent.new_empty(m, *tangent.shape)
-        replayed.append(m)
-        return Replay(self.static, m, static_in, static_out), static_in, static_out
-
-    return capture
-
-
 @pytest.mark.parametrize("options", [{"cell": "lstm"}, {"cell": "gru", "task": "copy"},
                                      {"cell": "rnn", "activation": "relu"}])
 def test_replayed_slices_read_each_chunks_coefficients(make, monkeypatch, options):
@@ -521,7 +502,7 @@ def test_replayed_slices_read_each_chunks_coefficients(make, monkeypatch, option
     import gradscope.engine as engine
 
     replayed = []
-    capture = _graph_stand_in(replayed)
+    capture = graph_stand_in(replayed)
     loaded, load = [], cudagraphs.GraphedPush._load
 
     def spy(self, ops, a, b):
@@ -648,9 +629,7 @@ def test_every_gpu_plan_at_once_run_on_the_cpu_gives_the_cpu_numbers(make, monke
     log2 rounds, the larger stacks and streaming limits. Every probe gives the CPU's numbers,
     through hundreds of decades: a check, before a lent GPU runs tests/test_gpu.py, that the
     paths work together."""
-    import gradscope.cudagraphs as cudagraphs
     import gradscope.engine as engine
-    import gradscope.linear as linear
 
     model, batch = make(**{"hidden": 6, "batch": 3, "seq_len": 700, "dtype": dtype,
                            **options})
@@ -659,11 +638,7 @@ def test_every_gpu_plan_at_once_run_on_the_cpu_gives_the_cpu_numbers(make, monke
     replayed = []
     if lifted:  # the fused adjoint's alternative plan that benchmarks/gpu_parts.py times
         _use_plan(monkeypatch, "lifted")
-    monkeypatch.setattr(engine, "_on_gpu", lambda x: True)
-    monkeypatch.setattr(engine, "_runs_ahead", lambda x: True)
-    monkeypatch.setattr(linear, "_scan_in_rounds", lambda device: True)
-    monkeypatch.setattr(cudagraphs.GraphedPush, "_capture", _graph_stand_in(replayed))
-    monkeypatch.setattr(engine, "graphed_push", lambda device: cudagraphs.GraphedPush())
+    gpu_switches(monkeypatch, replayed)
     backs, back = [], engine.FusedAdjoint.back
     monkeypatch.setattr(engine.FusedAdjoint, "back",
                         lambda self, *args: backs.append(1) or back(self, *args))

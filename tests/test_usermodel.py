@@ -164,3 +164,65 @@ def test_input_size_must_match():
     a = adapt(nn.GRU(3, 4), "here")
     with pytest.raises(ConfigError, match="input-size 5 does not match the model's input_size 3"):
         unroll(a, seq_len=5, batch=2, seed=0, input_size=5, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("module", [nn.LSTM(3, 5, num_layers=2), nn.GRU(3, 5, num_layers=2),
+                                    nn.RNN(3, 5, num_layers=3), nn.LSTM(3, 5)],
+                         ids=lambda m: repr(m))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_nn_modules_under_every_gpu_switch_give_the_cpu_numbers(monkeypatch, module,
+                                                                       dtype):
+    """On a GPU the forward probes push float64 tangents (the layers' maps cast with them,
+    ``StackedOps.mapped``) and replay one layer's slices from CUDA graphs (stacked layers stay
+    eager): thrown on the CPU, every probe gives the CPU's numbers, as far as the CPU's float32
+    tangents go (where layers drift apart beyond float32, the CPU stops with an underflow and
+    the GPU's float64 goes on)."""
+    from helpers import gpu_switches
+
+    a = adapt(_seeded(module), "test", dtype)
+    probes = [PROBES.get(n) for n in probes_for(a.parts)] + layer_probes(a.parts)
+
+    def measured():
+        u = unroll(a, seq_len=700, batch=3, seed=2, input_size=None, device=torch.device("cpu"))
+        return measure(u, probes)
+
+    cpu = measured()
+    replayed = []
+    gpu_switches(monkeypatch, replayed)
+    gpu = measured()
+    assert bool(replayed) == (len(a.cells) == 1)
+    assert gpu.nonfinite is None
+    end = 700 if cpu.nonfinite is None else cpu.nonfinite.step - 1
+    assert cpu.nonfinite is None or (dtype == torch.float32 and cpu.nonfinite.where == "underflow")
+    atol = 1e-9 if dtype == torch.float64 else 1e-3
+    for name in cpu.log10:
+        np.testing.assert_allclose(gpu.log10[name][:end], cpu.log10[name][:end], rtol=0,
+                                   atol=atol, err_msg=name)
+
+
+def test_layers_that_drift_apart_beyond_float32_stop_with_an_underflow_not_a_zero():
+    """A 3-layer tanh RNN in float32: the first layer's part of each direction falls more
+    than 1e-31 below the deeper layers' within about 100 steps. Renormalising each direction
+    keeps the whole in range, not that part, which would then read as an exact zero: both
+    back ends stop there and say so; in float64 the same model is measured to the end."""
+    from dataclasses import replace
+
+    module = _seeded(nn.RNN(3, 5, num_layers=3))
+    probes = [PROBES.get(n) for n in probes_for(("h", "h@2", "h@3"))]
+    got = {}
+    for dtype in (torch.float32, torch.float64):
+        a = adapt(module, "test", dtype)
+        for fast in (True, False):
+            u = unroll(a if fast else replace(a, cells=()), seq_len=300, batch=3, seed=2,
+                       input_size=None, device=torch.device("cpu"))
+            got[dtype, fast] = measure(u, probes)
+    for fast in (True, False):
+        stop = got[torch.float32, fast].nonfinite
+        assert stop is not None and stop.where == "underflow" and 50 < stop.step < 200, stop
+        jac = got[torch.float32, fast].log10["jacobian"]
+        assert np.isfinite(jac[:stop.step - 1]).all() and np.isnan(jac[stop.step - 1:]).all()
+        assert got[torch.float64, fast].nonfinite is None
+        full = got[torch.float64, fast].log10["jacobian"]
+        assert np.isfinite(full).all() and full[-1] < -100  # beyond float32's reach
+        np.testing.assert_allclose(jac[:stop.step - 1], full[:stop.step - 1], rtol=0, atol=1e-3)
+    assert got[torch.float32, True].nonfinite.step == got[torch.float32, False].nonfinite.step
