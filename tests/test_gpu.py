@@ -137,3 +137,26 @@ def test_cuda_training_loop_matches_the_cpu(cell, tapped, monkeypatch):
         got[device] = [hs.detach().cpu()] + [p.grad.cpu() for p in model.parameters()]
     for a, b in zip(got["cuda"], got["cpu"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_cuda_measures_users_torch_nn_modules_as_the_cpu(layers):
+    """`gradscope check`'s measurement of a torch.nn LSTM on the GPU (its built-in cells: the
+    fused kernel, cuDNN; stacked layers eager, float64 tangents) against the CPU."""
+    from torch import nn
+
+    from gradscope.engine import measure
+    from gradscope.probes import PROBES, layer_probes, probes_for
+    from gradscope.usermodel import adapt, unroll
+
+    torch.manual_seed(0)
+    a = adapt(nn.LSTM(3, 16, num_layers=layers), "gpu test", torch.float64)
+    probes = [PROBES.get(n) for n in probes_for(a.parts)] + layer_probes(a.parts)
+    got = {}
+    for device in ("cpu", "cuda"):
+        u = unroll(a, seq_len=300, batch=4, seed=0, input_size=None,
+                   device=torch.device(device))
+        got[device] = measure(u, probes).log10
+    for name in got["cpu"]:
+        np.testing.assert_allclose(got["cuda"][name], got["cpu"][name], atol=1e-8,
+                                   err_msg=name)
