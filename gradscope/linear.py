@@ -262,7 +262,7 @@ class StackedOps(StepOps):
     the new h below it; J_t^T lam top down, each passing the adjoint of its input to the layer
     below. ``w_ih``: each layer's input weights (layer 0's unused)."""
 
-    GRAPHED = False  # its per-step tensors sit in the layers' ops, where cudagraphs looks not
+    GRAPHED = False  # its per-step tensors sit in the layers' ops, where cudagraphs does not look
 
     def __init__(self, layers: list[StepOps], w_ih: list[Tensor], width: int) -> None:
         super().__init__(layers[0].w, None)
