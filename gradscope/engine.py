@@ -187,8 +187,8 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
                         or (T + 1) * u.s0.numel() * u.s0.element_size()
                         > (STREAMED_ABOVE_GPU if _on_gpu(u.s0) else STREAMED_ABOVE)):
         # forward probes alone keep nothing of the past: memory independent of T
-        chunks = _streamed_chunks(u)
-        return profiles(_forward_pass(u, chunks, forward, out, projections, seeds))
+        return profiles(_forward_probes(u, lambda: _streamed_chunks(u), forward, out,
+                                        projections, seeds))
     if checkpoint:  # one streamed pass for the forward probes and the adjoint's checkpoints
         segmented = Segmented(u)
         chunks = segmented.record(_streamed_chunks(u, grads=bool(forward)))
@@ -212,8 +212,8 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
         return profiles(nonfinite)
     g = _loss_grads(u, states[1:]) if forward else None  # (T', B, S)
     if forward:
-        stored = _stored_chunks(states, g, _forward_plan(u)[0])
-        stop = _forward_pass(u, stored, forward, out, projections, seeds)
+        stop = _forward_probes(u, lambda: _stored_chunks(states, g, _forward_plan(u)[0]),
+                               forward, out, projections, seeds)
         nonfinite = nonfinite or stop
     if bad is None and reverse:  # the task loss needs the whole, finite trajectory
         blocks = u.fused_adjoint(*_fused_plan(u)[:2]) if use_fused else None
@@ -419,9 +419,25 @@ def _within(norms: Tensor, live: Tensor) -> Tensor:
     return (norms >= math.sqrt(safe.tiny)) & (norms <= math.sqrt(safe.max)) | ~live
 
 
+def _forward_probes(u: Unrolled, chunks: Callable[[], Iterator[Chunk]],
+                    probes: Sequence[Probe], out: dict[str, np.ndarray],
+                    projections: int | None, seeds: Sequence[int]) -> NonFinite | None:
+    """``_forward_pass`` over ``chunks()``; where a part of a direction fell below the range of
+    narrower tangents (float32), once more with float64 ones over fresh chunks, which holds
+    parts 1e-292 apart rather than 1e-31 (the closed-form back end; forward-mode AD pushes
+    tangents in the recurrence's own dtype)."""
+    stop = _forward_pass(u, chunks(), probes, out, projections, seeds)
+    widen = (stop is not None and stop.where == "underflow" and u.linearize is not None
+             and _forward_plan(u)[1] != torch.float64)
+    return _forward_pass(u, chunks(), probes, out, projections, seeds, torch.float64) \
+        if widen else stop
+
+
 def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
                   out: dict[str, np.ndarray], projections: int | None,
-                  seeds: Sequence[int]) -> NonFinite | None:
+                  seeds: Sequence[int], wide: torch.dtype | None = None) -> NonFinite | None:
+    """The forward probes over ``chunks``, their tangents in ``_forward_plan``'s dtype (or
+    ``wide``), into ``out``: None, or where they stopped."""
     rows = u.rows()
     parts = [p for p in u.parts if any(pr.wrt == p for pr in probes)]
     B, S = u.s0.shape
@@ -432,6 +448,7 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
     columns = {p: slice(i * per, (i + 1) * per) for i, p in enumerate(parts)}
     weights = {p: -math.log(projections) if projections else 0.0 for p in parts}
     cap, dtype = _forward_plan(u)
+    dtype = wide or dtype
     # sample-major (B, K, S): each sample's directions one matrix (gradscope.linear)
     tangent = torch.zeros(B, per * len(parts), S, dtype=dtype, device=u.s0.device)
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]  # one stream per seed

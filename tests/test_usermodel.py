@@ -200,11 +200,12 @@ def test_torch_nn_modules_under_every_gpu_switch_give_the_cpu_numbers(monkeypatc
                                    atol=atol, err_msg=name)
 
 
-def test_layers_that_drift_apart_beyond_float32_stop_with_an_underflow_not_a_zero():
+def test_layers_that_drift_apart_beyond_float32_widen_or_stop_with_an_underflow():
     """A 3-layer tanh RNN in float32: the first layer's part of each direction falls more
-    than 1e-31 below the deeper layers' within about 100 steps. Renormalising each direction
-    keeps the whole in range, not that part, which would then read as an exact zero: both
-    back ends stop there and say so; in float64 the same model is measured to the end."""
+    than 1e-31 below the deeper layers' within a few hundred steps. Renormalising each
+    direction keeps the whole in range, not that part, which would then read as an exact
+    zero. The closed-form back end pushes float64 tangents once more and measures to the end,
+    as float64 does; forward-mode AD, in the module's own float32, stops there and says so."""
     from dataclasses import replace
 
     module = _seeded(nn.RNN(3, 5, num_layers=3))
@@ -216,13 +217,15 @@ def test_layers_that_drift_apart_beyond_float32_stop_with_an_underflow_not_a_zer
             u = unroll(a if fast else replace(a, cells=()), seq_len=300, batch=3, seed=2,
                        input_size=None, device=torch.device("cpu"))
             got[dtype, fast] = measure(u, probes)
-    for fast in (True, False):
-        stop = got[torch.float32, fast].nonfinite
-        assert stop is not None and stop.where == "underflow" and 50 < stop.step < 200, stop
-        jac = got[torch.float32, fast].log10["jacobian"]
-        assert np.isfinite(jac[:stop.step - 1]).all() and np.isnan(jac[stop.step - 1:]).all()
-        assert got[torch.float64, fast].nonfinite is None
-        full = got[torch.float64, fast].log10["jacobian"]
-        assert np.isfinite(full).all() and full[-1] < -100  # beyond float32's reach
-        np.testing.assert_allclose(jac[:stop.step - 1], full[:stop.step - 1], rtol=0, atol=1e-3)
-    assert got[torch.float32, True].nonfinite.step == got[torch.float32, False].nonfinite.step
+    full = got[torch.float64, True].log10["jacobian"]
+    assert got[torch.float64, True].nonfinite is None
+    assert got[torch.float64, False].nonfinite is None
+    assert np.isfinite(full).all() and full[-1] < -70  # its first layer far below the rest
+    widened = got[torch.float32, True]
+    assert widened.nonfinite is None
+    np.testing.assert_allclose(widened.log10["jacobian"], full, rtol=0, atol=1e-3)
+    stop = got[torch.float32, False].nonfinite
+    assert stop is not None and stop.where == "underflow" and 50 < stop.step < 300, stop
+    jac = got[torch.float32, False].log10["jacobian"]
+    assert np.isfinite(jac[:stop.step - 1]).all() and np.isnan(jac[stop.step - 1:]).all()
+    np.testing.assert_allclose(jac[:stop.step - 1], full[:stop.step - 1], rtol=0, atol=1e-3)
