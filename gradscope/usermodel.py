@@ -229,6 +229,8 @@ def unroll(a: Adapted, *, seq_len: int, batch: int, seed: int, input_size: int |
     def losses(states: Tensor, first: int) -> Tensor:
         return states[..., top] @ r
 
+    # one layer: the built-in cell's back end whole (the fused adjoint too); stacked layers:
+    # linear.Layered; modules of the step protocol: forward-mode AD and autograd
     a.module.to(device)
     cells = [cell.to(device) for cell in a.cells]
     if len(cells) == 1:
