@@ -192,7 +192,9 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
     if checkpoint:  # one streamed pass for the forward probes and the adjoint's checkpoints
         segmented = Segmented(u)
         chunks = segmented.record(_streamed_chunks(u, grads=bool(forward)))
-        stop = _forward_pass(u, chunks, forward, out, projections, seeds) if forward else None
+        recorded = [chunks]  # the first pass records the checkpoints; a second, if any, not
+        stop = _forward_probes(u, lambda: recorded.pop() if recorded else _streamed_chunks(u),
+                               forward, out, projections, seeds) if forward else None
         for _ in chunks:  # the rest, where the forward probes stopped early (or there are none)
             pass
         nonfinite = stop if segmented.bad is None else NonFinite(segmented.bad, "state")
@@ -423,9 +425,9 @@ def _forward_probes(u: Unrolled, chunks: Callable[[], Iterator[Chunk]],
                     probes: Sequence[Probe], out: dict[str, np.ndarray],
                     projections: int | None, seeds: Sequence[int]) -> NonFinite | None:
     """``_forward_pass`` over ``chunks()``; where a part of a direction fell below the range of
-    narrower tangents (float32), once more with float64 ones over fresh chunks, which holds
-    parts 1e-292 apart rather than 1e-31 (the closed-form back end; forward-mode AD pushes
-    tangents in the recurrence's own dtype)."""
+    narrower tangents (float32), once more with float64 ones over fresh chunks (``chunks()``
+    again), which holds parts 1e-292 apart rather than 1e-31 (the closed-form back end;
+    forward-mode AD pushes tangents in the recurrence's own dtype)."""
     stop = _forward_pass(u, chunks(), probes, out, projections, seeds)
     widen = (stop is not None and stop.where == "underflow" and u.linearize is not None
              and _forward_plan(u)[1] != torch.float64)
