@@ -64,11 +64,10 @@ def rule_finite(nonfinite: dict | None) -> RuleResult:
     if nonfinite is None:
         return RuleResult("finite", True, "finite at every step", "no overflow or NaN")
     step, where = nonfinite["step"], nonfinite["where"]
-    if where == "underflow":
-        return RuleResult("finite", False, f"underflow at step {step}", "no overflow or NaN",
-                          left_range(nonfinite), f"underflow at step {step}")
-    return RuleResult("finite", False, f"{where} not finite at step {step}",
-                      "no overflow or NaN", left_range(nonfinite), f"overflow at step {step}")
+    under = where == "underflow"
+    measured = f"underflow at step {step}" if under else f"{where} not finite at step {step}"
+    return RuleResult("finite", False, measured, "no overflow or NaN", left_range(nonfinite),
+                      f"{'underflow' if under else 'overflow'} at step {step}")
 
 
 def rule_min_slope(slope: float | None, exactly_zero: bool, limit: float) -> RuleResult:

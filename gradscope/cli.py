@@ -237,10 +237,11 @@ def sweep_command(
 
     try:
         result, index = _api().sweep(spec, out, executor=executor, workers=workers,
-                                  retries=retries, address=address, gpus_per_run=gpus_per_run,
-                                  report=report, seed_stack=seed_stack,
-                                  command=" ".join(["gradscope", *_ARGV]),
-                                  on_progress=on_progress, on_start=on_start)
+                                     retries=retries, address=address,
+                                     gpus_per_run=gpus_per_run, report=report,
+                                     seed_stack=seed_stack,
+                                     command=" ".join(["gradscope", *_ARGV]),
+                                     on_progress=on_progress, on_start=on_start)
     finally:
         if bar is not None:  # stopping a display that never started prints a stray line
             progress.stop()
@@ -298,7 +299,7 @@ def check_command(
                                    "seed": seed, "device": device, "dtype": dtype}.items()
                  if v is not None}
     results, code, checks = _api().check(config, only=check or None,
-                                      update_baseline=update_baseline, overrides=overrides)
+                                         update_baseline=update_baseline, overrides=overrides)
     if format == "json":
         print(json.dumps(to_json(results), indent=1))
     else:
@@ -382,7 +383,7 @@ def print_result(result: RunResult) -> None:
             f"{name} slope {_fmt(s.slope, '+.4f')}" for name, s in last.summary.items()))
     if result.nonfinite:
         out_console.print(f"[magenta]{left_range(result.nonfinite)}; later steps are not "
-                          "computed[/]", markup=True)
+                          "computed[/]")
 
 
 def print_theory(theory: dict) -> None:

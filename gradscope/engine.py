@@ -503,7 +503,8 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
             grown = (torch.isnan(scales) | torch.isposinf(scales)).flatten(1).any(dim=1)
             # a block keeps only steps whose parts stay normal; renormalised a step at a time,
             # a part that still falls that low is beyond the dtype
-            lost = _part_underflows(values_, len(u.parts) if by_steps else 1)
+            lost = _part_underflows(values_, len(u.parts)) if by_steps \
+                else torch.zeros_like(grown)
             # what the host needs, in one transfer: on a GPU each is a wait for the device
             # (m, probes * G + 3): the probes, whether a step left float range (a value grew
             # out of it, or a part of a direction fell below it), the change

@@ -283,7 +283,7 @@ class StackedOps(StepOps):
 
     def _vjp(self, i: int, lam: Tensor) -> Tensor:
         parts = self._parts(lam)
-        back: list[Tensor] = [lam] * len(parts)
+        back: list[Tensor | None] = [None] * len(parts)
         for k in range(len(parts) - 1, -1, -1):
             ops, lam_k = self.layers[k], parts[k]
             back[k] = ops.vjp(i, lam_k)

@@ -185,4 +185,3 @@ class RunResult:
         if path.is_dir():
             path = path / "result.json"
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-
