@@ -87,11 +87,12 @@ class Cell(nn.Module):
     def step(self, xp: Tensor, state: State) -> State:
         return self._step(xp, state, self.weight_hh, self.bias_hh)
 
-    def drive(self, x: Tensor) -> Tensor:
-        """(T, B, D) -> (T, B, G*H): W_ih x + b_ih of every step, plus b_hh where it folds in."""
-        if not self.folds_bias:
-            return self.project(x)
-        return affine(x, self.weight_ih, self.bias_ih + self.bias_hh)  # one bias: one reduction
+    def drive(self, x: Tensor, seed_major: bool = False) -> Tensor:
+        """(T, B, D) -> (T, B, G*H): W_ih x + b_ih of every step, plus b_hh where it folds in.
+        ``seed_major`` (seed-stacked weights): (S, T, n, G*H) instead, each seed's steps
+        together (``recur``'s grouped layout)."""
+        b = self.bias_ih + self.bias_hh if self.folds_bias else self.bias_ih  # one reduction
+        return affine(x, self.weight_ih, b, seed_major=seed_major)
 
     def step_driven(self, d: Tensor, state: State) -> State:
         """``step`` on that step's ``drive``: the same recurrence, one add fewer per step."""
@@ -109,28 +110,30 @@ class Cell(nn.Module):
               grouped: bool = False) -> Tensor:
         """h_1..h_T (T, ..., H) of ``drive`` (T, ..., G*H; ``drive``) from ``state``, under
         autograd (training). ``mask`` (T, B): where False, a sample holds its state.
-        ``grouped``: a seed stack's tensors kept split by seed, (S, n, ...): one batched
-        matmul a step and no reshapes.
+        ``grouped``: a seed stack's tensors kept split by seed: ``drive`` seed-major (S, T, n,
+        G*H), state parts (S, n, H), h (T, S, n, H): one batched matmul a step, no reshapes,
+        and the drive's gradient comes out in the order of its matmuls (W_ih's, W_hh's).
 
         Up to TAPPED_ROWS rows (sequences, over all seeds), W_hh's gradient, sum_t da_t^T
         h_{t-1}, is one matmul over all steps after the loop (``_RecurrentWeight``) instead of
         T small ones that autograd would form and add up one by one; the steps multiply by a
         detached W_hh."""
-        rows = drive.shape[1:-1].numel()
+        rows = drive.shape[0] * drive.shape[2] if grouped else drive.shape[1:-1].numel()
         if rows > TAPPED_ROWS or not (torch.is_grad_enabled() and self.weight_hh.requires_grad):
             return self._loop(drive, state, mask, grouped, self.weight_hh)
         held: list[Tensor] = []  # h_0..h_{T-1}, once the loop has run
         if self.folds_bias:  # W_hh h adds to the drive, so da_t is the drive's gradient
-            drive = _RecurrentWeight.apply(drive, self.weight_hh, held)
+            drive = _RecurrentWeight.apply(drive, self.weight_hh, held, grouped)
             base = None
         else:  # W_hh h adds to b_hh
             b = self.bias_hh
-            if b.dim() == 2:  # seed-stacked (S, G*H): each seed's bias over its own rows
+            if grouped:  # (S, G*H) over (S, T, n, G*H)
+                b = b[:, None, None, :]
+            elif b.dim() == 2:  # seed-stacked (S, G*H): each seed's bias over its own rows
                 S = b.shape[0]
-                b = b[:, None, :].expand(S, rows // S, -1)
-                b = b if grouped else b.flatten(0, 1)
+                b = b[:, None, :].expand(S, rows // S, -1).flatten(0, 1)
             base = _RecurrentWeight.apply(b.expand(*drive.shape[:-1], b.shape[-1]),
-                                          self.weight_hh, held)
+                                          self.weight_hh, held, grouped)
         return self._loop(drive, state, mask, grouped, self.weight_hh.detach(), base, held)
 
     def _loop(self, drive: Tensor, state: State, mask: Tensor | None, grouped: bool,
@@ -140,20 +143,21 @@ class Cell(nn.Module):
         (None: b_hh, or nothing where it folds into the drive); ``held`` receives
         h_0..h_{T-1}."""
         b_hh = None if self.folds_bias or base is not None else self.bias_hh
-        adds = [None] * drive.shape[0] if base is None else base.unbind(0)
+        time = 1 if grouped else 0
+        adds = [None] * drive.shape[time] if base is None else base.unbind(time)
         h0, hs = state[0], []
         # unbind, not drive[t]: the backward of T indexings would write T full-size zeros
-        for t, (d, add) in enumerate(zip(drive.unbind(0), adds, strict=True)):
+        for t, (d, add) in enumerate(zip(drive.unbind(time), adds, strict=True)):
             new = self._step(d, state, w_hh, b_hh, grouped, add)
             if mask is not None:
                 new = tuple(torch.where(mask[t][:, None], n, o)
                             for n, o in zip(new, state, strict=True))
             hs.append(new[0])
             state = new
-        out = torch.stack(hs)
         if held is not None:
-            held.append(torch.cat([h0[None], out[:-1]]).detach())
-        return out
+            with torch.no_grad():
+                held.append(torch.stack([h0, *hs[:-1]], time))
+        return torch.stack(hs)
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """Plain unrolled loop: x (T, B, D) -> (h_1..h_T (T, B, H), final state)."""
@@ -223,36 +227,46 @@ class _RecurrentWeight(torch.autograd.Function):
     """Identity on ``base`` (T, ..., G*H), the term that each step of ``Cell.recur`` adds to
     W_hh h_{t-1}; its backward also gives W_hh's gradient, sum_t da_t^T h_{t-1}: da_t is
     ``base``'s gradient, and ``held[0]`` holds h_0..h_{T-1} (T, ..., H), put there by the loop
-    once it has run (before any backward)."""
+    once it has run (before any backward). ``grouped``: both seed-major, (S, T, n, .)."""
 
     @staticmethod
-    def forward(ctx, base: Tensor, w_hh: Tensor, held: list[Tensor]) -> Tensor:
-        ctx.held, ctx.seeds = held, w_hh.shape[0] if w_hh.dim() == 3 else 0
+    def forward(ctx, base: Tensor, w_hh: Tensor, held: list[Tensor], grouped: bool) -> Tensor:
+        ctx.held, ctx.grouped = held, grouped
+        ctx.seeds = w_hh.shape[0] if w_hh.dim() == 3 else 0
         return base.view_as(base)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         h, S = ctx.held[0], ctx.seeds
         if not S:  # (T*B, G*H)^T (T*B, H)
-            return grad, grad.flatten(0, -2).mT @ h.flatten(0, -2), None
+            return grad, grad.flatten(0, -2).mT @ h.flatten(0, -2), None, None
 
-        def by_seed(x: Tensor) -> Tensor:  # (T, S, n, .) or seed-major (T, S*n, .) -> (S, T*n, .)
-            x = x if x.dim() == 4 else x.unflatten(1, (S, -1))
-            return x.movedim(1, 0).flatten(1, 2)
+        def by_seed(x: Tensor) -> Tensor:  # -> (S, T*n, .)
+            if ctx.grouped:  # (S, T, n, .): a view
+                return x.flatten(1, 2)
+            return x.unflatten(1, (S, -1)).movedim(1, 0).flatten(1, 2)  # (T, S*n, .): a copy
 
-        return grad, torch.bmm(by_seed(grad).mT, by_seed(h)), None
+        return grad, torch.bmm(by_seed(grad).mT, by_seed(h)), None, None
 
 
 # The step math, as functions of explicit weights, shared by the cells above and by the
 # adapters of users' torch.nn modules (gradscope.usermodel). ``xp`` is W_ih x + b_ih.
 
 def affine(x: Tensor, w: Tensor, b: Tensor | None = None, *, add: Tensor | None = None,
-           grouped: bool = False) -> Tensor:
+           grouped: bool = False, seed_major: bool = False) -> Tensor:
     """x W^T + b (+ ``add``, of the result's shape). x (..., N, D); w (M, D) and b (M,), or
     seed-stacked w (S, M, D) and b (S, M), which apply to the S consecutive groups of N/S rows
     each -> (..., N, M). ``grouped``: x (S, n, D) already split by seed (a seed stack's
     training loop keeps its tensors so) -> (S, n, M), one batched matmul with ``add`` or b
-    folded in, no reshapes."""
+    folded in, no reshapes. ``seed_major``: x (L, S*n, D) and seed-stacked w -> (S, L, n, M),
+    each seed's rows together (the drive of that loop)."""
+    if seed_major and w.dim() == 3:  # x (L, S*n, D) -> (S, L, n, M): one bmm, no copy of y
+        S, M = w.shape[0], w.shape[1]
+        xs = x.unflatten(1, (S, -1)).movedim(1, 0)  # (S, L, n, D)
+        lead = xs.shape[1:3]
+        xs = xs.reshape(S, -1, xs.shape[-1])
+        y = torch.bmm(xs, w.mT) if b is None else torch.baddbmm(b[:, None, :], xs, w.mT)
+        return y.view(S, *lead, M)
     if grouped:
         if add is None and b is None:
             return torch.bmm(x, w.mT)

@@ -109,14 +109,12 @@ class Model(nn.Module):
             steps = torch.arange(hs.shape[0], device=hs.device)[:, None]
             held = torch.minimum(steps, batch.lengths[None, :].to(hs.device) - 1)  # (T, B)
             return hs.gather(0, held[..., None].expand_as(hs))
-        xps = cell.drive(x)
-        state = cell.initial_state(xps.shape[1])
+        state = cell.initial_state(x.shape[1])
         if self.groups == 1 or mask is not None:
-            return cell.recur(xps, state, mask)
-        # a seed stack keeps its tensors split by seed, (S, n, ...): one bmm a step, no reshapes
-        xps = xps.unflatten(1, (self.groups, -1))
+            return cell.recur(cell.drive(x), state, mask)
+        # a seed stack keeps its tensors split by seed, seed-major: one bmm a step, no reshapes
         state = tuple(part.unflatten(0, (self.groups, -1)) for part in state)
-        return cell.recur(xps, state, grouped=True).flatten(1, 2)
+        return cell.recur(cell.drive(x, seed_major=True), state, grouped=True).flatten(1, 2)
 
     def loss(self, batch: Batch) -> Tensor:
         """The task loss L = sum_t w_t mean_b loss_t, the quantity the engine's adjoint traces."""

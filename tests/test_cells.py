@@ -67,7 +67,7 @@ def test_recur_gives_autograds_gradients(name, layout, tapped, monkeypatch):
     """Training's loop (``Cell.recur``; ``tapped``: W_hh's gradient in one matmul after the
     steps, ``_RecurrentWeight``) gives the same h_t and the same gradient of every weight as
     autograd through each step, for one model, a seed stack (rows seed-major, or split by
-    seed), and sequences that end early."""
+    seed with each seed's steps together), and sequences that end early."""
     monkeypatch.setattr(cells, "TAPPED_ROWS", 64 if tapped else 0)
     torch.manual_seed(1)
     S, n, T = (3 if "stacked" in layout or layout == "grouped" else 0), 4, 12
@@ -95,7 +95,7 @@ def test_recur_gives_autograds_gradients(name, layout, tapped, monkeypatch):
     want = grads(lambda: _stepped(cell, cell.project(x), state, mask))
     if layout == "grouped":
         def ours():
-            drive = cell.drive(x).unflatten(1, (S, n))
+            drive = cell.drive(x, seed_major=True)  # (S, T, n, G*H)
             split = tuple(part.unflatten(0, (S, n)) for part in state)
             return cell.recur(drive, split, grouped=True).flatten(1, 2)
     else:
