@@ -27,7 +27,7 @@ from .check import to_json, to_junit, to_markdown
 from .config import MAX_SEEDS, RunConfig
 from .errors import ConfigError, GradscopeError
 from .files import atomic_write_text, check_writable_dir
-from .summary import left_range
+from .summary import left_range, steps_text
 
 if TYPE_CHECKING:
     from .results import RunResult
@@ -146,7 +146,7 @@ def compare_command(
         s = result.summary[probe]
         horizon = str(s.horizon) if s.horizon is not None else f"> {len(result.profiles[probe])}"
         table.add_row(str(path), result.label(), _fmt(s.slope, "+.4f"),
-                      _fmt(s.half_life, ".1f", "inf"), horizon, s.verdict)
+                      _half_life(s.half_life), horizon, s.verdict)
     out_console.print(table)
     if out is not None:
         out_console.print(f"wrote {out}")
@@ -362,7 +362,7 @@ def print_result(result: RunResult) -> None:
     colour = {"vanishing": "red", "stable": "green", "exploding": "magenta"}
     for name, s in result.summary.items():
         horizon = str(s.horizon) if s.horizon is not None else f"> {len(result.profiles[name])}"
-        table.add_row(name, _fmt(s.slope, "+.4f"), _fmt(s.half_life, ".1f", "inf"), horizon,
+        table.add_row(name, _fmt(s.slope, "+.4f"), _half_life(s.half_life), horizon,
                       _fmt(s.end, ".1f", "-inf (exact 0)"),
                       f"[{colour[s.verdict]}]{s.verdict}[/]")
     out_console.print(table)
@@ -402,6 +402,10 @@ def print_theory(theory: dict) -> None:
     out_console.print(line + f"; {theory['pascanu_case']}")
     if theory["bound_holds"] is False:
         out_console.print("[red]the measured jacobian exceeds the Pascanu bound[/]")
+
+
+def _half_life(v: float | None) -> str:
+    return "inf" if v is None else steps_text(v)  # None: the profile does not shrink
 
 
 def _fmt(v: float | None, spec: str, none: str = "-") -> str:

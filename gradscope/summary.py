@@ -76,6 +76,13 @@ def summarize(
     return Summary(slope, half_life, horizon, verdict, start, end)
 
 
+def steps_text(steps: float) -> str:
+    """A number of steps (a half-life) for a table: one decimal, or three significant digits
+    from 1e5 up (a profile that barely shrinks has a half-life of millions of steps, whose
+    decimals would only widen the column)."""
+    return format(steps, ".1f" if abs(steps) < 1e5 else ".3g")
+
+
 def _slope(x: np.ndarray, y: np.ndarray) -> float | None:
     if len(x) < 2:
         return None

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from gradscope.summary import summarize
+from gradscope.summary import steps_text, summarize
 
 t = np.arange(1, 101)
 
@@ -54,3 +54,12 @@ def test_verdict_band_is_configurable():
 def test_adjoint_axis_starts_at_zero():
     k = np.arange(0, 100)
     assert summarize(-0.5 * k, k).horizon == 12
+
+
+@pytest.mark.parametrize("steps, text", [
+    (1.58, "1.6"), (831.0, "831.0"), (99999.94, "99999.9"), (831409414.3, "8.31e+08"),
+])
+def test_steps_text(steps, text):
+    """Half-lives in tables: one decimal, compact from 1e5 steps up (a profile that barely
+    shrinks had printed as 831409414.3, the widest cell of the run table)."""
+    assert steps_text(steps) == text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
+from ..summary import steps_text
 from .data import ReportData, Row
 
 CSS = """
@@ -42,6 +43,10 @@ def _num(v: float | None, spec: str) -> str:
     return "&ndash;" if v is None else escape(format(v, spec))
 
 
+def _steps(v: float | None) -> str:
+    return "&ndash;" if v is None else escape(steps_text(v))
+
+
 def _img(name: str, data: bytes, alt: str) -> str:
     encoded = base64.b64encode(data).decode("ascii")
     return (f'<img src="data:image/png;base64,{encoded}" alt="{escape(alt)}" '
@@ -56,7 +61,7 @@ def _ranking_rows(rows: list[Row]) -> str:
         out.append(
             f"<tr><td>{escape(r.label)}</td><td class=num>{r.seeds}</td>"
             f"<td class=num>{_num(r.slope, '+.4f')}</td>"
-            f"<td class=num>{_num(r.half_life, '.1f')}</td>"
+            f"<td class=num>{_steps(r.half_life)}</td>"
             f"<td class=num>{'never' if r.horizon == float('inf') else _num(r.horizon, '.0f')}"
             "</td>"
             f"<td class={escape(r.verdict)}>{escape(r.verdict)}</td>"
