@@ -95,6 +95,10 @@ class Unrolled:
     # None where the cell has none or the trajectory left float range
     fused_adjoint: Callable[[int, torch.dtype], FusedAdjoint | None] | None = None
     fused_on_cpu: bool = False  # whether, on the CPU too, it beats the closed-form loop
+    # whether ``losses`` read each state's h-part only (the first of ``parts``): then the
+    # fused adjoint serves sequences that end early too (``FusedAdjoint``: its states run on
+    # past a sequence's end, and it knows each one's h there, not its c)
+    losses_read_h: bool = False
     # S > 1: the batch is S seeds' samples, seed-major, with S seeds' weights inside ``step``
     # (gradscope.batched); the loss is the sum of each seed's batch mean and every probe is
     # combined over each seed's samples apart: S measurements in one pass
@@ -229,7 +233,8 @@ def _fused_applies(u: Unrolled, fused: bool | None, with_forward: bool) -> bool:
         fused = _on_gpu(u.s0) or (u.fused_on_cpu and not with_forward)
     # the blocks redone step by step need the closed-form back end (``_reverse_fast``)
     return (fused and u.fused_adjoint is not None and u.linearize is not None
-            and u.mask is None and u.groups == 1 and _loss_at_last_step_only(u))
+            and (u.mask is None or u.losses_read_h) and u.groups == 1
+            and _loss_at_last_step_only(u))
 
 
 class FusedPlan(NamedTuple):
@@ -726,35 +731,62 @@ def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Ten
     a flag and all are read once, at the end (on the CPU, each at once). Returns (0, ...)
     where every block stayed in range;
     else (t, adj, log_scale) at the start of the first block that did not, for the
-    closed-form loop to redo from there (what later blocks wrote, it overwrites)."""
+    closed-form loop to redo from there (what later blocks wrote, it overwrites).
+
+    Where sequences end early (``u.mask``), a sequence whose end L lies before t waits: its
+    adj is its loss gradient dL/ds_L (scaled), which the loop would carry unchanged through
+    the held steps down to L, and the kernel, whose states run on, takes at L, as the
+    gradient of that step's output. Its values at steps after L stay zero; no probe reads
+    them (``_end_aligned_norm``)."""
     T, h, L = u.seq_len, u.rows()["h"], fused.length
     lift = _fused_plan(u).lift * LN10  # ln of the lift, applied per sample on the device
     entries, kept = [], []
     t, adj = T, adj.to(fused.dtype)
     up = torch.full_like(log_scale, lift)  # (B,) float64
     shift = up  # the first block is taken to fall
+    ends = None if u.mask is None else u.mask.sum(dim=0)  # (B,) each sequence's last step
     while t >= 1:
         t0 = ((t - 1) // L) * L
+        n = t - t0
         entries.append((t, adj, log_scale))
+        waiting = (adj, log_scale)  # as they enter the block, for those still waiting after it
         if lift:  # the block starts at exp(shift), its log-scale lowered to match
             adj, log_scale = adj * torch.exp(shift).to(adj.dtype)[:, None], log_scale - shift
-        lam_h, exit_ = fused.back(t0 // L, adj)  # (n, B, H) of t0..t-1, (B, S)
-        values = torch.cat([adj[None, :, h], lam_h.flip(0)[:-1]])  # (n, B, H): t..t0+1
+        alive = (adj != 0).any(dim=-1)  # (B,)
+        incoming, inject, live, live_exit = adj, None, alive, alive
+        if ends is not None:
+            below = torch.arange(t - 1, t0, -1, device=adj.device)[:, None]  # t-1..t0+1
+            incoming = torch.where((ends < t)[:, None], 0, adj)
+            at_end = (below == ends)[..., None]  # (n-1, B, 1)
+            inject = (at_end * adj[None, :, h]).flip(0)  # (n-1, B, H) of outputs t0+1..t-1
+            inject = torch.cat([inject, torch.zeros_like(inject[:1])])  # step t: incoming's
+            live, live_exit = alive & (below <= ends), alive & (ends > t0)  # steps to its end
+        lam_h, exit_ = fused.back(t0 // L, incoming, inject)  # (n, B, H) of t0..t-1, (B, S)
+        values = torch.cat([incoming[None, :, h], lam_h.flip(0)[:-1]])  # (n, B, H): t..t0+1
+        if inject is not None:  # lambda_L = dL/ds_L where a sequence's gradient enters
+            values = values + inject.flip(0)
         norms = torch.linalg.vector_norm(values[1:], dim=-1)
+        live = live.expand(n - 1, -1)
         if t0 > 0:  # lambda_t0's norm last
             norms = torch.cat([norms, torch.linalg.vector_norm(exit_, dim=-1)[None]])
-        kept.append(_safe_range(norms, (adj != 0).any(dim=-1)))
+            live = torch.cat([live, live_exit[None]])
+        kept.append(_safe_range(norms, live))
         if not _runs_ahead(adj) and not bool(kept[-1]):  # nothing to gain by going on
             return entries[-1]
-        n = t - t0
         ctx = ReverseStep(values, log_scale.expand(n, -1), {"h": h})
         for probe in probes:
             per_sample[probe.name][T - t:T - t + n] = probe(ctx)
         if t0 > 0:
             adj, ln_exit = _rescaled(exit_, norms[-1])
             log_scale = log_scale + ln_exit
+            falling = torch.where(ln_exit < shift, up, -up)
+            if ends is not None:  # those still waiting keep their gradient as it was
+                started = ends > t0
+                adj = torch.where(started[:, None], adj, waiting[0])
+                log_scale = torch.where(started, log_scale, waiting[1])
+                falling = torch.where(started, falling, up)
             if lift:  # the next block is lifted where this one fell, lowered where it grew
-                shift = torch.where(ln_exit < shift, up, -up)
+                shift = falling
         t = t0
     left = torch.nonzero(~torch.stack(kept).cpu())  # the one wait for the device
     return (0, adj, log_scale) if not len(left) else entries[int(left[0])]

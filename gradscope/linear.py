@@ -14,6 +14,7 @@ matmuls read and write them in place); adjoints (B, S) for vjp.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -452,7 +453,7 @@ class Linearization:
         cell = self.cell
         if cell.weight_hh.dim() == 3 or not has_fused_adjoint(cell.name, cell.activation):
             return None
-        fused = FusedAdjoint(cell, self.inputs(), self.s0, length, dtype)
+        fused = FusedAdjoint(cell, self.inputs(), self.s0, length, dtype, self.lengths)
         return fused if fused.finite else None
 
     def trajectory(self) -> Tensor:
@@ -592,12 +593,20 @@ class FusedAdjoint:
     The kernel runs in ``dtype``, which may be wider than the cell's (float64 for a float32
     cell: a wider range, so longer blocks); ``starts`` and ``final`` are in the cell's dtype,
     the adjoints it returns in ``dtype``.
+
+    Sequences that end early (``lengths``, (B,)) run on to T in the kernel, which cannot hold
+    a state; the states after a sequence's end are then not its own, but no gradient reaches
+    them: its loss gradient enters the kernel's backward at its own last step, as the gradient
+    of that step's output (``back``'s ``inject``), so each block keeps its h_t outputs in its
+    graph. ``final`` holds each sequence's h at its end, but c (the LSTM) at T only: NaN for a
+    sequence that ended before T (for losses that read h alone).
     """
 
     def __init__(self, cell: Cell, x: Tensor, s0: Tensor, length: int,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, lengths: Tensor | None = None) -> None:
         H, T = cell.hidden, x.shape[0]
         self.H, self.length, self.dtype = H, length, dtype
+        self.outputs_in_graph = lengths is not None  # h_t of every step: gradients enter there
         module = cell.torch_module(tied=True).to(device=s0.device, dtype=dtype)
         module.requires_grad_(False)
         x = x.to(dtype)
@@ -606,6 +615,8 @@ class FusedAdjoint:
         self.graphs: list[tuple] = []  # per block: (z, c_start, outputs)
         finite = []  # per block, on the device: asked once at the end (a GPU runs ahead)
         state = s0.to(dtype)
+        ends = None if lengths is None else lengths.to(s0.device)
+        final_h = state[:, :H]
         with torch.enable_grad(), full_float32():
             for k, t0 in enumerate(range(0, T, length)):
                 self.starts[k] = state
@@ -616,27 +627,41 @@ class FusedAdjoint:
                 if lstm:
                     c0 = state[None, :, H:].clone(memory_format=torch.contiguous_format)
                     c0.requires_grad_(True)
-                    _, (h, c) = module(inputs, (h0, c0))
+                    seq, (h, c) = module(inputs, (h0, c0))
                     outputs = (h, c)
                 else:
                     c0 = None
-                    _, h = module(inputs, h0)
+                    seq, h = module(inputs, h0)
                     outputs = (h,)
-                self.graphs.append((z, c0, outputs))
                 state = torch.cat(outputs, dim=-1)[0].detach()
+                if ends is not None:
+                    outputs = (seq, *outputs)
+                    here = (ends > t0) & (ends <= t0 + xb.shape[0])  # (B,): ends in this block
+                    at_end = seq.detach()[(ends - t0 - 1).clamp(0, xb.shape[0] - 1),
+                                          torch.arange(ends.shape[0], device=ends.device)]
+                    final_h = torch.where(here[:, None], at_end, final_h)
+                self.graphs.append((z, c0, outputs))
                 finite.append(torch.isfinite(state).all())
         # if not, the caller measures the usual way, which says where
         self.finite = bool(torch.stack(finite).all())
-        self.final = state.to(s0.dtype)  # s_T (B, S)
+        if ends is not None:
+            state = torch.cat([final_h, state[:, H:].masked_fill((ends < T)[:, None], math.nan)],
+                              dim=-1)
+        self.final = state.to(s0.dtype)  # s_T (B, S), or each sequence's at its end (h)
 
-    def back(self, k: int, adj: Tensor) -> tuple[Tensor, Tensor]:
+    def back(self, k: int, adj: Tensor, inject: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Block k (steps kL+1..kL+n) from adj = dL/ds_{kL+n} (scaled): the h-parts of
-        dL/ds_t for t = kL..kL+n-1 (n, B, H), and dL/ds_{kL} whole (B, S). The block's graph
-        is freed."""
+        dL/ds_t for t = kL..kL+n-1 (n, B, H), and dL/ds_{kL} whole (B, S). ``inject``
+        (n, B, H), where sequences end early: gradients of the block's outputs h_kL+1..h_kL+n
+        that enter there (not included in the h-parts returned for those steps). The block's
+        graph is freed."""
         z, c0, outputs = self.graphs[k]
         self.graphs[k] = ()
         H, adj = self.H, adj.to(self.dtype)
-        grads = (adj[None, :, :H], adj[None, :, H:])[:len(outputs)]
+        grads = (adj[None, :, :H], adj[None, :, H:])[:len(outputs) - self.outputs_in_graph]
+        if self.outputs_in_graph:
+            grads = (torch.zeros_like(outputs[0]) if inject is None else inject.to(self.dtype),
+                     *grads)
         wrt = (z,) if c0 is None else (z, c0)
         with full_float32():
             got = torch.autograd.grad(outputs, wrt, grads)

@@ -168,16 +168,18 @@ class Model(nn.Module):
         return unroll_cell(cell, lambda: self.encode(batch.inputs),
                            Projected(self, batch.inputs),  # (T, B, G*H), a chunk at a time
                            s0, losses, self.loss_weights(batch).to(s0.device),
-                           mask=self.mask(batch), lengths=batch.lengths, groups=self.groups)
+                           mask=self.mask(batch), lengths=batch.lengths, groups=self.groups,
+                           losses_read_h=True)
 
 
 def unroll_cell(cell: Cell, inputs: Callable[[], Tensor], xs: Tensor | Projected, s0: Tensor,
                 losses: Callable[[Tensor, int], Tensor], weights: Tensor, *,
                 mask: Tensor | None = None, lengths: Tensor | None = None,
-                groups: int = 1) -> Unrolled:
+                groups: int = 1, losses_read_h: bool = False) -> Unrolled:
     """The engine's view of a built-in cell, with its fast back end: ``inputs`` gives the
     cell's inputs x (T, B, D) (for torch's fused kernel), ``xs`` their projections
-    W_ih x + b_ih (T, B, G*H); ``lengths`` (B,) where sequences end early (``mask``)."""
+    W_ih x + b_ih (T, B, G*H); ``lengths`` (B,) where sequences end early (``mask``);
+    ``losses_read_h``: whether ``losses`` read the states' h-part only."""
     H = cell.hidden
     assert s0.shape[1] == len(cell.parts) * H
 
@@ -196,8 +198,9 @@ def unroll_cell(cell: Cell, inputs: Callable[[], Tensor], xs: Tensor | Projected
         groups=groups,
         linearize=fast.ops,
         fast_trajectory=fast.trajectory,
-        fused_adjoint=None if lengths is not None else fast.fused_adjoint,
+        fused_adjoint=fast.fused_adjoint,
         fused_on_cpu=fast.fused_wins_on_cpu(),
+        losses_read_h=losses_read_h,
     )
 
 

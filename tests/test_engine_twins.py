@@ -302,6 +302,85 @@ def test_the_fused_kernel_adjoint_falls_back_outside_float_range(make, dtype, op
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 if dtype == "float32" else 1e-9)
 
 
+# every place a sequence can end against the fused adjoint's blocks of 64 (the CPU's plan):
+# at step 1, inside a block, at a block's last step and the next one's first, at T
+_ENDS = [1, 40, 64, 65, 128, 150]
+
+
+@pytest.mark.parametrize("options", _FUSED)
+@_PLANS
+def test_the_fused_kernel_adjoint_of_sequences_that_end_early_matches_autograd(
+        make, options, monkeypatch, plan):
+    """The language task's sequences end at their own steps, where their loss is read; the
+    kernel runs them on to T, and each one's loss gradient enters its backward as the
+    gradient of the output at its end. Against the brute-force twin, which holds each state
+    after its end (the LSTM's against the loop, which test_the_fast_back_end_matches_the_
+    generic_one holds to the generic back end on this task, and that to the twin), with no
+    block falling back to the
+    step-by-step pass (but for the ReLU RNN, whose adjoint here reaches exact zeros, which
+    that pass confirms)."""
+    _use_plan(monkeypatch, plan)
+    from dataclasses import replace
+
+    import gradscope.engine as engine
+
+    model, batch = make(**{"hidden": 4, "batch": len(_ENDS), "seq_len": 150,
+                           "task": "language", **options})
+    batch = replace(batch, lengths=torch.tensor(_ENDS))
+    u = model.unroll(batch)
+    assert u.losses_read_h and engine._fused_applies(u, True, False)
+    backs, back = [], engine.FusedAdjoint.back
+    monkeypatch.setattr(engine.FusedAdjoint, "back",
+                        lambda self, *args: backs.append(1) or back(self, *args))
+    if options.get("activation") != "relu":
+        monkeypatch.setattr(engine, "_step_back", _no_fallback)
+    got = measure(u, [PROBES.get("adjoint")], fused=True).log10["adjoint"]
+    assert backs, "the fused kernel did not run"
+    if options["cell"] == "lstm":  # its twin takes 16 s here; the loop is held to it above
+        monkeypatch.undo()
+        want = measure(u, [PROBES.get("adjoint")], fused=False).log10["adjoint"]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+    else:
+        assert_log10_close(got, brute_force(model, batch)["adjoint"], name="adjoint")
+
+
+@pytest.mark.parametrize(("options", "dtype", "plan"), [
+    *(({"cell": "rnn", "init": "normal", "gain": 0.03}, d, p)  # about -1.5 decades a step
+      for d in ("float32", "float64") for p in ("cpu", "gpu", "lifted")
+      if (d, p) != ("float64", "cpu")),  # 96 decades a block: in float64's range
+    ({"cell": "lstm", "init": "normal", "gain": 0.05}, "float32", "cpu")])  # about -0.2
+@pytest.mark.parametrize("ahead", [True, False])
+def test_the_fused_adjoint_of_sequences_that_end_early_falls_back_as_the_loop_would(
+        make, monkeypatch, options, dtype, plan, ahead):
+    """An adjoint that falls fast leaves the safe range inside a block of the fused kernel:
+    the loop redoes the pass from that block's start, taking over the sequences still waiting
+    for their loss gradient as it would carry them itself. On a GPU (``ahead``) the checks
+    are read at the end. The values are the loop's."""
+    _use_plan(monkeypatch, plan)
+    from dataclasses import replace
+
+    import gradscope.engine as engine
+
+    model, batch = make(**options, hidden=6, batch=4, seq_len=600, task="language",
+                        dtype=dtype)
+    batch = replace(batch, lengths=torch.tensor([600, 590, 300, 20]))
+    u = model.unroll(batch)
+    adjoint = [PROBES.get("adjoint")]
+    want = measure(u, adjoint, fused=False).log10["adjoint"]
+    monkeypatch.setattr(engine, "_runs_ahead", lambda x: ahead)
+    backs, steps = [], []
+    back, step_back = engine.FusedAdjoint.back, engine._step_back
+    monkeypatch.setattr(engine.FusedAdjoint, "back",
+                        lambda self, *args: backs.append(1) or back(self, *args))
+    monkeypatch.setattr(engine, "_step_back",
+                        lambda *args: steps.append(1) or step_back(*args))
+    got = measure(u, adjoint, fused=True).log10["adjoint"]
+    assert backs and steps, "the kernel ran, and a block fell back"
+    assert abs(np.nanmin(want) - want[0]) > 100  # hundreds of decades
+    # float32: the kernel's rounding against the loop's, over hundreds of steps
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 if dtype == "float32" else 1e-9)
+
+
 def test_the_fused_kernel_adjoint_reports_where_the_trajectory_overflows(make):
     from gradscope.engine import measure as engine_measure
 
@@ -327,7 +406,8 @@ def test_cells_without_a_fused_adjoint_use_the_loop(make, options):
 
 def test_the_fused_adjoint_is_chosen_where_it_is_faster(make):
     """Automatic choice on the CPU: the LSTM below H = 256, for the adjoint alone (measured in
-    docs/benchmarks.md); never with forward probes, never for the RNN, GRU, varying lengths."""
+    docs/benchmarks.md), sequences that end early included; never with forward probes, never
+    for the RNN, the GRU, or sequences that end early under losses that read the c-part."""
     from dataclasses import replace
 
     from gradscope.engine import _fused_applies
@@ -340,7 +420,9 @@ def test_the_fused_adjoint_is_chosen_where_it_is_faster(make):
     assert not chosen(cell="lstm", with_forward=True)
     assert not chosen(cell="lstm", hidden=256)
     assert not chosen(cell="rnn") and not chosen(cell="gru")
-    assert not chosen(cell="lstm", task="language", seq_len=60)  # lengths vary
+    assert chosen(cell="lstm", task="language", seq_len=60)  # lengths vary
+    model, batch = make(cell="lstm", task="language", hidden=8, batch=2, seq_len=60)
+    assert not _fused_applies(replace(model.unroll(batch), losses_read_h=False), None, False)
     assert not chosen(cell="lstm", task="copy")  # losses at many steps
     model, batch = make(cell="lstm", hidden=8, batch=2, seq_len=20)
     generic = replace(model.unroll(batch), linearize=None)  # the reference back end stays
@@ -552,9 +634,9 @@ def test_the_fused_adjoint_resumes_the_loop_at_the_first_block_out_of_range(make
         checks.append(1)
         return safe(norms, live) & (len(checks) != 3)
 
-    def garbage_after_third(self, k, adj):  # what a block fed an out-of-range adjoint gives
-        backs.append(k)
-        lam_h, start = back(self, k, adj)
+    def garbage_after_third(self, k, adj, inject=None):  # what a block fed an out-of-range
+        backs.append(k)  # adjoint gives
+        lam_h, start = back(self, k, adj, inject)
         return (lam_h * math.nan, start * math.nan) if len(backs) >= 3 else (lam_h, start)
 
     monkeypatch.setattr(engine, "_runs_ahead", lambda x: ahead)
