@@ -265,11 +265,13 @@ def _no_fallback(*args):
     raise AssertionError("a block fell back to the step-by-step reverse pass")
 
 
-@pytest.mark.parametrize("options", _FUSED)
+@pytest.mark.parametrize("options", [*_FUSED, {"cell": "lstm", "task": "language"}])
 @_PLANS
 def test_the_fused_kernel_adjoint_matches_the_loop_with_every_probe(make, options, monkeypatch,
                                                                    plan):
-    """With the forward probes in the same call (stored trajectory), in float32 and float64."""
+    """With the forward probes in the same call (stored trajectory), in float32 and float64;
+    on the language task too, whose sequences end early (the loss gradient at each one's end
+    from the stored, held trajectory)."""
     _use_plan(monkeypatch, plan)
     for dtype, atol in (("float64", 1e-10), ("float32", 2e-4)):
         model, batch = make(**{"hidden": 8, "batch": 4, "seq_len": 200, "dtype": dtype,
