@@ -735,6 +735,37 @@ def test_every_gpu_plan_at_once_run_on_the_cpu_gives_the_cpu_numbers(make, monke
         np.testing.assert_allclose(gpu[name], cpu[name], rtol=0, atol=atol, err_msg=name)
 
 
+@pytest.mark.parametrize("options", [{"cell": "rnn", "init": "orthogonal"}, {"cell": "lstm"}])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_every_gpu_switch_on_sequences_that_end_early_gives_the_cpu_numbers(make, monkeypatch,
+                                                                             options, dtype):
+    """The language task with every GPU switch thrown on the CPU: the fused adjoint (each
+    sequence's loss gradient entering cuDNN's backward at its own end) beside the forward
+    probes (float64 tangents, stood-in graphs), against the CPU's pass, with no block of the
+    adjoint redone step by step."""
+    from dataclasses import replace
+
+    import gradscope.engine as engine
+
+    model, batch = make(**options, hidden=6, batch=4, seq_len=700, dtype=dtype,
+                        task="language")  # slow decays: no block leaves the range
+    batch = replace(batch, lengths=torch.tensor([700, 650, 300, 5]))
+    probes = [PROBES.get(n) for n in probes_for(model.cell.parts)]
+    cpu = measure(model.unroll(batch), probes).log10
+    replayed = []
+    gpu_switches(monkeypatch, replayed)
+    backs, back = [], engine.FusedAdjoint.back
+    monkeypatch.setattr(engine.FusedAdjoint, "back",
+                        lambda self, *args: backs.append(1) or back(self, *args))
+    monkeypatch.setattr(engine, "_step_back", _no_fallback)
+    gpu = measure(model.unroll(batch), probes).log10
+    assert replayed and backs, "no slice was replayed, or the kernel's backward did not run"
+    atol = 1e-9 if dtype == "float64" else 1e-3
+    for name in cpu:
+        assert np.isfinite(cpu[name]).all(), name
+        np.testing.assert_allclose(gpu[name], cpu[name], rtol=0, atol=atol, err_msg=name)
+
+
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("seeds", [1, 3])
 @pytest.mark.parametrize("task", ["adding", "language"])
