@@ -755,12 +755,7 @@ def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Ten
         alive = (adj != 0).any(dim=-1)  # (B,)
         incoming, inject, live, live_exit = adj, None, alive, alive
         if ends is not None:
-            below = torch.arange(t - 1, t0, -1, device=adj.device)[:, None]  # t-1..t0+1
-            incoming = torch.where((ends < t)[:, None], 0, adj)
-            at_end = (below == ends)[..., None]  # (n-1, B, 1)
-            inject = (at_end * adj[None, :, h]).flip(0)  # (n-1, B, H) of outputs t0+1..t-1
-            inject = torch.cat([inject, torch.zeros_like(inject[:1])])  # step t: incoming's
-            live, live_exit = alive & (below <= ends), alive & (ends > t0)  # steps to its end
+            incoming, inject, live, live_exit = _entering_at_ends(adj, alive, ends, t, t0, h)
         lam_h, exit_ = fused.back(t0 // L, incoming, inject)  # (n, B, H) of t0..t-1, (B, S)
         values = torch.cat([incoming[None, :, h], lam_h.flip(0)[:-1]])  # (n, B, H): t..t0+1
         if inject is not None:  # lambda_L = dL/ds_L where a sequence's gradient enters
@@ -790,6 +785,20 @@ def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Ten
         t = t0
     left = torch.nonzero(~torch.stack(kept).cpu())  # the one wait for the device
     return (0, adj, log_scale) if not len(left) else entries[int(left[0])]
+
+
+def _entering_at_ends(adj: Tensor, alive: Tensor, ends: Tensor, t: int, t0: int, h: slice
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``_reverse_fused``'s block t0+1..t where sequences end early (``ends`` (B,)): its
+    incoming adjoint (zero for those whose end lies before t), the gradients that enter its
+    outputs h_t0+1..h_t at those ends (n, B, H), and which of its values (steps t-1..t0+1:
+    up to each one's end) and of its exits are live ((n-1, B), (B,))."""
+    below = torch.arange(t - 1, t0, -1, device=adj.device)[:, None]  # (n-1, 1): t-1..t0+1
+    incoming = torch.where((ends < t)[:, None], 0, adj)
+    at_end = (below == ends)[..., None]  # (n-1, B, 1)
+    inject = (at_end * adj[None, :, h]).flip(0)  # (n-1, B, H) of outputs t0+1..t-1
+    inject = torch.cat([inject, torch.zeros_like(inject[:1])])  # step t: in ``incoming``
+    return incoming, inject, alive & (below <= ends), alive & (ends > t0)
 
 
 def _reverse_general(u: Unrolled, states: Tensor, direct: Tensor, has_direct: list[bool],
