@@ -233,8 +233,8 @@ def _fused_applies(u: Unrolled, fused: bool | None, with_forward: bool) -> bool:
         fused = _on_gpu(u.s0) or (u.fused_on_cpu and not with_forward)
     # the blocks redone step by step need the closed-form back end (``_reverse_fast``)
     return (fused and u.fused_adjoint is not None and u.linearize is not None
-            and (u.mask is None or u.losses_read_h) and u.groups == 1
-            and _loss_at_last_step_only(u))
+            and u.groups == 1 and (u.mask is None or u.losses_read_h)
+            and (_loss_at_last_step_only(u) or (u.losses_read_h and u.mask is None)))
 
 
 class FusedPlan(NamedTuple):
@@ -613,13 +613,20 @@ def _reverse_pass(u: Unrolled, states: Tensor | Segmented, g: Tensor | None,
         _reverse_fast(u, states, adj, log_scale, probes, per_sample, fused)
     else:
         has_direct = (u.weights != 0).tolist()
-        if isinstance(states, Segmented):
+        if fused is not None and isinstance(states, Segmented):  # the adjoint alone
+            direct = _kernel_direct(u, fused)
+        elif isinstance(states, Segmented):
             direct = states.direct()
         else:
             g = g if g is not None else _loss_grads(u, states[1:])
             direct = u.weights.to(g.dtype)[:, None, None] * g  # (T, B, S): dL/ds_t via L_t
         adj, log_scale = _unit(direct[T - 1])  # lambda_T, per sample
-        _reverse_general(u, states, direct, has_direct, adj, log_scale, probes, per_sample)
+        t = T
+        if fused is not None:
+            t, adj, log_scale = _reverse_fused(u, fused, adj, log_scale, probes, per_sample,
+                                               (direct, has_direct))
+            adj = adj.to(u.s0.dtype)  # of norm 1: the loop's dtype holds it
+        _reverse_general(u, states, direct, has_direct, adj, log_scale, probes, per_sample, t)
     lengths = None if u.mask is None else u.mask.sum(0).cpu()
     for name, ln in per_sample.items():
         for g, part in enumerate(ln.cpu().chunk(u.groups, dim=1)):  # each seed's samples
@@ -723,7 +730,8 @@ def _probed_block(values: Tensor, norms: Tensor, n: int, log_scale: Tensor, k: i
 
 
 def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Tensor,
-                   probes: Sequence[Probe], per_sample: dict[str, Tensor]
+                   probes: Sequence[Probe], per_sample: dict[str, Tensor],
+                   terms: tuple[Tensor | _BlockDirect, list[bool]] | None = None
                    ) -> tuple[int, Tensor, Tensor]:
     """``_reverse_fast`` by the fused kernel's backward, a block of its steps at a time from
     step T down: the h-parts of lambda_t..lambda_t0+1 for the probes, lambda_t0 whole to go
@@ -737,7 +745,12 @@ def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Ten
     adj is its loss gradient dL/ds_L (scaled), which the loop would carry unchanged through
     the held steps down to L, and the kernel, whose states run on, takes at L, as the
     gradient of that step's output. Its values at steps after L stay zero; no probe reads
-    them (``_end_aligned_norm``)."""
+    them (``_end_aligned_norm``).
+
+    ``terms`` (direct, has_direct), where losses are read at many steps (``_reverse_general``):
+    each step's own term dL/ds_s, brought to the block's scale, enters as the gradient of that
+    step's output, and step t0's joins the block's exit; a term that cannot be brought to it
+    (an adjoint exactly zero, or one far below the term) fails the block's range check."""
     T, h, L = u.seq_len, u.rows()["h"], fused.length
     lift = _fused_plan(u).lift * LN10  # ln of the lift, applied per sample on the device
     entries, kept = [], []
@@ -754,9 +767,15 @@ def _reverse_fused(u: Unrolled, fused: FusedAdjoint, adj: Tensor, log_scale: Ten
             adj, log_scale = adj * torch.exp(shift).to(adj.dtype)[:, None], log_scale - shift
         alive = (adj != 0).any(dim=-1)  # (B,)
         incoming, inject, live, live_exit = adj, None, alive, alive
+        exit_term = None
         if ends is not None:
             incoming, inject, live, live_exit = _entering_at_ends(adj, alive, ends, t, t0, h)
+        elif terms is not None and any(terms[1][max(t0, 1) - 1:t - 1]):  # steps t0..t-1
+            inject, exit_term = _terms_in_block(terms[0], log_scale, t, t0, h)
+            live = live_exit = torch.ones_like(alive)  # every sample at norm 1, all checked
         lam_h, exit_ = fused.back(t0 // L, incoming, inject)  # (n, B, H) of t0..t-1, (B, S)
+        if exit_term is not None:  # lambda_t0 = J^T lambda_t0+1 + dL/ds_t0, scaled
+            exit_ = exit_ + exit_term.to(exit_.dtype)
         values = torch.cat([incoming[None, :, h], lam_h.flip(0)[:-1]])  # (n, B, H): t..t0+1
         if inject is not None:  # lambda_L = dL/ds_L where a sequence's gradient enters
             values = values + inject.flip(0)
@@ -801,16 +820,29 @@ def _entering_at_ends(adj: Tensor, alive: Tensor, ends: Tensor, t: int, t0: int,
     return incoming, inject, alive & (below <= ends), alive & (ends > t0)
 
 
+def _terms_in_block(direct: Tensor | _BlockDirect, log_scale: Tensor, t: int, t0: int,
+                    h: slice) -> tuple[Tensor, Tensor | None]:
+    """``_reverse_fused``'s block t0+1..t where losses are read at many steps: each step's own
+    term dL/ds_s divided by exp(log_scale), those of steps t0+1..t-1 to enter the outputs
+    h_t0+1..h_t (n, B, H; step t's is in the incoming adjoint already), and step t0's, to join
+    the exit (B, S; None at t0 = 0). Inf or NaN where the scale cannot take them."""
+    inv = torch.exp(-log_scale)[:, None]  # (B, 1) float64, inf where the adjoint is zero
+    rows = [direct[s - 1][:, h] for s in range(t0 + 1, t)]  # (B, H) each
+    inside = torch.stack([*rows, torch.zeros_like(direct[t - 1][:, h])])
+    return inside * inv, (direct[t0 - 1] * inv if t0 > 0 else None)
+
+
 def _reverse_general(u: Unrolled, states: Tensor, direct: Tensor, has_direct: list[bool],
                      adj: Tensor, log_scale: Tensor, probes: Sequence[Probe],
-                     per_sample: dict[str, Tensor]) -> None:
-    """Losses at many steps (copy): lambda_{t-1} = J_t^T lambda_t + dL/ds_{t-1}. As in
+                     per_sample: dict[str, Tensor], t: int) -> None:
+    """Losses at many steps (copy): lambda_{t-1} = J_t^T lambda_t + dL/ds_{t-1}, from step t
+    (``adj``: lambda_t) down. As in
     ``_reverse_fast``, a block of steps at a time, renormalised at its end, each step's own term
     brought to the block's scale (``_general_block``); a block that cannot be is redone a step
     at a time, each step's two terms combined in log space."""
     T, rows = u.seq_len, u.rows()
     cache: list = []
-    length, t = CHUNK, T  # adj = lambda_t / exp(log_scale), of norm 1 (or 0) per sample
+    length = CHUNK  # adj = lambda_t / exp(log_scale), of norm 1 (or 0) per sample
     while t >= 1:
         # 1. A block: lambda_t, ..., lambda_{t-n+1} from adj, ending at an ops chunk's start,
         #    and the exit lambda_{t-n}, which starts the next block (not needed after step 1).
@@ -920,26 +952,37 @@ class Segmented:
             raise IndexError("a slice of a Segmented trajectory must lie within one segment")
         return self.segment(k)[start - k * self.L:stop - k * self.L]
 
-    def direct(self) -> _SegmentedDirect:
-        return _SegmentedDirect(self)
+    def direct(self) -> _BlockDirect:
+        return _BlockDirect(self.u, self.L, lambda k: self.segment(k)[1:])
 
 
-class _SegmentedDirect:
-    """dL/ds_t through step t's own loss, t = 1..T, indexed t-1, a segment at a time."""
+class _BlockDirect:
+    """dL/ds_t through step t's own loss, t = 1..T, indexed t-1, a block of L steps at a time
+    from ``block_states(k)``, the states of steps kL+1..(k+1)L."""
 
-    def __init__(self, states: Segmented) -> None:
-        self.states = states
-        self.cached: tuple[int, Tensor] | None = None
+    def __init__(self, u: Unrolled, L: int, block_states: Callable[[int], Tensor]) -> None:
+        self.u, self.L, self.block_states = u, L, block_states
+        self.cached: dict[int, Tensor] = {}  # the last two blocks: a pass reads k, then k-1
 
     def __getitem__(self, i: int) -> Tensor:
-        s, u = self.states, self.states.u
-        k = i // s.L  # step i+1 lies in segment k (steps kL+1..(k+1)L)
-        if self.cached is None or self.cached[0] != k:
-            seg = s.segment(k)
-            g = _loss_grads(u, seg[1:], k * s.L + 1)
-            w = u.weights[k * s.L:k * s.L + g.shape[0]].to(g.dtype)
-            self.cached = (k, w[:, None, None] * g)
-        return self.cached[1][i - k * s.L]
+        u, L = self.u, self.L
+        k = i // L  # step i+1 lies in block k (steps kL+1..(k+1)L)
+        if k not in self.cached:
+            g = _loss_grads(u, self.block_states(k), k * L + 1)
+            w = u.weights[k * L:k * L + g.shape[0]].to(g.dtype)
+            self.cached = {j: v for j, v in self.cached.items() if abs(j - k) == 1}
+            self.cached[k] = w[:, None, None] * g
+        return self.cached[k][i - k * L]
+
+
+def _kernel_direct(u: Unrolled, fused: FusedAdjoint) -> _BlockDirect:
+    """``_BlockDirect`` from the fused kernel's outputs h_t, for losses that read h alone
+    (``Unrolled.losses_read_h``): the other parts are given as zeros."""
+    def states(k: int) -> Tensor:
+        h = fused.hidden(k).to(u.s0.dtype)
+        return torch.cat([h, h.new_zeros(*h.shape[:-1], u.s0.shape[-1] - h.shape[-1])], -1)
+
+    return _BlockDirect(u, fused.length, states)
 
 
 def _end_aligned_norm(ln: Tensor, lengths: Tensor | None) -> Tensor:

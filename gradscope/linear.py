@@ -594,25 +594,26 @@ class FusedAdjoint:
     cell: a wider range, so longer blocks); ``starts`` and ``final`` are in the cell's dtype,
     the adjoints it returns in ``dtype``.
 
-    Sequences that end early (``lengths``, (B,)) run on to T in the kernel, which cannot hold
-    a state; the states after a sequence's end are then not its own, but no gradient reaches
-    them: its loss gradient enters the kernel's backward at its own last step, as the gradient
-    of that step's output (``back``'s ``inject``), so each block keeps its h_t outputs in its
-    graph. ``final`` holds each sequence's h at its end, but c (the LSTM) at T only: NaN for a
-    sequence that ended before T (for losses that read h alone).
+    Each block keeps its outputs h_t in its graph (the kernel saves them anyway), so that
+    gradients may enter there too (``back``'s ``inject``): the losses of steps inside a block,
+    and those of sequences that end early (``lengths``, (B,)). Those run on to T in the kernel,
+    which cannot hold a state; the states after a sequence's end are then not its own, but no
+    gradient reaches them, as its loss gradient enters at its own last step. ``final`` holds
+    each sequence's h at its end, but c (the LSTM) at T only: NaN for a sequence that ended
+    before T (for losses that read h alone).
     """
 
     def __init__(self, cell: Cell, x: Tensor, s0: Tensor, length: int,
                  dtype: torch.dtype, lengths: Tensor | None = None) -> None:
         H, T = cell.hidden, x.shape[0]
         self.H, self.length, self.dtype = H, length, dtype
-        self.outputs_in_graph = lengths is not None  # h_t of every step: gradients enter there
         module = cell.torch_module(tied=True).to(device=s0.device, dtype=dtype)
         module.requires_grad_(False)
         x = x.to(dtype)
         lstm = cell.name == "lstm"
         self.starts = s0.new_empty(-(-T // length), *s0.shape)  # s_0, s_L, s_2L, ...
-        self.graphs: list[tuple] = []  # per block: (z, c_start, outputs)
+        self.graphs: list[tuple] = []  # per block: (z, c_start, (h_t of its steps, final h, c))
+        self.outputs: list[Tensor] = []  # per block: h_t of its steps, kept after its backward
         finite = []  # per block, on the device: asked once at the end (a GPU runs ahead)
         state = s0.to(dtype)
         ends = None if lengths is None else lengths.to(s0.device)
@@ -634,13 +635,14 @@ class FusedAdjoint:
                     seq, h = module(inputs, h0)
                     outputs = (h,)
                 state = torch.cat(outputs, dim=-1)[0].detach()
+                outputs = (seq, *outputs)
                 if ends is not None:
-                    outputs = (seq, *outputs)
                     here = (ends > t0) & (ends <= t0 + xb.shape[0])  # (B,): ends in this block
                     at_end = seq.detach()[(ends - t0 - 1).clamp(0, xb.shape[0] - 1),
                                           torch.arange(ends.shape[0], device=ends.device)]
                     final_h = torch.where(here[:, None], at_end, final_h)
                 self.graphs.append((z, c0, outputs))
+                self.outputs.append(seq.detach())
                 finite.append(torch.isfinite(state).all())
         # if not, the caller measures the usual way, which says where
         self.finite = bool(torch.stack(finite).all())
@@ -658,13 +660,19 @@ class FusedAdjoint:
         z, c0, outputs = self.graphs[k]
         self.graphs[k] = ()
         H, adj = self.H, adj.to(self.dtype)
-        grads = (adj[None, :, :H], adj[None, :, H:])[:len(outputs) - self.outputs_in_graph]
-        if self.outputs_in_graph:
-            grads = (torch.zeros_like(outputs[0]) if inject is None else inject.to(self.dtype),
-                     *grads)
+        grads = (adj[None, :, :H], adj[None, :, H:])[:len(outputs) - 1]
+        if inject is None:  # no gradient enters inside the block
+            outputs = outputs[1:]
+        else:
+            grads = (inject.to(self.dtype), *grads)
         wrt = (z,) if c0 is None else (z, c0)
         with full_float32():
             got = torch.autograd.grad(outputs, wrt, grads)
         lam_h = got[0]  # dL/dz_t = dL/dh_{t-1}
         start = lam_h[0] if c0 is None else torch.cat([lam_h[0], got[1][0]], dim=-1)
         return lam_h, start
+
+    def hidden(self, k: int) -> Tensor:
+        """h_t of block k's steps (n, B, H), in ``dtype`` (memory the graph holds anyway, until
+        its ``back``)."""
+        return self.outputs[k]

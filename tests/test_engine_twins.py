@@ -407,25 +407,29 @@ def test_cells_without_a_fused_adjoint_use_the_loop(make, options):
 
 
 def test_the_fused_adjoint_is_chosen_where_it_is_faster(make):
-    """Automatic choice on the CPU: the LSTM below H = 256, for the adjoint alone (measured in
-    docs/benchmarks.md), sequences that end early included; never with forward probes, never
-    for the RNN, the GRU, or sequences that end early under losses that read the c-part."""
+    """Automatic choice on the CPU: the LSTM below H = 256, for the adjoint alone
+    (measured in docs/benchmarks.md), sequences that end early and losses at many steps
+    included; never with forward probes, never for the RNN, the GRU, or those two under
+    losses that read the c-part."""
     from dataclasses import replace
 
     from gradscope.engine import _fused_applies
 
     def chosen(with_forward=False, **options):
-        model, batch = make(**{"hidden": 8, "batch": 2, "seq_len": 20, **options})
+        model, batch = make(**{"hidden": 8, "batch": 2, "seq_len": 20, "dtype": "float32",
+                               **options})
         return _fused_applies(model.unroll(batch), None, with_forward)
 
-    assert chosen(cell="lstm")
+    assert chosen(cell="lstm") and chosen(cell="lstm", dtype="float64")
     assert not chosen(cell="lstm", with_forward=True)
     assert not chosen(cell="lstm", hidden=256)
     assert not chosen(cell="rnn") and not chosen(cell="gru")
     assert chosen(cell="lstm", task="language", seq_len=60)  # lengths vary
-    model, batch = make(cell="lstm", task="language", hidden=8, batch=2, seq_len=60)
-    assert not _fused_applies(replace(model.unroll(batch), losses_read_h=False), None, False)
-    assert not chosen(cell="lstm", task="copy")  # losses at many steps
+    for task in ("language", "copy"):
+        model, batch = make(cell="lstm", task=task, hidden=8, batch=2, seq_len=60,
+                            dtype="float32")
+        assert not _fused_applies(replace(model.unroll(batch), losses_read_h=False), None, False)
+    assert chosen(cell="lstm", task="copy")  # losses at many steps
     model, batch = make(cell="lstm", hidden=8, batch=2, seq_len=20)
     generic = replace(model.unroll(batch), linearize=None)  # the reference back end stays
     assert not _fused_applies(generic, None, False) and not _fused_applies(generic, True, False)
@@ -857,6 +861,79 @@ def test_the_blocked_adjoint_with_losses_at_many_steps_is_the_step_by_step_one(
     assert finite.sum() == len(steps) if zero else finite.sum() > 200  # W_hh = 0: zero between
     np.testing.assert_allclose(got[finite], want[finite], rtol=0,
                                atol=1e-4 if dtype == "float32" else 1e-9)
+
+
+@pytest.mark.parametrize("options", _FUSED)
+@_PLANS
+def test_the_fused_kernel_adjoint_with_a_loss_at_every_step_matches_autograd(
+        make, options, monkeypatch, plan):
+    """The copy task reads its loss at every step: each step's own term enters the kernel's
+    backward as the gradient of that step's output, brought to the block's scale, and step
+    t0's joins the block's exit. Against the brute-force twin (the vanilla RNNs) or the loop
+    (the LSTM), with no block redone step by step."""
+    _use_plan(monkeypatch, plan)
+    import gradscope.engine as engine
+
+    model, batch = make(**{"hidden": 4, "batch": 3, "seq_len": 110, "task": "copy",
+                           **options})  # 130 steps: three blocks of 64
+    u = model.unroll(batch)
+    assert not engine._loss_at_last_step_only(u) and engine._fused_applies(u, True, False)
+    backs, back = [], engine.FusedAdjoint.back
+    monkeypatch.setattr(engine.FusedAdjoint, "back",
+                        lambda self, *args: backs.append(1) or back(self, *args))
+    if options.get("activation") != "relu":  # its adjoint may reach exact zeros
+        monkeypatch.setattr(engine, "_step_back", _no_fallback)
+    got = measure(u, [PROBES.get("adjoint")], fused=True).log10["adjoint"]
+    assert backs, "the fused kernel did not run"
+    if options["cell"] == "lstm":
+        monkeypatch.undo()
+        want = measure(u, [PROBES.get("adjoint")], fused=False).log10["adjoint"]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+    else:
+        assert_log10_close(got, brute_force(model, batch)["adjoint"], name="adjoint")
+
+
+@pytest.mark.parametrize(("dtype", "options", "steps"), [
+    *(("float32", o, None) for o in _DECAYING[:2]),  # the copy task: a loss at every step
+    ("float64", _DECAYING[1], None),
+    # losses far apart: the adjoint falls so far below the next loss's term that the term
+    # overflows at its scale; with W_hh = 0 it is exactly zero before each term
+    ("float32", _DECAYING[0], (300, 240, 120, 7)),
+    ("float64", _DECAYING[1], (300, 150, 149, 20)),
+    ("float64", {"cell": "rnn", "zero_recurrence": True}, (300, 299, 200, 50)),
+])
+@_PLANS
+def test_the_fused_adjoint_with_losses_at_many_steps_is_the_step_by_step_one(
+        make, monkeypatch, dtype, options, steps, plan):
+    """Where a block of the fused kernel cannot take a step's term (or leaves the safe range),
+    the loop redoes the pass from its start: the values are those of every step done by the
+    step-by-step pass (``engine._general_block`` off)."""
+    from gradscope import engine
+
+    options = dict(options)
+    zero = options.pop("zero_recurrence", False)
+    model, batch = make(hidden=6, batch=3, seq_len=300 - (20 if steps is None else 0),
+                        dtype=dtype, task="copy" if steps is None else "adding", **options)
+    if zero:
+        model.cell.weight_hh.zero_()
+    u = model.unroll(batch)
+    if steps is not None:
+        u = _sparse_losses(u, steps)
+    adjoint = [PROBES.get("adjoint")]
+    with monkeypatch.context() as m:
+        m.setattr(engine, "_general_block", lambda *a: None)
+        want = measure(u, adjoint, fused=False).log10["adjoint"]
+    _use_plan(monkeypatch, plan)
+    backs, back = [], engine.FusedAdjoint.back
+    monkeypatch.setattr(engine.FusedAdjoint, "back",
+                        lambda self, *args: backs.append(1) or back(self, *args))
+    got = measure(u, adjoint, fused=True).log10["adjoint"]
+    assert backs, "the fused kernel did not run"
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    finite = np.isfinite(want)
+    assert finite.sum() == len(steps) if zero else finite.sum() > 200  # W_hh = 0: zero between
+    np.testing.assert_allclose(got[finite], want[finite], rtol=0,
+                               atol=1e-3 if dtype == "float32" else 1e-9)
 
 
 @pytest.mark.parametrize("options", _DECAYING)
