@@ -741,19 +741,21 @@ def test_every_gpu_plan_at_once_run_on_the_cpu_gives_the_cpu_numbers(make, monke
 
 @pytest.mark.parametrize("options", [{"cell": "rnn", "init": "orthogonal"}, {"cell": "lstm"}])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_every_gpu_switch_on_sequences_that_end_early_gives_the_cpu_numbers(make, monkeypatch,
-                                                                             options, dtype):
-    """The language task with every GPU switch thrown on the CPU: the fused adjoint (each
-    sequence's loss gradient entering cuDNN's backward at its own end) beside the forward
-    probes (float64 tangents, stood-in graphs), against the CPU's pass, with no block of the
-    adjoint redone step by step."""
+@pytest.mark.parametrize("task", ["language", "copy"])
+def test_every_gpu_switch_on_the_language_and_copy_tasks_gives_the_cpu_numbers(
+        make, monkeypatch, options, dtype, task):
+    """The language task (sequences that end early) and the copy task (a loss at every step)
+    with every GPU switch thrown on the CPU: the fused adjoint (each loss gradient entering
+    cuDNN's backward at its own step) beside the forward probes (float64 tangents, stood-in
+    graphs), against the CPU's pass, with no block of the adjoint redone step by step."""
     from dataclasses import replace
 
     import gradscope.engine as engine
 
     model, batch = make(**options, hidden=6, batch=4, seq_len=700, dtype=dtype,
-                        task="language")  # slow decays: no block leaves the range
-    batch = replace(batch, lengths=torch.tensor([700, 650, 300, 5]))
+                        task=task)  # slow decays: no block leaves the range
+    if task == "language":
+        batch = replace(batch, lengths=torch.tensor([700, 650, 300, 5]))
     probes = [PROBES.get(n) for n in probes_for(model.cell.parts)]
     cpu = measure(model.unroll(batch), probes).log10
     replayed = []
