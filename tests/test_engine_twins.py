@@ -261,6 +261,29 @@ def test_the_fused_kernel_adjoint_matches_autograd(make, options, monkeypatch, p
     assert_log10_close(got, brute_force(model, batch)["adjoint"], name="adjoint")
 
 
+def _fused_adjoint_against_its_twin(model, batch, u, options, monkeypatch) -> None:
+    """The fused kernel's adjoint of ``u``, with no block redone step by step (but for the
+    ReLU RNN, whose adjoint may reach exact zeros, which that pass confirms), against the
+    brute-force twin; the LSTM's (whose twin takes 16 s at these sizes) against the loop,
+    which test_the_fast_back_end_matches_the_generic_one holds to the generic back end on
+    these tasks, and that to the twin."""
+    import gradscope.engine as engine
+
+    backs, back = [], engine.FusedAdjoint.back
+    monkeypatch.setattr(engine.FusedAdjoint, "back",
+                        lambda self, *args: backs.append(1) or back(self, *args))
+    if options.get("activation") != "relu":
+        monkeypatch.setattr(engine, "_step_back", _no_fallback)
+    got = measure(u, [PROBES.get("adjoint")], fused=True).log10["adjoint"]
+    assert backs, "the fused kernel did not run"
+    if options["cell"] == "lstm":
+        monkeypatch.undo()
+        want = measure(u, [PROBES.get("adjoint")], fused=False).log10["adjoint"]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+    else:
+        assert_log10_close(got, brute_force(model, batch)["adjoint"], name="adjoint")
+
+
 def _no_fallback(*args):
     raise AssertionError("a block fell back to the step-by-step reverse pass")
 
@@ -316,11 +339,7 @@ def test_the_fused_kernel_adjoint_of_sequences_that_end_early_matches_autograd(
     """The language task's sequences end at their own steps, where their loss is read; the
     kernel runs them on to T, and each one's loss gradient enters its backward as the
     gradient of the output at its end. Against the brute-force twin, which holds each state
-    after its end (the LSTM's against the loop, which test_the_fast_back_end_matches_the_
-    generic_one holds to the generic back end on this task, and that to the twin), with no
-    block falling back to the
-    step-by-step pass (but for the ReLU RNN, whose adjoint here reaches exact zeros, which
-    that pass confirms)."""
+    after its end (``_fused_adjoint_against_its_twin``)."""
     _use_plan(monkeypatch, plan)
     from dataclasses import replace
 
@@ -331,19 +350,7 @@ def test_the_fused_kernel_adjoint_of_sequences_that_end_early_matches_autograd(
     batch = replace(batch, lengths=torch.tensor(_ENDS))
     u = model.unroll(batch)
     assert u.losses_read_h and engine._fused_applies(u, True, False)
-    backs, back = [], engine.FusedAdjoint.back
-    monkeypatch.setattr(engine.FusedAdjoint, "back",
-                        lambda self, *args: backs.append(1) or back(self, *args))
-    if options.get("activation") != "relu":
-        monkeypatch.setattr(engine, "_step_back", _no_fallback)
-    got = measure(u, [PROBES.get("adjoint")], fused=True).log10["adjoint"]
-    assert backs, "the fused kernel did not run"
-    if options["cell"] == "lstm":  # its twin takes 16 s here; the loop is held to it above
-        monkeypatch.undo()
-        want = measure(u, [PROBES.get("adjoint")], fused=False).log10["adjoint"]
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
-    else:
-        assert_log10_close(got, brute_force(model, batch)["adjoint"], name="adjoint")
+    _fused_adjoint_against_its_twin(model, batch, u, options, monkeypatch)
 
 
 @pytest.mark.parametrize(("options", "dtype", "plan"), [
@@ -809,6 +816,20 @@ def test_closed_form_jvps_push_any_number_of_directions_as_forward_mode_ad(cell,
                                        rtol=1e-12, atol=1e-12)
 
 
+def _many_losses(make, dtype, options, steps):
+    """(u, whether W_hh is zeroed): 300 steps of the copy task (``steps`` None: a loss at
+    every step), or of the adding task with its loss read at ``steps``; the option
+    ``zero_recurrence`` zeroes W_hh (an adjoint exactly zero before each term)."""
+    options = dict(options)
+    zero = options.pop("zero_recurrence", False)
+    model, batch = make(hidden=6, batch=3, seq_len=300 - (20 if steps is None else 0),
+                        dtype=dtype, task="copy" if steps is None else "adding", **options)
+    if zero:
+        model.cell.weight_hh.zero_()
+    u = model.unroll(batch)
+    return (u if steps is None else _sparse_losses(u, steps)), zero
+
+
 def _sparse_losses(u, steps):
     """``u`` with its loss read at ``steps`` only (1-based), each weighted 1."""
     from dataclasses import replace
@@ -837,15 +858,7 @@ def test_the_blocked_adjoint_with_losses_at_many_steps_is_the_step_by_step_one(
     combining in log space, where that cannot be done. Against every step done that way."""
     from gradscope import engine
 
-    options = dict(options)
-    zero = options.pop("zero_recurrence", False)
-    model, batch = make(hidden=6, batch=3, seq_len=300 - (20 if steps is None else 0),
-                        dtype=dtype, task="copy" if steps is None else "adding", **options)
-    if zero:
-        model.cell.weight_hh.zero_()
-    u = model.unroll(batch)
-    if steps is not None:
-        u = _sparse_losses(u, steps)
+    u, zero = _many_losses(make, dtype, options, steps)
     assert not engine._loss_at_last_step_only(u)
     adjoint = [PROBES.get("adjoint")]
     blocks = []
@@ -871,8 +884,8 @@ def test_the_fused_kernel_adjoint_with_a_loss_at_every_step_matches_autograd(
         make, options, monkeypatch, plan):
     """The copy task reads its loss at every step: each step's own term enters the kernel's
     backward as the gradient of that step's output, brought to the block's scale, and step
-    t0's joins the block's exit. Against the brute-force twin (the vanilla RNNs) or the loop
-    (the LSTM), with no block redone step by step."""
+    t0's joins the block's exit. Against the brute-force twin
+    (``_fused_adjoint_against_its_twin``)."""
     _use_plan(monkeypatch, plan)
     import gradscope.engine as engine
 
@@ -880,19 +893,7 @@ def test_the_fused_kernel_adjoint_with_a_loss_at_every_step_matches_autograd(
                            **options})  # 130 steps: three blocks of 64
     u = model.unroll(batch)
     assert not engine._loss_at_last_step_only(u) and engine._fused_applies(u, True, False)
-    backs, back = [], engine.FusedAdjoint.back
-    monkeypatch.setattr(engine.FusedAdjoint, "back",
-                        lambda self, *args: backs.append(1) or back(self, *args))
-    if options.get("activation") != "relu":  # its adjoint may reach exact zeros
-        monkeypatch.setattr(engine, "_step_back", _no_fallback)
-    got = measure(u, [PROBES.get("adjoint")], fused=True).log10["adjoint"]
-    assert backs, "the fused kernel did not run"
-    if options["cell"] == "lstm":
-        monkeypatch.undo()
-        want = measure(u, [PROBES.get("adjoint")], fused=False).log10["adjoint"]
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
-    else:
-        assert_log10_close(got, brute_force(model, batch)["adjoint"], name="adjoint")
+    _fused_adjoint_against_its_twin(model, batch, u, options, monkeypatch)
 
 
 @pytest.mark.parametrize(("dtype", "options", "steps"), [
@@ -912,15 +913,7 @@ def test_the_fused_adjoint_with_losses_at_many_steps_is_the_step_by_step_one(
     step-by-step pass (``engine._general_block`` off)."""
     from gradscope import engine
 
-    options = dict(options)
-    zero = options.pop("zero_recurrence", False)
-    model, batch = make(hidden=6, batch=3, seq_len=300 - (20 if steps is None else 0),
-                        dtype=dtype, task="copy" if steps is None else "adding", **options)
-    if zero:
-        model.cell.weight_hh.zero_()
-    u = model.unroll(batch)
-    if steps is not None:
-        u = _sparse_losses(u, steps)
+    u, zero = _many_losses(make, dtype, options, steps)
     adjoint = [PROBES.get("adjoint")]
     with monkeypatch.context() as m:
         m.setattr(engine, "_general_block", lambda *a: None)
