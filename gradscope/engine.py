@@ -232,9 +232,13 @@ def _fused_applies(u: Unrolled, fused: bool | None, with_forward: bool) -> bool:
     if fused is None:
         fused = _on_gpu(u.s0) or (u.fused_on_cpu and not with_forward)
     # the blocks redone step by step need the closed-form back end (``_reverse_fast``)
-    return (fused and u.fused_adjoint is not None and u.linearize is not None
-            and u.groups == 1 and (u.mask is None or u.losses_read_h)
-            and (_loss_at_last_step_only(u) or (u.losses_read_h and u.mask is None)))
+    if not (fused and u.fused_adjoint is not None and u.linearize is not None
+            and u.groups == 1):
+        return False
+    last_only = _loss_at_last_step_only(u)
+    # gradients that enter inside a block (a sequence's end, or a step's own loss; not both)
+    # are read off the kernel's h outputs: losses that read h alone
+    return (u.mask is None and last_only) or (u.losses_read_h and (u.mask is None or last_only))
 
 
 class FusedPlan(NamedTuple):

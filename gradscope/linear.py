@@ -613,7 +613,7 @@ class FusedAdjoint:
         lstm = cell.name == "lstm"
         self.starts = s0.new_empty(-(-T // length), *s0.shape)  # s_0, s_L, s_2L, ...
         self.graphs: list[tuple] = []  # per block: (z, c_start, (h_t of its steps, final h, c))
-        self.outputs: list[Tensor] = []  # per block: h_t of its steps, kept after its backward
+        self.h_out: list[Tensor] = []  # per block: h_t of its steps, kept after its backward
         finite = []  # per block, on the device: asked once at the end (a GPU runs ahead)
         state = s0.to(dtype)
         ends = None if lengths is None else lengths.to(s0.device)
@@ -642,7 +642,7 @@ class FusedAdjoint:
                                           torch.arange(ends.shape[0], device=ends.device)]
                     final_h = torch.where(here[:, None], at_end, final_h)
                 self.graphs.append((z, c0, outputs))
-                self.outputs.append(seq.detach())
+                self.h_out.append(seq.detach())
                 finite.append(torch.isfinite(state).all())
         # if not, the caller measures the usual way, which says where
         self.finite = bool(torch.stack(finite).all())
@@ -654,9 +654,9 @@ class FusedAdjoint:
     def back(self, k: int, adj: Tensor, inject: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Block k (steps kL+1..kL+n) from adj = dL/ds_{kL+n} (scaled): the h-parts of
         dL/ds_t for t = kL..kL+n-1 (n, B, H), and dL/ds_{kL} whole (B, S). ``inject``
-        (n, B, H), where sequences end early: gradients of the block's outputs h_kL+1..h_kL+n
-        that enter there (not included in the h-parts returned for those steps). The block's
-        graph is freed."""
+        (n, B, H): gradients of the block's outputs h_kL+1..h_kL+n that enter there (where
+        sequences end early, or losses are read at many steps; not included in the h-parts
+        returned for those steps). The block's graph is freed."""
         z, c0, outputs = self.graphs[k]
         self.graphs[k] = ()
         H, adj = self.H, adj.to(self.dtype)
@@ -673,6 +673,6 @@ class FusedAdjoint:
         return lam_h, start
 
     def hidden(self, k: int) -> Tensor:
-        """h_t of block k's steps (n, B, H), in ``dtype`` (memory the graph holds anyway, until
-        its ``back``)."""
-        return self.outputs[k]
+        """h_t of block k's steps (n, B, H), in ``dtype``: the graph's own outputs, kept after
+        its ``back`` (for the loop, where it takes over)."""
+        return self.h_out[k]
