@@ -39,7 +39,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .cudagraphs import GraphedPush, graphed_push
-from .linear import FusedAdjoint, StepOps
+from .linear import FusedAdjoint, Scratch, StepOps
 from .probes import ForwardStep, Probe, ReverseStep, norm
 
 LN10 = math.log(10.0)
@@ -450,6 +450,7 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
     """The forward probes over ``chunks``, their tangents in ``_forward_plan``'s dtype (or
     ``wide``), into ``out``: None, or where they stopped."""
     rows = u.rows()
+    grad_rows = rows[u.parts[0]] if u.losses_read_h else slice(None)  # where g_t lives
     parts = [p for p in u.parts if any(pr.wrt == p for pr in probes)]
     B, S = u.s0.shape
     h = S // len(u.parts)
@@ -477,8 +478,9 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
     length = cap  # the steps a slice may take at once: what the decay seen so far allows
     graphs = graphed_push(tangent.device)
     stacked = STACKED_GPU if _on_gpu(tangent) else _STACKED
-    # one buffer for every slice's pushed values: the probes read them before the next slice
-    scratch = tangent.new_empty(0)
+    # one buffer for every slice's pushed values (the probes read them before the next slice),
+    # one for the per-sample matrices that the push multiplies by
+    scratch = Scratch(), Scratch()
     for t0, states, g, stop in chunks:
         n = states.shape[0] - 1
         ops = u.ops(states, t0) if u.linearize is not None and n else None
@@ -495,24 +497,22 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
                 m = min(m, length)
                 if graphs is not None and m < n - done:  # few lengths: few graphs to capture
                     m = 1 << (m.bit_length() - 1)
-                need = m * tangent.numel()
-                if scratch.numel() < need:
-                    scratch = tangent.new_empty(need)
                 pushed = _push_block(ops, tangent, done, done + m, graphs, scratch,
                                      len(u.parts))
             if pushed is None:
-                pushed, by_steps = _push_steps(u, ops, states, t0, tangent, done, done + m), True
-            values_, ln_scales, tangent, ln_last = pushed
+                pushed, by_steps = _push_steps(u, ops, states, t0, tangent, done, done + m,
+                                               len(u.parts)), True
+            values_, part_norms, ln_scales, tangent, ln_last = pushed
             m = values_.shape[0]  # a block may keep fewer steps: the rest is the next slice's
             # 3. The probes, over the slice: each step's values times exp(its log-scale).
             scales = log_scale + ln_scales
             log_scale = log_scale + ln_last
             ctx = ForwardStep(values_, scales, columns, rows, g[done:done + m], weights,
-                              u.groups)
+                              u.groups, part_norms, grad_rows)
             grown = (torch.isnan(scales) | torch.isposinf(scales)).flatten(1).any(dim=1)
             # a block keeps only steps whose parts stay normal; renormalised a step at a time,
             # a part that still falls that low is beyond the dtype
-            lost = _part_underflows(values_, len(u.parts)) if by_steps \
+            lost = _part_underflows(values_, part_norms) if by_steps \
                 else torch.zeros_like(grown)
             # what the host needs, in one transfer: on a GPU each is a wait for the device
             # (m, probes * G + 3): the probes, whether a step left float range (a value grew
@@ -534,28 +534,41 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
     return None
 
 
-Pushed = tuple[Tensor, Tensor, Tensor, Tensor]  # values, ln-scales, next tangent, its ln-scale
+# values, the plain norms of their parts (``_part_norms``), ln-scales, next tangent, its ln-scale
+Pushed = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
-def _part_underflows(values: Tensor, parts: int) -> Tensor:
+def _part_norms(values: Tensor, parts: int) -> Tensor:
+    """(m, B, K, P): the plain norm (a sum of squares) of each of the P parts of the state in
+    each direction of values (m, B, K, S), one pass over them: the block's range check, the
+    part check and the Jacobian probes all read these."""
+    return torch.linalg.vector_norm(values.unflatten(-1, (parts, -1)), dim=-1)
+
+
+def _part_underflows(values: Tensor, part_norms: Tensor) -> Tensor:
     """(m,) per step of a slice's values (m, B, K, S): whether a part of some direction (the
     state of one layer of a stacked model, say) has fallen to within eps of its dtype's
     smallest normal number (its largest entry below tiny/eps: float32 1e-31, float64 1e-292).
     The renormalisation keeps each direction's norm in range, not each part's: such a part
     loses precision, and further down it would read as an exact zero. An exact zero stays
-    allowed (a part that the step's map sends to zero). One state part: never."""
-    if parts == 1:
+    allowed (a part that the step's map sends to zero). One state part: never. On the CPU the
+    entries are read only where a part's plain norm (``part_norms``) is below sqrt(tiny/eps):
+    above it, the sum of squares is exact and the largest entry at least norm / sqrt(H),
+    far from tiny/eps (a GPU reads them anyway, rather than wait to find out)."""
+    parts = part_norms.shape[-1]
+    info = torch.finfo(values.dtype)
+    if parts == 1 or not _on_gpu(values) and not bool(
+            (part_norms < math.sqrt(info.tiny / info.eps)).any()):
         return values.new_zeros(values.shape[0], dtype=torch.bool)
     split = values.unflatten(-1, (parts, -1))
     # each part's largest magnitude (m, B, K, P); two reductions, no |values| written out:
     # 4x faster on the CPU (the LSTM's exact forward probes, H = 128: 1.03x their time)
     largest = torch.maximum(split.amax(dim=-1), split.amin(dim=-1).neg_())
-    info = torch.finfo(values.dtype)
     return ((largest > 0) & (largest < info.tiny / info.eps)).flatten(1).any(dim=1)
 
 
 def _push_steps(u: Unrolled, ops: StepOps | None, states: Tensor, t0: int, tangent: Tensor,
-                a: int, b: int) -> Pushed:
+                a: int, b: int, parts: int = 1) -> Pushed:
     """Steps a+1..b of the chunk, each direction renormalised after every step: the values
     (m, B, K, S) of unit norm (or zero), their ln-scales (m, B, K) relative to the slice's
     start, the last values as the next tangent and its ln-scale."""
@@ -568,33 +581,36 @@ def _push_steps(u: Unrolled, ops: StepOps | None, states: Tensor, t0: int, tange
         stacked.append(tangent)
         ln_norms.append(ln_norm)
     ln_scales = torch.cumsum(torch.stack(ln_norms), dim=0)
-    return torch.stack(stacked), ln_scales, tangent, ln_scales[-1]
+    values = torch.stack(stacked)
+    return values, _part_norms(values, parts), ln_scales, tangent, ln_scales[-1]
 
 
 def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int, graphs: GraphedPush | None,
-                scratch: Tensor, parts: int = 1) -> Pushed | None:
+                scratch: tuple[Scratch, Scratch], parts: int = 1) -> Pushed | None:
     """Steps a+1..b renormalised once, at the end: as ``_push_steps`` (the values then carry
     their own scale). Where a value would leave the safe range, or a live direction reach
     zero, only the steps before the first such one are kept (fewer than b-a: the caller goes
     on from there), or None where that is the first: then it is done step by step, so
     nothing underflows unseen. On a GPU
-    the steps replay from a CUDA graph where the slice repeats (``graphs``). The values are
-    written into ``scratch`` (flat, at least (b-a) x tangent's size), one buffer for the
-    whole pass: on the CPU a fresh one per slice is fresh pages from the system each time
-    (the exact forward probes of the LSTM, H = 128, T = 1000, 2 sequences: 1.08x faster with
-    one buffer, measured alternately in one process; the RNN and the GRU unchanged)."""
+    the steps replay from a CUDA graph where the slice repeats (``graphs``). Else the values
+    are written into the first of ``scratch``, and the per-sample matrices that the push
+    multiplies by into the second, buffers kept for the whole pass: on the CPU a fresh one
+    per slice is fresh pages from the system each time (the exact forward probes of the LSTM,
+    H = 128, T = 1000, 2 sequences: 1.08x faster with one buffer for the values, measured
+    alternately in one process; the RNN and the GRU unchanged)."""
     values = None if graphs is None else graphs(ops, tangent, a, b)
     if values is None:  # (m, B, K, S), written in place
-        into = scratch[:(b - a) * tangent.numel()].view(b - a, *tangent.shape)
-        values = ops.push(tangent, a, b, into)
-    norms = torch.linalg.vector_norm(values, dim=-1)  # (m, B, K)
+        into = scratch[0].take((b - a, *tangent.shape), tangent)
+        values = ops.push(tangent, a, b, into, scratch[1])
+    part_norms = _part_norms(values, parts)  # (m, B, K, P)
+    norms = part_norms[..., 0] if parts == 1 else torch.linalg.vector_norm(part_norms, dim=-1)
     live = (tangent != 0).any(dim=-1)  # a zero direction stays zero
-    good = _steps_in_range(norms, live, _part_underflows(values, parts))
+    good = _steps_in_range(norms, live, _part_underflows(values, part_norms))
     if good == 0:
         return None
-    values, norms = values[:good], norms[:good]
+    values, part_norms = values[:good], part_norms[:good]
     zeros = torch.zeros(values.shape[:3], dtype=torch.float64, device=values.device)
-    return values, zeros, *_rescaled(values[-1], norms[-1])
+    return values, part_norms, zeros, *_rescaled(values[-1], norms[good - 1])
 
 
 def _reverse_pass(u: Unrolled, states: Tensor | Segmented, g: Tensor | None,

@@ -46,6 +46,18 @@ class ForwardStep:
     # for P random projections (then a sum over columns estimates the squared norm)
     ln_weight: dict[str, float] = field(default_factory=dict)
     groups: int = 1  # the batch is this many seeds' samples, seed-major: combine each apart
+    # (C, B, K, P): the plain norm (``norm``'s sum of squares) of each part of the state in
+    # each direction, which the engine takes for its own checks; None: probes take their own
+    part_norms: Tensor | None = None
+    # the rows of the state that the losses read (where ``grad`` may be nonzero): the first
+    # layer's "h" where the engine knows so (``Unrolled.losses_read_h``), else all
+    grad_rows: slice = field(default_factory=lambda: slice(None))
+
+    def plain_norms(self, part: str) -> Tensor | None:
+        """(C, B, K): each direction's plain norm over ``part``'s rows, or None."""
+        if self.part_norms is None:
+            return None
+        return self.part_norms[..., list(self.rows).index(part)]
 
 
 @dataclass(frozen=True)
@@ -80,12 +92,13 @@ class Probe:
 PROBES: Registry[Probe] = Registry("probe", "--probes")
 
 
-def norm(x: Tensor) -> Tensor:
+def norm(x: Tensor, plain: Tensor | None = None) -> Tensor:
     """||x|| along the last dim, in x's dtype, zero only where x is. The squares of float32
-    values below ~1e-23 are zero and above ~1e19 infinite: where the plain norm is not well
-    inside the range where its sum of squares is exact, x is divided by its largest |entry|
-    first."""
-    plain = torch.linalg.vector_norm(x, dim=-1)
+    values below ~1e-23 are zero and above ~1e19 infinite: where the plain norm (a sum of
+    squares; ``plain`` where already taken) is not well inside the range where its sum of
+    squares is exact, x is divided by its largest |entry| first."""
+    if plain is None:
+        plain = torch.linalg.vector_norm(x, dim=-1)
     info = torch.finfo(x.dtype)
     # below sqrt(tiny/eps), the squares' subnormal rounding could matter; above sqrt(max),
     # the sum may have overflowed
@@ -103,9 +116,9 @@ def _largest(x: Tensor) -> Tensor:
     return torch.where(top > 0, top, torch.ones_like(top))
 
 
-def _ln_norm(x: Tensor) -> Tensor:
+def _ln_norm(x: Tensor, plain: Tensor | None = None) -> Tensor:
     """ln ||x|| along the last dim, -inf where the norm is exactly zero, in float64."""
-    return torch.log(norm(x).double())
+    return torch.log(norm(x, plain).double())
 
 
 def _ln_rms_batch(ln_sq: Tensor, groups: int) -> Tensor:
@@ -116,7 +129,9 @@ def _ln_rms_batch(ln_sq: Tensor, groups: int) -> Tensor:
 
 def _jacobian(ctx: ForwardStep, probe: Probe) -> Tensor:
     cols, rows = ctx.columns[probe.wrt], ctx.rows[probe.of]
-    ln_col = _ln_norm(ctx.tangent[:, :, cols, rows]) + ctx.log_scale[..., cols]  # (C, B, K_p)
+    plain = ctx.plain_norms(probe.of)
+    ln_col = _ln_norm(ctx.tangent[:, :, cols, rows], None if plain is None else plain[..., cols]) \
+        + ctx.log_scale[..., cols]  # (C, B, K_p)
     return _ln_rms_batch(torch.logsumexp(2 * ln_col, -1) + ctx.ln_weight.get(probe.wrt, 0.0),
                          ctx.groups)  # (C, S)
 
@@ -128,11 +143,14 @@ def _grad(ctx: ForwardStep, probe: Probe) -> Tensor:
     # divisor is added back). Each column of the tangent has a norm within the safe range, so
     # the products underflow only where a part of the state is below ~1e-19 of another's
     # (float32), in a slice renormalised at its end: then they read as zero.
-    top = _largest(ctx.grad)  # (C, B)
+    read = ctx.grad_rows
+    grad = ctx.grad[..., read]
+    top = _largest(grad)  # (C, B)
     # one product per sample and step, g_t as a row times the tangent's columns, which read
-    # the tangent where it lies (as a matrix-vector product, 10x slower on the CPU)
-    unit_grad = (ctx.grad / top[..., None]).to(ctx.tangent.dtype)
-    dots = (unit_grad[..., None, :] @ ctx.tangent[:, :, cols].mT)[..., 0, :]
+    # the tangent where it lies (as a matrix-vector product, 10x slower on the CPU), on the
+    # rows where g_t may be nonzero
+    unit_grad = (grad / top[..., None]).to(ctx.tangent.dtype)
+    dots = (unit_grad[..., None, :] @ ctx.tangent[:, :, cols, read].mT)[..., 0, :]
     ln_abs = torch.log(dots.abs().double()) + torch.log(top.double())[..., None] \
         + ctx.log_scale[..., cols]
     per_group = (2 * ln_abs).unflatten(1, (ctx.groups, -1))  # (C, S, B/S, K_p)
