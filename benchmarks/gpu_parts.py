@@ -5,7 +5,8 @@ split into its parts, each against the fused torch.nn forward+backward, in one r
     python3 benchmarks/gpu_parts.py --trace    # and torch.profiler's busiest ops
 
 Rows: the adjoint by the fused kernel's backward (as planned for a GPU; in blocks of 512
-lifted 77 decades, engine.FusedPlan; and as on a CPU) and by the closed-form loop; the trajectory
+lifted 77 decades, engine.FusedPlan; and as on a CPU) and by the closed-form loop (its
+blocks replayed from CUDA graphs, as on a GPU wherever the loop runs, and eager); the trajectory
 alone; the forward probes (exact, on 2 sequences; and from 16 random directions) with their
 slices replayed from CUDA graphs, as planned for a GPU and as on a CPU (float32 tangents,
 shorter chunks), also with the LSTM's gate blocks not folded into per-sample matrices first,
@@ -68,7 +69,11 @@ def main() -> None:
         engine._fused_plan = lambda u, other=other: other
         row(f"adjoint, fused kernel's backward, {name}", lambda: measure(full, adjoint))
     engine._fused_plan = plan
-    row("adjoint, closed-form loop", lambda: measure(full, adjoint, fused=False))
+    row("adjoint, closed-form loop, blocks replayed from CUDA graphs",
+        lambda: measure(full, adjoint, fused=False))
+    cudagraphs.ENABLED = False
+    row("adjoint, closed-form loop, eager", lambda: measure(full, adjoint, fused=False))
+    cudagraphs.ENABLED = True
     row("trajectory (fused kernel; LSTM: cell-state scan)", lambda: engine.trajectory(sub))
     row("forward probes, CUDA graphs (GPU plan: float64 tangents, chunks of 256)",
         lambda: measure(sub, forward))

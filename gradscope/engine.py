@@ -38,7 +38,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .cudagraphs import GraphedPush, graphed_push
+from .cudagraphs import GraphedSteps, graphed_steps
 from .linear import FusedAdjoint, Scratch, StepOps
 from .probes import ForwardStep, Probe, ReverseStep, norm
 
@@ -476,7 +476,7 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
     log_scale = torch.zeros(tangent.shape[:2], dtype=torch.float64, device=u.s0.device)
 
     length = cap  # the steps a slice may take at once: what the decay seen so far allows
-    graphs = graphed_push(tangent.device)
+    graphs = graphed_steps(tangent.device)
     stacked = STACKED_GPU if _on_gpu(tangent) else _STACKED
     # one buffer for every slice's pushed values (the probes read them before the next slice),
     # one for the per-sample matrices that the push multiplies by
@@ -585,7 +585,7 @@ def _push_steps(u: Unrolled, ops: StepOps | None, states: Tensor, t0: int, tange
     return values, _part_norms(values, parts), ln_scales, tangent, ln_scales[-1]
 
 
-def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int, graphs: GraphedPush | None,
+def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int, graphs: GraphedSteps | None,
                 scratch: tuple[Scratch, Scratch], parts: int = 1) -> Pushed | None:
     """Steps a+1..b renormalised once, at the end: as ``_push_steps`` (the values then carry
     their own scale). Where a value would leave the safe range, or a live direction reach
@@ -693,6 +693,8 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
     the fused kernel's backward comes first, under the same check (``_reverse_fused``)."""
     T, rows = u.seq_len, u.rows()
     cache: list = []
+    # on a GPU a block's vjps replay from a CUDA graph (``_back_steps``)
+    graphs = None if u.linearize is None else graphed_steps(u.s0.device, "pull")
     length, t = CHUNK, T  # adj = lambda_t / exp(log_scale), of norm 1 (or 0) per sample
     if fused is not None:
         t, adj, log_scale = _reverse_fused(u, fused, adj, log_scale, probes, per_sample)
@@ -705,7 +707,7 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
         #    exit = lambda_{t-n}, which starts the next block (not needed after step 1).
         n = min(length, t - ((t - 1) // CHUNK) * CHUNK)
         # (n or n+1, B, S), (., B); a step at a time (n = 1), the exit may be tiny
-        values, norms = _back_steps(u, states, adj, t, n, cache)
+        values, norms = _back_steps(u, states, adj, t, n, cache, graphs=graphs)
         live = norms[0] > 0  # a zero adjoint stays exactly zero
         if not _in_safe_range(norms[1:], live) and n > 1:
             length = 1  # 2. redo it with every step renormalised
@@ -719,11 +721,20 @@ def _reverse_fast(u: Unrolled, states: Tensor | Segmented, adj: Tensor, log_scal
 
 def _back_steps(u: Unrolled, states: Tensor | Segmented, adj: Tensor, t: int, n: int,
                 cache: list, direct: Tensor | None = None, has_direct: Sequence[bool] = (),
-                inv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                inv: Tensor | None = None, graphs: GraphedSteps | None = None
+                ) -> tuple[Tensor, Tensor]:
     """lambda_t (``adj``) down to lambda_{t-n} (that exit where t-n >= 1) by one vjp a step,
     renormalised nowhere: (n or n+1, B, S), and their norms (., B). With ``direct``, each
     step's own loss term dL/ds_{s-1} (where ``has_direct``) times ``inv`` is added
-    (``_general_block``)."""
+    (``_general_block``). Without, the vjps replay from ``graphs`` where given (the block
+    lies within one chunk of ops: it ends at a chunk's start)."""
+    vjps = min(n, t - 1)
+    if graphs is not None and direct is None and vjps > 0:
+        ops, i = _ops_at(u, states, t, cache)  # step t is ops' step i
+        pulled = graphs(ops, adj, i + 1 - vjps, i + 1)
+        if pulled is not None:
+            values = torch.cat([adj[None], pulled])
+            return values, norm(values)
     block = [adj]
     for s in range(t, max(t - n, 1), -1):  # each takes lambda_s to lambda_{s-1}
         back = _step_back(u, states, s, block[-1], cache)

@@ -58,7 +58,7 @@ class StepOps:
     """The linear maps of one chunk's steps, indexed 0..C-1."""
 
     STEPS: tuple[str, ...] = ("mask",)  # the tensors with one row per step (C, ...)
-    GRAPHED = True  # whether gradscope.cudagraphs may replay its push
+    GRAPHED = True  # whether gradscope.cudagraphs may replay its push and pull
 
     def __init__(self, w_hh: Tensor, mask: Tensor | None) -> None:
         self.w = w_hh  # (G*H, H)
@@ -99,6 +99,16 @@ class StepOps:
         for j, i in enumerate(range(a, b)):
             v = self.jvp(i, v, out=out[j], m=None if ms is None else ms[j])
         return out
+
+    def pull(self, lam: Tensor, a: int, b: int, out: Tensor) -> Tensor:
+        """J^T through steps b-1 down to a from lam (B, S): into out (b-a, B, S), out[j] the
+        adjoint after j+1 of them (the reverse pass's block, which gradscope.cudagraphs may
+        replay like ``push``)."""
+        lams = []
+        for i in range(b - 1, a - 1, -1):
+            lam = self.vjp(i, lam)
+            lams.append(lam)
+        return torch.stack(lams, out=out)
 
     def matrices(self, a: int, b: int, work: Scratch | None = None) -> Tensor | None:
         """Gated cells: steps a..b-1's per-sample matrices (b-a, B, H, N) that their jvps with

@@ -15,21 +15,22 @@ def count_finished(db) -> int:
 
 
 def graph_stand_in(replayed: list):
-    """``GraphedPush._capture`` on the CPU: a closure over the same static tensors, doing what
+    """``GraphedSteps._capture`` on the CPU: a closure over the same static tensors, doing what
     a captured graph does (the same launches on the same tensors); ``replayed`` receives the
-    length of each capture."""
+    length of each capture (for a reverse pass's, as ("pull", length))."""
 
     class Replay:
-        def __init__(self, static, m, static_in, static_out):
-            self.run = lambda: static.push(static_in, 0, m, static_out)
+        def __init__(self, run, m, static_in, static_out):
+            self.run = lambda: run(static_in, 0, m, static_out)
 
         def replay(self):
             self.run()
 
     def capture(self, tangent, m):
         static_in, static_out = tangent.clone(), tangent.new_empty(m, *tangent.shape)
-        replayed.append(m)
-        return Replay(self.static, m, static_in, static_out), static_in, static_out
+        replayed.append(m if self.method == "push" else (self.method, m))
+        run = getattr(self.static, self.method)
+        return Replay(run, m, static_in, static_out), static_in, static_out
 
     return capture
 
@@ -46,5 +47,6 @@ def gpu_switches(monkeypatch, replayed: list) -> None:
     monkeypatch.setattr(engine, "_on_gpu", lambda x: True)
     monkeypatch.setattr(engine, "_runs_ahead", lambda x: True)
     monkeypatch.setattr(linear, "_scan_in_rounds", lambda device: True)
-    monkeypatch.setattr(cudagraphs.GraphedPush, "_capture", graph_stand_in(replayed))
-    monkeypatch.setattr(engine, "graphed_push", lambda device: cudagraphs.GraphedPush())
+    monkeypatch.setattr(cudagraphs.GraphedSteps, "_capture", graph_stand_in(replayed))
+    monkeypatch.setattr(engine, "graphed_steps",
+                        lambda device, method="push": cudagraphs.GraphedSteps(method))

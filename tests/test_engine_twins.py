@@ -588,7 +588,7 @@ def test_forward_probes_alone_stream_long_trajectories_with_the_same_numbers(mak
 @pytest.mark.parametrize("options", [{"cell": "lstm"}, {"cell": "gru", "task": "copy"},
                                      {"cell": "rnn", "activation": "relu"}])
 def test_replayed_slices_read_each_chunks_coefficients(make, monkeypatch, options):
-    """The forward pass through ``cudagraphs.GraphedPush`` on the CPU, its CUDA graph stood in
+    """The forward pass through ``cudagraphs.GraphedSteps`` on the CPU, its CUDA graph stood in
     for by a closure over the same static tensors: every chunk's coefficients (the shorter last
     chunk's too) reach the replayed slices, which give the eager numbers (to rounding: the
     graphed pass rounds its slices' lengths to powers of two, which moves where it
@@ -598,7 +598,7 @@ def test_replayed_slices_read_each_chunks_coefficients(make, monkeypatch, option
 
     replayed = []
     capture = graph_stand_in(replayed)
-    loaded, load = [], cudagraphs.GraphedPush._load
+    loaded, load = [], cudagraphs.GraphedSteps._load
 
     def spy(self, ops, a, b):
         fits = load(self, ops, a, b)
@@ -613,9 +613,10 @@ def test_replayed_slices_read_each_chunks_coefficients(make, monkeypatch, option
     # graph captured on full ones
     monkeypatch.setattr(engine, "_length_for", lambda *args: 20)
     eager = measure(model.unroll(batch), probes).log10
-    monkeypatch.setattr(cudagraphs.GraphedPush, "_capture", capture)
-    monkeypatch.setattr(cudagraphs.GraphedPush, "_load", spy)
-    monkeypatch.setattr(engine, "graphed_push", lambda device: cudagraphs.GraphedPush())
+    monkeypatch.setattr(cudagraphs.GraphedSteps, "_capture", capture)
+    monkeypatch.setattr(cudagraphs.GraphedSteps, "_load", spy)
+    monkeypatch.setattr(engine, "graphed_steps",
+                        lambda device, method="push": cudagraphs.GraphedSteps(method))
     graphed = measure(model.unroll(batch), probes).log10
     # one graph for slices of 16 wherever they lie, in full chunks and in the shorter last
     assert replayed == [16] and min(c for c, _ in loaded) < 64 \
@@ -623,6 +624,58 @@ def test_replayed_slices_read_each_chunks_coefficients(make, monkeypatch, option
     for name in eager:
         np.testing.assert_allclose(graphed[name], eager[name], rtol=0, atol=1e-12,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("options", [{"cell": "lstm"}, {"cell": "gru"},
+                                     {"cell": "rnn", "activation": "relu"},
+                                     {"cell": "rnn", "init": "normal", "gain": 0.1}])
+def test_reverse_blocks_replayed_from_graphs_give_the_eager_adjoint(make, monkeypatch,
+                                                                     options):
+    """The closed-form reverse loop's blocks through ``cudagraphs.GraphedSteps("pull")`` on
+    the CPU, its CUDA graph stood in for: the adjoint of the eager loop, whose blocks are the
+    same vjps. T = 290: the pass meets its shorter last chunk first; gain 0.1 falls about a
+    decade a step, so its blocks shrink to what the decay allows."""
+    import gradscope.cudagraphs as cudagraphs
+    import gradscope.engine as engine
+
+    model, batch = make(**{"hidden": 6, "batch": 3, "seq_len": 290, **options})
+    u, probes = model.unroll(batch), [PROBES.get("adjoint")]
+    eager = measure(u, probes, fused=False).log10["adjoint"]
+    replayed, served, call = [], [], cudagraphs.GraphedSteps.__call__
+    monkeypatch.setattr(cudagraphs.GraphedSteps, "_capture", graph_stand_in(replayed))
+    monkeypatch.setattr(cudagraphs.GraphedSteps, "__call__", lambda self, *args: (
+        lambda out: served.append(out is not None) or out)(call(self, *args)))
+    monkeypatch.setattr(engine, "graphed_steps",
+                        lambda device, method="push": cudagraphs.GraphedSteps(method))
+    graphed = measure(u, probes, fused=False).log10["adjoint"]
+    assert all(m[0] == "pull" for m in replayed) and sum(served) >= 2, (replayed, served)
+    np.testing.assert_allclose(graphed, eager, rtol=0, atol=1e-12)
+    assert np.isfinite(eager).all() and eager[-1] < eager[0] - 3
+
+
+def test_graphed_steps_take_their_static_coefficients_again_for_longer_slices(make,
+                                                                                 monkeypatch):
+    """Static per-step tensors taken from a short chunk (as a reverse pass meets first) are
+    taken again from a full one when a longer slice comes: its replay pulls what the eager
+    ``pull`` does."""
+    import gradscope.cudagraphs as cudagraphs
+    from gradscope.engine import trajectory
+
+    model, batch = make(cell="lstm", hidden=6, batch=3, seq_len=100)
+    u = model.unroll(batch)
+    states, _ = trajectory(u)
+    short, full = u.ops(states[80:], 80), u.ops(states[:65], 0)
+    adj = torch.randn(3, 12, dtype=states.dtype)
+    replayed = []
+    monkeypatch.setattr(cudagraphs.GraphedSteps, "_capture", graph_stand_in(replayed))
+    graphs = cudagraphs.GraphedSteps("pull")
+    assert graphs(short, adj, 0, 20) is None  # a length's first sighting runs eager
+    assert graphs(short, adj, 0, 20) is not None and graphs.static.coef.shape[0] == 20
+    assert graphs(full, adj, 0, 64) is None
+    got = graphs(full, adj, 0, 64)
+    assert got is not None and graphs.static.coef.shape[0] == 64, replayed
+    want = full.pull(adj, 0, 64, torch.empty(64, *adj.shape, dtype=adj.dtype))
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
 @_PLANS

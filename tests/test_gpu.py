@@ -77,8 +77,8 @@ def test_cuda_graphs_replay_the_eager_forward_pass(cell, projections, monkeypatc
     built.model.requires_grad_(False)  # the engine differentiates states only
     u = built.model.unroll(built.batch)
     probes = [PROBES.get(n) for n in probes_for(built.model.cell.parts) if n != "adjoint"]
-    captured, capture = [], cudagraphs.GraphedPush._capture
-    monkeypatch.setattr(cudagraphs.GraphedPush, "_capture",
+    captured, capture = [], cudagraphs.GraphedSteps._capture
+    monkeypatch.setattr(cudagraphs.GraphedSteps, "_capture",
                         lambda self, *a: captured.append(a[1:]) or capture(self, *a))
     graphed = measure(u, probes, projections=projections).log10
     monkeypatch.setattr(cudagraphs, "ENABLED", False)
@@ -87,6 +87,31 @@ def test_cuda_graphs_replay_the_eager_forward_pass(cell, projections, monkeypatc
     for name in eager:
         np.testing.assert_allclose(graphed[name], eager[name], rtol=0, atol=1e-12,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_cuda_graphs_replay_the_eager_reverse_loop(cell, monkeypatch):
+    """The closed-form adjoint loop's blocks replayed from CUDA graphs (on a GPU wherever the
+    loop runs) give the eager loop's numbers, its shorter last chunk too (T = 700)."""
+    import gradscope.cudagraphs as cudagraphs
+    from gradscope.config import RunConfig
+    from gradscope.engine import measure
+    from gradscope.probes import PROBES
+    from gradscope.runner import build
+
+    built = build(RunConfig(device="cuda", cell=cell, hidden=32, batch=4, seq_len=700,
+                            dtype="float64"), torch.device("cuda"))
+    built.model.requires_grad_(False)
+    u = built.model.unroll(built.batch)
+    probes = [PROBES.get("adjoint")]
+    captured, capture = [], cudagraphs.GraphedSteps._capture
+    monkeypatch.setattr(cudagraphs.GraphedSteps, "_capture",
+                        lambda self, *a: captured.append(self.method) or capture(self, *a))
+    graphed = measure(u, probes, fused=False).log10["adjoint"]
+    monkeypatch.setattr(cudagraphs, "ENABLED", False)
+    eager = measure(u, probes, fused=False).log10["adjoint"]
+    assert "pull" in captured
+    np.testing.assert_allclose(graphed, eager, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
