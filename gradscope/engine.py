@@ -409,13 +409,16 @@ def _in_safe_range(norms: Tensor, live: Tensor) -> bool:
     return bool(_safe_range(norms, live))
 
 
-def _steps_in_range(norms: Tensor, live: Tensor, lost: Tensor | None = None) -> int:
-    """How many of the steps (norms (m, ...)) come before the first whose norms leave the safe
-    range (``_in_safe_range``), or that ``lost`` (m,) marks: m where none does, after one wait
-    for the device."""
+def _steps_in_range(norms: Tensor, live: Tensor, lost: Tensor | None = None) -> Tensor:
+    """(m,) per step (norms (m, ...)): whether its norms lie in the safe range
+    (``_in_safe_range``) and ``lost`` (m,) does not mark it, on the device."""
     ok = _within(norms, live).flatten(1).all(dim=1)  # (m,)
-    if lost is not None:
-        ok = ok & ~lost
+    return ok if lost is None else ok & ~lost
+
+
+def _first_false(ok: Tensor) -> int:
+    """The index of the first False in ok (m,), m where none is, after one wait for the
+    device."""
     return len(ok) if bool(ok.all()) else int(ok.logical_not().to(torch.int8).argmax())
 
 
@@ -486,27 +489,27 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
         ops = u.ops(states, t0) if u.linearize is not None and n else None
         if ops is not None and dtype != states.dtype:
             ops = ops.to(dtype)
-        done = 0
+        done, redo = 0, 0
         while done < n:  # in slices whose stacked tangents stay small
-            m = min(n - done, max(1, stacked // tangent.numel()))
+            m = redo or min(n - done, max(1, stacked // tangent.numel()))
             # 2. Push every direction through the slice's J_t = ds_t/ds_{t-1} (no graph kept),
             #    renormalised once at its end where the closed form allows it and the values
-            #    stay in range, else after every step (``_push_steps``).
-            pushed, by_steps = None, False
-            if ops is not None and length > 1:
+            #    stay in range, else after every step (``_push_steps``; and a slice redone
+            #    where a range check read late found its first step out of range).
+            pushed, by_steps, in_range = None, False, None
+            if ops is not None and length > 1 and not redo:
                 m = min(m, length)
                 if graphs is not None and m < n - done:  # few lengths: few graphs to capture
                     m = 1 << (m.bit_length() - 1)
-                pushed = _push_block(ops, tangent, done, done + m, graphs, scratch,
-                                     len(u.parts))
+                pushed, in_range = _push_block(ops, tangent, done, done + m, graphs, scratch,
+                                               len(u.parts), _runs_ahead(tangent))
             if pushed is None:
                 pushed, by_steps = _push_steps(u, ops, states, t0, tangent, done, done + m,
                                                len(u.parts)), True
-            values_, part_norms, ln_scales, tangent, ln_last = pushed
+            values_, part_norms, ln_scales, pushed_tangent, ln_last = pushed
             m = values_.shape[0]  # a block may keep fewer steps: the rest is the next slice's
             # 3. The probes, over the slice: each step's values times exp(its log-scale).
             scales = log_scale + ln_scales
-            log_scale = log_scale + ln_last
             ctx = ForwardStep(values_, scales, columns, rows, g[done:done + m], weights,
                               u.groups, part_norms, grad_rows)
             grown = (torch.isnan(scales) | torch.isposinf(scales)).flatten(1).any(dim=1)
@@ -514,21 +517,32 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
             # a part that still falls that low is beyond the dtype
             lost = _part_underflows(values_, part_norms) if by_steps \
                 else torch.zeros_like(grown)
+            out_of_range = torch.zeros_like(grown) if in_range is None else ~in_range
             # what the host needs, in one transfer: on a GPU each is a wait for the device
-            # (m, probes * G + 3): the probes, whether a step left float range (a value grew
-            # out of it, or a part of a direction fell below it), the change
+            # (m, probes * G + 4): the probes, whether a step left float range (a value grew
+            # out of it, or a part of a direction fell below it), whether a block's step left
+            # the safe range (read late), the change
             read = torch.cat([*(probe(ctx) for probe in probes), grown[:, None].double(),
-                              lost[:, None].double(), _fastest(ln_last).expand(m, 1)],
-                             dim=1).cpu().numpy()
-            length = _length_for(float(read[0, -1]), m, tangent.dtype, cap)
-            bad = np.flatnonzero(read[:, -3] + read[:, -2])
-            keep = int(bad[0]) if len(bad) else m
+                              lost[:, None].double(), out_of_range[:, None].double(),
+                              _fastest(ln_last).expand(m, 1)], dim=1).cpu().numpy()
+            cut = int(np.argmax(read[:, -2])) if read[:, -2].any() else m
+            bad = np.flatnonzero(read[:cut, -4] + read[:cut, -3])
+            keep = int(bad[0]) if len(bad) else cut
             for i, name in enumerate(p.name for p in probes):
                 out[name][t0 + done:t0 + done + keep] = read[:keep, i * u.groups:(i + 1) * u.groups]
             if len(bad):
-                where = "tangent" if read[keep, -3] else "underflow"
+                where = "tangent" if read[keep, -4] else "underflow"
                 return NonFinite(t0 + done + keep + 1, where)
-            done += m
+            redo = m if cut == 0 else 0  # its first step left the range: step by step
+            if cut == 0:
+                continue
+            if cut < m:  # the steps of the block before the first that left the range
+                *_, pushed_tangent, ln_last = _block_to(values_, part_norms, cut)
+                length = _length_for(float(_fastest(ln_last)), cut, pushed_tangent.dtype, cap)
+            else:
+                length = _length_for(float(read[0, -1]), m, pushed_tangent.dtype, cap)
+            tangent, log_scale = pushed_tangent, log_scale + ln_last
+            done += cut
         if stop is not None:
             return stop
     return None
@@ -586,12 +600,16 @@ def _push_steps(u: Unrolled, ops: StepOps | None, states: Tensor, t0: int, tange
 
 
 def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int, graphs: GraphedSteps | None,
-                scratch: tuple[Scratch, Scratch], parts: int = 1) -> Pushed | None:
+                scratch: tuple[Scratch, Scratch], parts: int = 1, late: bool = False
+                ) -> tuple[Pushed | None, Tensor | None]:
     """Steps a+1..b renormalised once, at the end: as ``_push_steps`` (the values then carry
     their own scale). Where a value would leave the safe range, or a live direction reach
     zero, only the steps before the first such one are kept (fewer than b-a: the caller goes
     on from there), or None where that is the first: then it is done step by step, so
-    nothing underflows unseen. On a GPU
+    nothing underflows unseen. That check waits for the device; with ``late`` (a GPU) it is
+    left to the caller instead, which reads it with the probes: every step is returned, with
+    the next tangent from the last, and beside them the steps' flags (m,), True where in
+    range (else None). On a GPU
     the steps replay from a CUDA graph where the slice repeats (``graphs``). Else the values
     are written into the first of ``scratch``, and the per-sample matrices that the push
     multiplies by into the second, buffers kept for the whole pass: on the CPU a fresh one
@@ -603,14 +621,27 @@ def _push_block(ops: StepOps, tangent: Tensor, a: int, b: int, graphs: GraphedSt
         into = scratch[0].take((b - a, *tangent.shape), tangent)
         values = ops.push(tangent, a, b, into, scratch[1])
     part_norms = _part_norms(values, parts)  # (m, B, K, P)
-    norms = part_norms[..., 0] if parts == 1 else torch.linalg.vector_norm(part_norms, dim=-1)
     live = (tangent != 0).any(dim=-1)  # a zero direction stays zero
-    good = _steps_in_range(norms, live, _part_underflows(values, part_norms))
+    ok = _steps_in_range(_whole(part_norms), live, _part_underflows(values, part_norms))
+    good = b - a if late else _first_false(ok)
     if good == 0:
-        return None
+        return None, None
+    return _block_to(values, part_norms, good), ok if late else None
+
+
+def _whole(part_norms: Tensor) -> Tensor:
+    """(..., P) the parts' plain norms -> (...) the whole state's."""
+    if part_norms.shape[-1] == 1:
+        return part_norms[..., 0]
+    return torch.linalg.vector_norm(part_norms, dim=-1)
+
+
+def _block_to(values: Tensor, part_norms: Tensor, good: int) -> Pushed:
+    """A block's first ``good`` steps (values (m, B, K, S), renormalised only at the end):
+    their values and part norms, zero ln-scales, and the next tangent from step ``good``."""
     values, part_norms = values[:good], part_norms[:good]
     zeros = torch.zeros(values.shape[:3], dtype=torch.float64, device=values.device)
-    return values, part_norms, zeros, *_rescaled(values[-1], norms[good - 1])
+    return values, part_norms, zeros, *_rescaled(values[-1], _whole(part_norms[-1]))
 
 
 def _reverse_pass(u: Unrolled, states: Tensor | Segmented, g: Tensor | None,

@@ -224,6 +224,20 @@ def test_layers_that_drift_apart_beyond_float32_widen_or_stop_with_an_underflow(
     widened = got[torch.float32, True]
     assert widened.nonfinite is None
     np.testing.assert_allclose(widened.log10["jacobian"], full, rtol=0, atol=1e-3)
+    # a GPU reads a block's range check late, with its probes: where the first step of a
+    # block has a part below range, that slice is redone step by step, as read at once
+    import gradscope.engine as engine
+    u = unroll(adapt(module, "test", torch.float32), seq_len=300, batch=3, seed=2,
+               input_size=None, device=torch.device("cpu"))
+    stepped, push_steps = [], engine._push_steps
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "_runs_ahead", lambda x: True)
+        patch.setattr(engine, "_push_steps", lambda *args: stepped.append(1) or push_steps(*args))
+        late = measure(u, probes)
+    assert late.nonfinite is None and stepped
+    for name in late.log10:
+        np.testing.assert_allclose(late.log10[name], widened.log10[name], rtol=0, atol=1e-9,
+                                   err_msg=name)
     stop = got[torch.float32, False].nonfinite
     assert stop is not None and stop.where == "underflow" and 50 < stop.step < 300, stop
     # checkpointed: the first pass records the checkpoints, the second streams its own chunks
