@@ -533,9 +533,10 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
             if len(bad):
                 where = "tangent" if read[keep, -4] else "underflow"
                 return NonFinite(t0 + done + keep + 1, where)
-            redo = m if cut == 0 else 0  # its first step left the range: step by step
-            if cut == 0:
+            if cut == 0:  # the block's first step left the range: the slice step by step
+                redo = m
                 continue
+            redo = 0
             if cut < m:  # the steps of the block before the first that left the range
                 *_, pushed_tangent, ln_last = _block_to(values_, part_norms, cut)
                 length = _length_for(float(_fastest(ln_last)), cut, pushed_tangent.dtype, cap)
