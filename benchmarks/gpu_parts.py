@@ -4,9 +4,10 @@ split into its parts, each against the fused torch.nn forward+backward, in one r
     python3 benchmarks/gpu_parts.py            # on a machine with a CUDA device
     python3 benchmarks/gpu_parts.py --trace    # and torch.profiler's busiest ops
 
-Rows: the adjoint by the fused kernel's backward (as planned for a GPU; in blocks of 512
-lifted 77 decades, engine.FusedPlan; and as on a CPU) and by the closed-form loop (its
-blocks replayed from CUDA graphs, as on a GPU wherever the loop runs, and eager); the trajectory
+Rows: the adjoint by each GPU plan (engine.GPU_PLANS: the fused kernel's backward in float64
+blocks of 256, or of 512 lifted 77 decades; the closed-form loop, its blocks replayed from
+CUDA graphs), then the fastest of them (--pick FILE writes its name, for benchmarks/run.py
+--gpu-adjoint), the kernel as on a CPU, and the loop eager; the trajectory
 alone; the forward probes (exact, on 2 sequences; and from 16 random directions) with their
 slices replayed from CUDA graphs, as planned for a GPU and as on a CPU (float32 tangents,
 shorter chunks), also with the LSTM's gate blocks not folded into per-sample matrices first,
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true", help="torch.profiler's top ops too")
     parser.add_argument("--trace-steps", type=int, default=2000, help="T of the traced run")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
+    parser.add_argument("--pick", metavar="FILE",
+                        help="write the fastest GPU adjoint's name (engine.GPU_PLANS) here")
     args = parser.parse_args()
     cell, H, T, device = args.cell, args.hidden, args.steps, args.device
     step = fused_step(cell, H, T, device, torch.float32)
@@ -48,29 +51,37 @@ def main() -> None:
     sub = built.model.unroll(built.batch.take(args.samples))
     adjoint = [PROBES.get("adjoint")]
     forward = [PROBES.get(n) for n in probes_for(built.model.cell.parts) if n != "adjoint"]
-    rows = []
 
     def row(name, fn, repeats=2):  # each part timed alternately with the fused baseline
         t_base, seconds = side_by_side(step, fn, repeats, device)
-        rows.append((name, seconds))
         print(f"| {name} | {seconds:.3f} | {seconds / t_base:.2f}x |", flush=True)
+        return seconds / t_base
 
     print(f"machine: {machine(device)}; torch {torch.__version__}; {cell} H={H} B={B} T={T} "
           f"float32; forward probes on {args.samples} sequences\n")
     print("| part | seconds | / fused fwd+bwd |\n|---|---|---|")
     print(f"| fused torch.nn forward+backward | {base:.3f} | 1.00x |", flush=True)
-    row("adjoint, fused kernel's backward, as planned (GPU: blocks of 256, float64)",
-        lambda: measure(full, adjoint))
+    planned = engine.GPU_ADJOINT
+    times = {}
+    for name, plan in engine.GPU_PLANS.items():  # the GPU adjoint's candidates
+        engine.GPU_ADJOINT = name
+        how = "closed-form loop, blocks replayed from CUDA graphs" if plan is None else \
+            f"fused kernel's backward, blocks of {plan.length}, " \
+            f"{str(plan.dtype).removeprefix('torch.')}" + (f", lifted {plan.lift:g} decades"
+                                                            if plan.lift else "")
+        default = " (the default)" if name == planned else ""
+        times[name] = row(f"adjoint, GPU plan '{name}'{default}: {how}",
+                          lambda: measure(full, adjoint))
+    engine.GPU_ADJOINT = planned
+    fastest = min(times, key=times.get)
+    print(f"| fastest GPU adjoint: '{fastest}' | | {times[fastest]:.2f}x |", flush=True)
+    if args.pick:
+        Path(args.pick).write_text(fastest + "\n")
     plan = engine._fused_plan
-    lifted = engine.FusedPlan(512, torch.float64, 77.0)
-    as_cpu = engine.FusedPlan(engine.CHUNK, torch.float32)
-    for name, other in [("blocks of 512, float64, lifted 77 decades", lifted),
-                        ("as on a CPU (blocks of 64, float32)", as_cpu)]:
-        engine._fused_plan = lambda u, other=other: other
-        row(f"adjoint, fused kernel's backward, {name}", lambda: measure(full, adjoint))
+    engine._fused_plan = lambda u: engine.FusedPlan(engine.CHUNK, torch.float32)
+    row("adjoint, fused kernel's backward, as on a CPU (blocks of 64, float32)",
+        lambda: measure(full, adjoint, fused=True))
     engine._fused_plan = plan
-    row("adjoint, closed-form loop, blocks replayed from CUDA graphs",
-        lambda: measure(full, adjoint, fused=False))
     cudagraphs.ENABLED = False
     row("adjoint, closed-form loop, eager", lambda: measure(full, adjoint, fused=False))
     cudagraphs.ENABLED = True

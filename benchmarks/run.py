@@ -5,6 +5,7 @@ fused torch.nn kernel's forward+backward, measured side by side in one run, as r
     .venv/bin/python benchmarks/run.py --full     # every case: LSTM, tanh RNN; H 128, 512;
                                                   # T 1000, 10000; and T = 1e6 memory
     .venv/bin/python benchmarks/run.py --device cuda --full
+    .venv/bin/python benchmarks/run.py --device cuda --gpu-adjoint loop   # another GPU plan
     .venv/bin/python benchmarks/run.py --seeds     # seed stacks against one seed at a time
     .venv/bin/python benchmarks/run.py --train-paths   # training: step loop against kernel
     .venv/bin/python benchmarks/run.py --user-models   # `gradscope check` on torch.nn modules
@@ -26,6 +27,7 @@ import time
 
 import torch
 
+import gradscope.engine as engine
 from gradscope.config import RunConfig
 from gradscope.engine import measure
 from gradscope.model import build
@@ -318,12 +320,16 @@ def main() -> None:
                         help="only training's recurrence: step loop against fused kernel")
     parser.add_argument("--naive-t", type=int, default=200,
                         help="the naive baseline runs at this T and is scaled by (T/this)^2")
+    parser.add_argument("--gpu-adjoint", default=engine.GPU_ADJOINT, choices=list(engine.GPU_PLANS),
+                        help="the GPU's adjoint plan (engine.GPU_PLANS; benchmarks/gpu_parts.py "
+                        "--pick names the fastest)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc keeps freed memory (mallopt), so that no run pays for fresh "
                         "pages: the fused kernel's floor without that cost (CPU, Linux)")
     args = parser.parse_args()
     if args.keep_freed_memory:
         keep_freed_memory()
+    engine.GPU_ADJOINT = args.gpu_adjoint
     dtype = "float32"
     if args.seeds or args.train_paths or args.user_models:
         print(f"machine: {machine(args.device)}; torch {torch.__version__}")
@@ -343,7 +349,8 @@ def main() -> None:
     print(f"machine: {machine(args.device)}; torch {torch.__version__}; B = {B}; {dtype}; "
           f"forward probes on {args.samples} sequences, exact or from {args.projections} "
           f"random directions per part; {memory}; each ratio against the fused "
-          "forward+backward timed alternately with it\n")
+          "forward+backward timed alternately with it"
+          + (f"; GPU adjoint '{args.gpu_adjoint}'" if args.device == "cuda" else "") + "\n")
     print("| cell | H | T | fused fwd+bwd (s) | adjoint (s) | adjoint / fused "
           "| adjoint by loop / kernel, each / fused | all, exact (s) | exact / fused "
           "| all, estimated (s) | estimated / fused | naive O(T^2) (s) | naive / exact |")

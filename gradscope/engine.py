@@ -230,7 +230,8 @@ def _measure(u: Unrolled, probes: Sequence[Probe], projections: int | None,
 def _fused_applies(u: Unrolled, fused: bool | None, with_forward: bool) -> bool:
     """Whether the adjoint comes from the fused kernel (``measure``'s ``fused``)."""
     if fused is None:
-        fused = _on_gpu(u.s0) or (u.fused_on_cpu and not with_forward)
+        fused = GPU_PLANS[GPU_ADJOINT] is not None if _on_gpu(u.s0) else \
+            u.fused_on_cpu and not with_forward
     # the blocks redone step by step need the closed-form back end (``_reverse_fast``)
     if not (fused and u.fused_adjoint is not None and u.linearize is not None
             and u.groups == 1):
@@ -252,14 +253,27 @@ class FusedPlan(NamedTuple):
     lift: float = 0.0
 
 
+# The GPU's adjoint, by name: the fused kernel in blocks of a plan, or (None) the closed-form
+# loop with each block of steps replayed from a CUDA graph. On a GPU each kernel block costs
+# the kernel's fixed overhead twice (forward, backward) and the steps are bound by launches,
+# not arithmetic: the kernel runs in float64, whose range (1e+-154 for norms) lets a block
+# span four chunks where a float32 one would often leave the safe range; "kernel-lifted" spans
+# eight, each block started 77 decades from norm 1. benchmarks/gpu_parts.py times all three
+# side by side, and benchmarks/run.py --gpu-adjoint NAME measures the targets with any one.
+GPU_PLANS: dict[str, FusedPlan | None] = {
+    "kernel": FusedPlan(GPU_CHUNK, GPU_DTYPE),
+    "kernel-lifted": FusedPlan(2 * GPU_CHUNK, GPU_DTYPE, 77.0),
+    "loop": None,
+}
+GPU_ADJOINT = "kernel"
+
+
 def _fused_plan(u: Unrolled) -> FusedPlan:
-    """The fused adjoint's plan. On a GPU each block costs the kernel's fixed overhead twice
-    (forward, backward) and the steps are bound by launches, not arithmetic: the kernel runs
-    in float64, whose range (1e+-154 for norms) lets a block span four chunks where a
-    float32 one would often leave the safe range. On the CPU, blocks of one chunk in the
-    cell's dtype. (benchmarks/gpu_parts.py also times longer blocks with a lift.)"""
+    """The fused adjoint's plan: on a GPU, ``GPU_PLANS[GPU_ADJOINT]`` (the first kernel plan
+    where that one is the loop and the kernel is asked for by ``measure(fused=True)``); on the
+    CPU, blocks of one chunk in the cell's dtype."""
     if _on_gpu(u.s0):
-        return FusedPlan(GPU_CHUNK, GPU_DTYPE)
+        return GPU_PLANS[GPU_ADJOINT] or GPU_PLANS["kernel"]
     return FusedPlan(CHUNK, u.s0.dtype)
 
 

@@ -229,18 +229,17 @@ def test_a_checkpointed_adjoint_is_the_stored_one(make, options):
 
 _FUSED = [{"cell": "rnn"}, {"cell": "rnn", "activation": "relu", "init": "identity"},
           {"cell": "lstm"}]
-# the fused adjoint's plan on the CPU (blocks of 64 in the cell's dtype), on a GPU (blocks of
-# 256 in float64, engine._fused_plan), and blocks of 512 in float64 lifted 77 decades (which
-# benchmarks/gpu_parts.py times on a GPU), all run here
-_PLANS = pytest.mark.parametrize("plan", ["cpu", "gpu", "lifted"])
+# the fused adjoint's plan on the CPU (blocks of 64 in the cell's dtype), and each kernel plan
+# a GPU may take (engine.GPU_PLANS: blocks of 256 in float64, and of 512 lifted 77 decades),
+# all run here
+_PLANS = pytest.mark.parametrize("plan", ["cpu", "kernel", "kernel-lifted"])
 
 
 def _use_plan(monkeypatch, plan: str) -> None:
     import gradscope.engine as engine
 
     if plan != "cpu":
-        chosen = engine.FusedPlan(256, torch.float64) if plan == "gpu" else \
-            engine.FusedPlan(512, torch.float64, 77.0)
+        chosen = engine.GPU_PLANS[plan]
         monkeypatch.setattr(engine, "_fused_plan", lambda u: chosen)
 
 
@@ -355,7 +354,7 @@ def test_the_fused_kernel_adjoint_of_sequences_that_end_early_matches_autograd(
 
 @pytest.mark.parametrize(("options", "dtype", "plan"), [
     *(({"cell": "rnn", "init": "normal", "gain": 0.03}, d, p)  # about -1.5 decades a step
-      for d in ("float32", "float64") for p in ("cpu", "gpu", "lifted")
+      for d in ("float32", "float64") for p in ("cpu", "kernel", "kernel-lifted")
       if (d, p) != ("float64", "cpu")),  # 96 decades a block: in float64's range
     ({"cell": "lstm", "init": "normal", "gain": 0.05}, "float32", "cpu")])  # about -0.2
 @pytest.mark.parametrize("ahead", [True, False])
@@ -689,7 +688,7 @@ def test_the_fused_adjoint_resumes_the_loop_at_the_first_block_out_of_range(make
     _use_plan(monkeypatch, plan)
     import gradscope.engine as engine
 
-    steps = {"cpu": 300, "gpu": 1200, "lifted": 2300}[plan]  # 5 blocks each
+    steps = {"cpu": 300, "kernel": 1200, "kernel-lifted": 2300}[plan]  # 5 blocks each
     model, batch = make(cell="lstm", hidden=6, batch=3, seq_len=steps)
     u = model.unroll(batch)
     adjoint = [PROBES.get("adjoint")]
@@ -768,11 +767,12 @@ def test_a_lifted_block_holds_a_fall_that_a_block_from_norm_one_cannot(make, mon
                                      {"cell": "lstm", "init": "orthogonal", "gain": 0.3},
                                      {"cell": "rnn", "init": "orthogonal", "gain": 0.3}])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("lifted", [False, True])
+@pytest.mark.parametrize("adjoint", ["kernel", "kernel-lifted", "loop"])
 def test_every_gpu_plan_at_once_run_on_the_cpu_gives_the_cpu_numbers(make, monkeypatch, options,
-                                                                       dtype, lifted):
-    """Every switch a GPU throws, thrown together on the CPU: the fused adjoint (float64
-    blocks of 256, or ``lifted`` ones of 512; range checks read late), float64 tangents
+                                                                       dtype, adjoint):
+    """Every switch a GPU throws, thrown together on the CPU: the GPU's adjoint
+    (``engine.GPU_ADJOINT``: the fused kernel in float64 blocks of 256, or lifted ones of 512,
+    range checks read late; or the closed-form loop, its blocks replayed), float64 tangents
     through chunks of 256, slices replayed from (stood-in) graphs, the cell-state scan in
     log2 rounds, the larger stacks and streaming limits. Every probe gives the CPU's numbers,
     through hundreds of decades: a check, before a lent GPU runs tests/test_gpu.py, that the
@@ -784,15 +784,17 @@ def test_every_gpu_plan_at_once_run_on_the_cpu_gives_the_cpu_numbers(make, monke
     probes = [PROBES.get(n) for n in probes_for(model.cell.parts)]
     cpu = measure(model.unroll(batch), probes).log10
     replayed = []
-    if lifted:  # the fused adjoint's alternative plan that benchmarks/gpu_parts.py times
-        _use_plan(monkeypatch, "lifted")
+    monkeypatch.setattr(engine, "GPU_ADJOINT", adjoint)
     gpu_switches(monkeypatch, replayed)
     backs, back = [], engine.FusedAdjoint.back
     monkeypatch.setattr(engine.FusedAdjoint, "back",
                         lambda self, *args: backs.append(1) or back(self, *args))
     gpu = measure(model.unroll(batch), probes).log10
-    assert replayed, "no slice was replayed"
-    assert bool(backs) == (options["cell"] != "gru")  # the GRU has no fused adjoint
+    assert any(isinstance(m, int) for m in replayed), "no forward slice was replayed"
+    by_kernel = adjoint != "loop" and options["cell"] != "gru"  # the GRU has no fused adjoint
+    assert bool(backs) == by_kernel
+    if not by_kernel:  # the loop's blocks replayed (a length is captured when it comes twice)
+        assert any(isinstance(m, tuple) for m in replayed), replayed
     atol = 1e-9 if dtype == "float64" else 1e-3
     for name in cpu:
         assert np.isfinite(cpu[name]).all(), name

@@ -39,11 +39,13 @@ def test_cuda_seed_stacks_and_checkpoints_match_cpu():
 @pytest.mark.parametrize("cell", ["rnn", "lstm"])
 @pytest.mark.parametrize("gain", [1.0, 0.05])  # 0.05: blocks leave float32's range, redone
 @pytest.mark.parametrize("task", ["adding", "language", "copy"])
-def test_cuda_fused_adjoint_matches_the_cpu_loop(cell, gain, task):
-    """The adjoint from cuDNN's own backward (the default on a GPU) against the CPU's
-    closed-form loop, in float32, over many blocks; where sequences end early (language),
-    each one's loss gradient enters cuDNN's backward at its own last step, and where the loss
-    is read at every step (copy), each step's term at that step."""
+@pytest.mark.parametrize("plan", ["kernel", "kernel-lifted"])
+def test_cuda_fused_adjoint_matches_the_cpu_loop(cell, gain, task, plan, monkeypatch):
+    """The adjoint from cuDNN's own backward, by each kernel plan of engine.GPU_PLANS, against
+    the CPU's closed-form loop, in float32, over many blocks; where sequences end early
+    (language), each one's loss gradient enters cuDNN's backward at its own last step, and
+    where the loss is read at every step (copy), each step's term at that step."""
+    import gradscope.engine as engine
     from gradscope.config import RunConfig
     from gradscope.engine import measure
     from gradscope.probes import PROBES
@@ -58,6 +60,7 @@ def test_cuda_fused_adjoint_matches_the_cpu_loop(cell, gain, task):
         u = built.model.unroll(built.batch)
         return measure(u, [PROBES.get("adjoint")], fused=device == "cuda").log10["adjoint"]
 
+    monkeypatch.setattr(engine, "GPU_ADJOINT", plan)
     np.testing.assert_allclose(adjoint("cuda"), adjoint("cpu"), rtol=0, atol=1e-3)
 
 
