@@ -763,6 +763,25 @@ def test_a_lifted_block_holds_a_fall_that_a_block_from_norm_one_cannot(make, mon
         assert bool(redone) == (lift == 0.0), (lift, len(redone))
 
 
+@pytest.mark.parametrize("adjoint", ["kernel", "kernel-lifted", "loop"])
+def test_the_gpu_takes_the_adjoint_plan_named_by_gpu_adjoint(make, monkeypatch, adjoint):
+    """engine.GPU_ADJOINT picks the GPU's adjoint among engine.GPU_PLANS: a kernel plan's
+    blocks, or (loop) the closed-form loop unless the kernel is asked for; the CPU's plan
+    stays blocks of 64 in the cell's dtype whatever is named."""
+    import gradscope.engine as engine
+
+    model, batch = make(cell="lstm", hidden=4, batch=3, seq_len=20)
+    u = model.unroll(batch)
+    monkeypatch.setattr(engine, "GPU_ADJOINT", adjoint)
+    assert engine._fused_plan(u) == (engine.CHUNK, torch.float64, 0.0)
+    assert engine._fused_applies(u, None, False)  # the CPU's LSTM below H = 256
+    monkeypatch.setattr(engine, "_on_gpu", lambda x: True)
+    plan = engine.GPU_PLANS[adjoint]
+    assert engine._fused_applies(u, None, False) == (plan is not None)
+    assert engine._fused_applies(u, None, True) == (plan is not None)
+    assert engine._fused_plan(u) == (plan or engine.GPU_PLANS["kernel"])
+
+
 @pytest.mark.parametrize("options", [{"cell": "lstm"}, {"cell": "gru"}, {"cell": "rnn"},
                                      {"cell": "lstm", "init": "orthogonal", "gain": 0.3},
                                      {"cell": "rnn", "init": "orthogonal", "gain": 0.3}])
