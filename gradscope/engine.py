@@ -269,8 +269,8 @@ GPU_ADJOINT = "kernel"
 
 
 def _fused_plan(u: Unrolled) -> FusedPlan:
-    """The fused adjoint's plan: on a GPU, ``GPU_PLANS[GPU_ADJOINT]`` (the first kernel plan
-    where that one is the loop and the kernel is asked for by ``measure(fused=True)``); on the
+    """The fused adjoint's plan: on a GPU, ``GPU_PLANS[GPU_ADJOINT]`` (or ``kernel``'s, where
+    the loop is named and ``measure(fused=True)`` asks for the kernel all the same); on the
     CPU, blocks of one chunk in the cell's dtype."""
     if _on_gpu(u.s0):
         return GPU_PLANS[GPU_ADJOINT] or GPU_PLANS["kernel"]
