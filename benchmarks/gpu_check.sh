@@ -17,6 +17,7 @@ pick="$(mktemp)"
   timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
   timeout 150 python3 benchmarks/gpu_parts.py --pick "$pick"
   adjoint="$(cat "$pick")"
-  timeout 180 python3 benchmarks/run.py --device cuda --no-memory --gpu-adjoint "${adjoint:-kernel}"
+  # without a pick (gpu_parts.py stopped first), run.py keeps engine.GPU_ADJOINT, the default
+  timeout 180 python3 benchmarks/run.py --device cuda --no-memory ${adjoint:+--gpu-adjoint "$adjoint"}
 } 2>&1 | tee "$log"
 rm -f "$pick"
