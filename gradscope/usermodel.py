@@ -93,8 +93,7 @@ def make(path: str, args: dict, where: str) -> nn.Module:
 def adapt(module: object, where: str, dtype: torch.dtype | None = None) -> Adapted:
     """The step-function view of ``module`` (a copy, cast to ``dtype`` when given)."""
     if not isinstance(module, nn.Module):
-        raise ConfigError(f"{where}: the model is a {type(module).__name__}; expected "
-                          f"{SUPPORTED}")
+        raise ConfigError(f"{where}: the model is {_kind(module)}; expected {SUPPORTED}")
     module = copy.deepcopy(module)
     if dtype is not None:
         module = module.to(dtype)
@@ -109,7 +108,13 @@ def adapt(module: object, where: str, dtype: torch.dtype | None = None) -> Adapt
         return _cell(module)
     if all(hasattr(module, a) for a in ("initial_state", "step", "input_size")):
         return _protocol(module, where)
-    raise ConfigError(f"{where}: the model is a {type(module).__name__}; expected {SUPPORTED}")
+    raise ConfigError(f"{where}: the model is {_kind(module)}; expected {SUPPORTED}")
+
+
+def _kind(value: object) -> str:
+    """``value``'s type with its article, for messages: "a Linear", "an int"."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 def _steps_for(mode: str) -> tuple[int, Callable[..., State]]:
@@ -127,7 +132,9 @@ def _stacked(m: nn.RNNBase, where: str) -> Adapted:
         raise ConfigError(f"{where}: bidirectional {type(m).__name__} reads time both ways; "
                           "gradscope measures one direction: pass a unidirectional module")
     if getattr(m, "proj_size", 0):
-        raise ConfigError(f"{where}: LSTM with proj_size > 0 is not supported")
+        raise ConfigError(f"{where}: LSTM with proj_size={m.proj_size} is not supported: its "
+                          f"h ({m.proj_size}) and c ({m.hidden_size}) differ in size, and "
+                          "gradscope's state parts share one; measure it with proj_size=0")
     per_layer, cell_step = _steps_for(m.mode)
     H, L = m.hidden_size, m.num_layers
     names = ("h", "c")[:per_layer]

@@ -191,7 +191,7 @@ def test_factory_that_raises_or_returns_the_wrong_type(project, capsys):
     (folder / f"{module}.py").write_text(MODELS + "\ndef broken():\n    raise ValueError('no')\n"
                                          "\ndef wrong():\n    return 42\n")
     path = folder / "pyproject.toml"
-    for factory, message in (("broken", "raised ValueError: no"), ("wrong", "the model is a int")):
+    for factory, message in (("broken", "raised ValueError: no"), ("wrong", "the model is an int")):
         path.write_text(CONFIG.format(module=module, factory=factory))
         code, _, err = _main(["check"], capsys)
         assert code == 2 and message in err

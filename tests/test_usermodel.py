@@ -145,7 +145,7 @@ def test_the_step_protocol_is_measured():
     (nn.Linear(3, 3), "the model is a Linear; expected torch.nn.RNN, LSTM or GRU"),
     ("not a module", "the model is a str"),
     (nn.LSTM(3, 4, bidirectional=True), "bidirectional LSTM reads time both ways"),
-    (nn.LSTM(3, 4, proj_size=2), "proj_size > 0 is not supported"),
+    (nn.LSTM(3, 4, proj_size=2), r"proj_size=2 is not supported: its h \(2\) and c \(4\) differ"),
 ])
 def test_unsupported_models_are_config_errors(module, message):
     with pytest.raises(ConfigError, match=message):
