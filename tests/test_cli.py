@@ -160,3 +160,30 @@ def test_sweep_then_report_then_export_from_the_command_line(tmp_path, capsys):
     assert (out / "report" / "index.html").exists()
     code, stdout, _ = _main(["export", str(out), "--format", "csv"], capsys)
     assert code == 0 and (out / "export" / "runs.csv").exists()
+
+
+def test_outputs_get_the_umasks_permissions_and_a_replaced_file_keeps_its_own(tmp_path,
+                                                                                capsys):
+    """Files are written to a private temporary name and renamed: without a chmod, every
+    result, figure, report and export would be 0o600, unreadable to anyone else."""
+    import os
+    import stat
+
+    mask = os.umask(0o027)  # a umask other than the usual 0o022, so that it is read, not assumed
+    try:
+        out = tmp_path / "s"
+        code, _, _ = _main(["sweep", "--cell", "rnn", "--hidden", "3", "--batch", "2",
+                            "--seq-len", "6", "--workers", "1", "--out", str(out)], capsys)
+        assert code == 0
+        assert _main(["export", str(out)], capsys)[0] == 0
+        run = tmp_path / "r"
+        assert _main(["run", *FAST, "--out", str(run)], capsys)[0] == 0
+        written = [*(out / "report").iterdir(), *(out / "export").iterdir(), *run.iterdir()]
+        assert {p.suffix for p in written} >= {".html", ".png", ".csv", ".json"}
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in written}
+        assert modes == dict.fromkeys(modes, 0o640)
+        (run / "result.json").chmod(0o604)
+        assert _main(["run", *FAST, "--out", str(run)], capsys)[0] == 0
+        assert stat.S_IMODE((run / "result.json").stat().st_mode) == 0o604
+    finally:
+        os.umask(mask)
