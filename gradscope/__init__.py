@@ -16,16 +16,16 @@ from .errors import ConfigError, GradscopeError
 from .version import __version__
 
 _LAZY = {  # name -> the module that defines it
-    **dict.fromkeys(("assert_gradient_health", "check", "compare", "export", "load",
-                     "registries", "run", "sweep", "sweep_spec"), "api"),
+    **dict.fromkeys(("assert_gradient_health", "check", "compare", "cost_note", "export",
+                     "load", "registries", "run", "sweep", "sweep_spec"), "api"),
     "write_report": "report",
     "RunResult": "results",
 }
 
 __all__ = [
     "ConfigError", "GradscopeError", "RunConfig", "RunResult", "__version__",
-    "assert_gradient_health", "check", "compare", "export", "load", "registries", "run", "sweep",
-    "sweep_spec", "write_report",
+    "assert_gradient_health", "check", "compare", "cost_note", "export", "load", "registries",
+    "run", "sweep", "sweep_spec", "write_report",
 ]
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         assert_gradient_health,
         check,
         compare,
+        cost_note,
         export,
         load,
         registries,

@@ -25,18 +25,20 @@ from .plots import comparison_figure, profile_figure, save_figure
 from .registry import ALL
 from .report import write_report
 from .results import RunResult
-from .runner import check_config, execute
+from .runner import check_config, execute, forward_cost_note
 from .store import Store, run_id
 from .sweep import PRESETS, SweepReport, SweepSpec, from_mapping, load_toml, run_sweep
 
 
 def run(config: RunConfig | None = None, *, out: str | Path | None = None,
-        command: str | None = None, **options) -> RunResult:
+        command: str | None = None, on_phase: Callable[[str], None] = lambda phase: None,
+        **options) -> RunResult:
     """Measure one configuration's per-step gradient-flow profiles; with ``steps``, also train
     it by BPTT and measure again every ``profile_every`` steps and at the end.
 
     ``options`` are RunConfig fields (``cell="gru", seq_len=500``); they override ``config``.
     With ``out``, writes ``out/result.json`` and ``out/profile.png`` (each atomically).
+    ``on_phase(text)`` is told what the run does next, for a display of its progress.
 
     >>> r = run(cell="rnn", activation="tanh", init="pytorch", task="adding", seq_len=1000)
     >>> r.summary["grad_h0"].verdict
@@ -47,10 +49,23 @@ def run(config: RunConfig | None = None, *, out: str | Path | None = None,
     check_config(config)
     if out is not None:
         check_writable_dir(Path(out))  # creates nothing: a failed run leaves no folder behind
-    result = execute(config, command)
+    result = execute(config, command, on_phase)
     if out is not None:
         save_run(result, ensure_writable_dir(Path(out)))
     return result
+
+
+def cost_note(config: RunConfig | None = None, **options) -> str | None:
+    """A line to tell the user before a run whose forward probes will take long on a CPU,
+    with the options that cut their cost; None where they will not. Raises ConfigError for
+    bad input, as ``run`` does.
+
+    >>> cost_note(cell="lstm", hidden=256, seq_len=1000)
+    'the exact forward probes on 32 sequences take about 4e+12 multiply-adds, about 107 s on ...'
+    """
+    config = (config or RunConfig()).replace(**options) if options else (config or RunConfig())
+    device, probes = check_config(config)
+    return forward_cost_note(config, probes, device)
 
 
 def compare(runs: list[str | Path], probe: str, out: str | Path | None = None

@@ -8,6 +8,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -52,6 +55,19 @@ def _api():
     from . import api
 
     return api
+
+
+@contextmanager
+def _phases() -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr that shows a run's phase and the time it has taken, gone when the
+    run ends; where stderr is not a terminal (CI logs, pipes), nothing."""
+    if not err_console.is_terminal:
+        yield lambda phase: None
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task("starting")
+        yield lambda phase: progress.update(task, description=phase)
 
 
 @app.command("run", epilog="Example:  gradscope run --cell lstm --forget-bias 3 --task recall")
@@ -100,7 +116,8 @@ def run_command(
     """Measure one configuration: per-step gradient magnitudes against time distance.
 
     Writes result.json and profile.png into --out and prints slope, half-life, horizon and
-    verdict per probe.
+    verdict per probe. On a terminal, a spinner shows what the run is doing and for how long;
+    a run whose forward probes will take long on a CPU says so first, with cheaper options.
     """
     config = RunConfig(
         cell=cell, activation=activation, init=init, gain=gain, input_init=input_init,
@@ -112,7 +129,13 @@ def run_command(
         projections=projections, checkpoint=checkpoint,
     )
     out = out if out is not None else Path("runs") / _default_name(config)
-    result = _api().run(config, out=out, command=" ".join(["gradscope", *_ARGV]))
+    check_writable_dir(out)  # before the note: bad input gets its one line alone
+    note = _api().cost_note(config)
+    if note:
+        err_console.print(f"gradscope: note: {note}", markup=False, soft_wrap=True)
+    with _phases() as on_phase:
+        result = _api().run(config, out=out, command=" ".join(["gradscope", *_ARGV]),
+                            on_phase=on_phase)
     print_result(result)
     out_console.print(f"wrote {out / 'result.json'} and {out / 'profile.png'}")
 

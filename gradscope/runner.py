@@ -97,9 +97,12 @@ def _available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def execute(config: RunConfig, command: str | None = None) -> RunResult:
+def execute(config: RunConfig, command: str | None = None,
+            on_phase: Callable[[str], None] = lambda phase: None) -> RunResult:
     """Measure one configuration's per-step gradient-flow profiles; with ``steps``, also train
     it by BPTT and measure again every ``profile_every`` steps and at the end.
+    ``on_phase(text)`` is told what the run does next ("measuring the profiles at step 0",
+    "training: 12 of 400 steps done", ...), for a display of its progress.
 
     Raises ConfigError for bad input before any work is done.
     """
@@ -108,15 +111,53 @@ def execute(config: RunConfig, command: str | None = None) -> RunResult:
     built.model.requires_grad_(False)  # measurement differentiates states only; train() flips it
 
     def measure_now(step: int) -> Snapshot:
+        on_phase(f"measuring the profiles at step {step}")
         return snapshot(built.model, built.batch, probes, step=step, seed=config.seed,
                         **snapshot_options(config))
 
     initial = measure_now(0)
+    if config.theory_k > 0:
+        on_phase("the theory: Lyapunov exponents")
     theory = initial_theory(config, built, initial)
     training = None
     if config.steps > 0:
-        training = _train(config, built, device, measure_now)
+        training = _train(config, built, device, measure_now, on_phase)
     return assemble(config, built, initial, theory, training, device, command)
+
+
+def forward_work(config: RunConfig, probes: list[Probe]) -> int:
+    """Multiply-adds of one measurement's forward probes, about: each of K directions per
+    sequence (H, or ``projections``, per part they start from) goes through every step's
+    recurrent matrix (G*H x H)."""
+    cell = CELLS.get(config.cell)
+    starts = len({p.wrt for p in probes if p.pass_ == "forward"})
+    directions = starts * (config.projections or config.hidden)
+    sequences = config.jacobian_samples or config.batch
+    return sequences * directions * config.seq_len * len(cell.gates) * config.hidden ** 2
+
+
+def forward_cost_note(config: RunConfig, probes: list[Probe],
+                      device: torch.device) -> str | None:
+    """A line for the user where a run's forward probes will take long on a CPU: above 1e12
+    multiply-adds in all, with a time at 4e10 a second (2 cores of this project's machines:
+    an LSTM of H = 256 over T = 1000, 32 sequences, 4.3e12 in 102 s) and the options that cut
+    it; None otherwise."""
+    measurements = 1
+    if config.steps:
+        every = config.profile_every or config.steps
+        measurements += config.steps // every + (config.steps % every > 0)
+    work = forward_work(config, probes) * measurements
+    if device.type != "cpu" or work <= 1e12:
+        return None
+    sequences = config.jacobian_samples or config.batch
+    cheaper = [f"--jacobian-samples {n}" for n in (4,) if n < sequences]
+    if not config.projections and config.hidden > 32:
+        cheaper.append(f"--projections 32 (estimates; {config.hidden // 32}x fewer directions)")
+    times = f" in {measurements} measurements" if measurements > 1 else ""
+    kind = "estimated" if config.projections else "exact"
+    return (f"the {kind} forward probes on {sequences} sequences take about {work:.0e} "
+            f"multiply-adds{times}, about {work / 4e10:.0f} s on 2 CPU cores"
+            + (f"; {' or '.join(cheaper)} costs less" if cheaper else ""))
 
 
 def snapshot_options(config: RunConfig) -> dict:
@@ -174,7 +215,8 @@ def training_result(outcome: TrainOutcome, snapshots: list[Snapshot],
 
 
 def _train(config: RunConfig, built: Built, device: torch.device,
-           measure_now: Callable[[int], Snapshot]) -> Training:
+           measure_now: Callable[[int], Snapshot],
+           on_phase: Callable[[str], None]) -> Training:
     chance = built.task.chance(config.seq_len)
     next_batch, eval_batch = training_batches(config, built, device)
     snapshots: list[Snapshot] = []
@@ -182,6 +224,7 @@ def _train(config: RunConfig, built: Built, device: torch.device,
     def on_step(step: int) -> None:
         if config.profile_every and step % config.profile_every == 0:
             snapshots.append(measure_now(step))
+        on_phase(f"training: {step} of {config.steps} steps done")
 
     [outcome] = train(built.model, steps=config.steps, optimizer=config.optimizer, lr=config.lr,
                       clip=config.clip, next_batch=next_batch, eval_batch=eval_batch,

@@ -36,6 +36,37 @@ def test_config_and_options_combine():
     assert r.config.cell == "lstm" and r.config.forget_bias == 2.0
 
 
+def test_a_run_tells_its_phases_in_order():
+    phases = []
+    gradscope.run(cell="lstm", steps=5, profile_every=2, on_phase=phases.append, **FAST)
+    measuring = [p for p in phases if p.startswith("measuring")]
+    assert measuring == [f"measuring the profiles at step {k}" for k in (0, 2, 4, 5)]
+    assert phases[:2] == ["measuring the profiles at step 0", "the theory: Lyapunov exponents"]
+    done = [p for p in phases if p.startswith("training")]
+    assert done == [f"training: {k} of 5 steps done" for k in range(1, 6)]
+    assert phases.index("training: 2 of 5 steps done") \
+        == phases.index("measuring the profiles at step 2") + 1
+
+
+def test_the_cost_note_names_the_forward_probes_work_and_cheaper_options():
+    note = gradscope.cost_note(cell="lstm", hidden=256, seq_len=1000)
+    # 32 sequences x 512 directions (h and c) x 1000 steps x (4 x 256) x 256
+    assert note.startswith("the exact forward probes on 32 sequences take about 4e+12 "
+                           "multiply-adds, about 107 s on 2 CPU cores")
+    assert note.endswith("--jacobian-samples 4 or --projections 32 (estimates; 8x fewer "
+                         "directions) costs less")
+    trained = gradscope.cost_note(cell="lstm", hidden=128, seq_len=1000, steps=300,
+                                  profile_every=100)
+    assert "in 4 measurements" in trained  # at steps 0, 100, 200 and 300
+    assert gradscope.cost_note(cell="lstm", hidden=256, seq_len=1000, probes=("adjoint",)) \
+        is None
+    assert gradscope.cost_note(cell="lstm", hidden=256, seq_len=1000, jacobian_samples=2) \
+        is None
+    assert gradscope.cost_note(**FAST) is None
+    with pytest.raises(gradscope.ConfigError, match="--hidden"):
+        gradscope.cost_note(hidden=0)
+
+
 def test_an_exploding_network_is_reported_with_its_step_not_raised(tmp_path):
     # ReLU with W = 2I doubles the state every step: float32 overflows near step 128
     r = gradscope.run(cell="rnn", activation="relu", init="identity", gain=2.0, dtype="float32",

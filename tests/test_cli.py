@@ -40,6 +40,16 @@ def test_run_writes_a_versioned_result_and_a_figure(tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_a_costly_run_is_told_first_in_one_line_and_no_spinner_outside_a_terminal(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("gradscope.runner.forward_work", lambda config, probes: 4e12)
+    code, stdout, stderr = _main(["run", *FAST, "--out", str(tmp_path)], capsys)
+    assert code == 0 and "wrote" in stdout
+    assert stderr.splitlines() == [
+        "gradscope: note: the exact forward probes on 2 sequences take about 4e+12 "
+        "multiply-adds, about 100 s on 2 CPU cores"]  # H = 4: no cheaper option to offer
+
+
 def test_probes_option_selects(tmp_path, capsys):
     code, _, _ = _main(["run", *FAST, "--probes", "adjoint", "--out", str(tmp_path)], capsys)
     assert code == 0
