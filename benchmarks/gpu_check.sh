@@ -14,7 +14,7 @@ log="${OUT:-/tmp}/gpu_check.log"
 pick="$(mktemp)"
 {
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-  timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
+  timeout 120 python3 -m pytest -q -x -p no:cacheprovider --durations=8 tests/test_gpu.py
   timeout 150 python3 benchmarks/gpu_parts.py --pick "$pick"
   adjoint="$(cat "$pick")"
   # without a pick (gpu_parts.py stopped first), run.py keeps engine.GPU_ADJOINT, the default
