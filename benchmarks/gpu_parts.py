@@ -93,6 +93,11 @@ def main() -> None:
     row("forward probes, CUDA graphs, as on a CPU (float32 tangents, chunks of 64)",
         lambda: measure(sub, forward))
     engine._forward_plan = forward_plan
+    stacked = engine.STACKED_GPU
+    engine.STACKED_GPU = 2**26
+    row("forward probes, CUDA graphs, slices of at most 2**26 values (the plan before: 128 "
+        "steps)", lambda: measure(sub, forward))
+    engine.STACKED_GPU = stacked
     row("forward probes, CUDA graphs, 16 random directions",
         lambda: measure(sub, forward, projections=16))
     many = linear._many_directions
