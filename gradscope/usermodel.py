@@ -3,8 +3,8 @@
 Accepted (``SUPPORTED``):
 
 - ``torch.nn.RNN`` / ``LSTM`` / ``GRU``: any ``num_layers``, ``batch_first`` either way, with or
-  without biases; unidirectional, no ``proj_size``; inter-layer dropout is not applied (the
-  module is measured as in eval mode).
+  without biases, an LSTM's ``proj_size`` too; unidirectional; inter-layer dropout is not
+  applied (the module is measured as in eval mode).
 - ``torch.nn.RNNCell`` / ``LSTMCell`` / ``GRUCell``.
 - Any module that follows the step protocol::
 
@@ -20,6 +20,11 @@ Accepted (``SUPPORTED``):
 State parts: the first layer's are "h" (and "c"); a stacked model's layer k adds "h@k"
 ("c@k"). The loss is a fixed random projection of the top layer's h (seeded, unit norm):
 L_t = mean over the batch of r . h_t, and the task loss L = L_T.
+
+An LSTM with ``proj_size`` P < H has an h of P values and a c of H; the engine's parts share
+one size, so h is carried as H values whose last H - P are always zero. Their directions stay
+exactly zero and add nothing: every probe is that of the P true ones (``readout``), and the
+loss's r lies on them.
 
 A torch.nn RNN (tanh, relu), LSTM or GRU, and their cells, compute exactly what the built-in
 cells of gradscope.cells do, a layer each: they take the module's weights and the engine
@@ -62,6 +67,7 @@ class Adapted:
     initial_state: Callable[[int], Tensor]  # batch -> (B, S)
     top: str  # the part that the loss reads: the top layer's h
     cells: tuple[Cell, ...] = ()  # the same recurrence as built-in cells, a layer each
+    readout: int | None = None  # values of the top h that are real (an LSTM's proj_size)
 
 
 def import_factory(path: str, where: str) -> Callable[..., nn.Module]:
@@ -131,17 +137,15 @@ def _stacked(m: nn.RNNBase, where: str) -> Adapted:
     if m.bidirectional:
         raise ConfigError(f"{where}: bidirectional {type(m).__name__} reads time both ways; "
                           "gradscope measures one direction: pass a unidirectional module")
-    if getattr(m, "proj_size", 0):
-        raise ConfigError(f"{where}: LSTM with proj_size={m.proj_size} is not supported: its "
-                          f"h ({m.proj_size}) and c ({m.hidden_size}) differ in size, and "
-                          "gradscope's state parts share one; measure it with proj_size=0")
     per_layer, cell_step = _steps_for(m.mode)
-    H, L = m.hidden_size, m.num_layers
+    H, L, P = m.hidden_size, m.num_layers, getattr(m, "proj_size", 0)
     names = ("h", "c")[:per_layer]
     parts = tuple(n if k == 0 else f"{n}@{k + 1}" for k in range(L) for n in names)
     weights = [(getattr(m, f"weight_ih_l{k}"), getattr(m, f"bias_ih_l{k}", None),
                 getattr(m, f"weight_hh_l{k}"), getattr(m, f"bias_hh_l{k}", None))
                for k in range(L)]
+    if P:
+        return _projected(m, weights, parts)
 
     def step(x: Tensor, s: Tensor) -> Tensor:
         chunks = s.split(H, dim=-1)
@@ -159,6 +163,31 @@ def _stacked(m: nn.RNNBase, where: str) -> Adapted:
     top = "h" if L == 1 else f"h@{L}"
     cells = tuple(_builtin(m.mode, *layer) for layer in weights)
     return Adapted(m, m.input_size, H, parts, step, initial, top, cells)
+
+
+def _projected(m: nn.LSTM, weights: list, parts: tuple[str, ...]) -> Adapted:
+    """An LSTM with proj_size P: h' = W_hr (o tanh c'), P values, carried padded to H with
+    zeros (the parts share one size); by the generic back end (no built-in cell projects)."""
+    H, L, P = m.hidden_size, m.num_layers, m.proj_size
+    projections = [getattr(m, f"weight_hr_l{k}") for k in range(L)]
+
+    def step(x: Tensor, s: Tensor) -> Tensor:
+        chunks = s.split(H, dim=-1)
+        out, below = [], x
+        for k, ((w_ih, b_ih, w_hh, b_hh), w_hr) in enumerate(zip(weights, projections,
+                                                                   strict=True)):
+            xp = below @ w_ih.T + (0 if b_ih is None else b_ih)
+            h, c = chunks[2 * k][..., :P], chunks[2 * k + 1]
+            unprojected, c = lstm_step(xp, (h, c), w_hh, b_hh)
+            below = unprojected @ w_hr.T
+            out += [nn.functional.pad(below, (0, H - P)), c]
+        return torch.cat(out, dim=-1)
+
+    def initial(batch: int) -> Tensor:
+        return m.weight_hh_l0.new_zeros(batch, 2 * H * L)
+
+    top = "h" if L == 1 else f"h@{L}"
+    return Adapted(m, m.input_size, H, parts, step, initial, top, readout=P)
 
 
 def _cell(m: nn.RNNCellBase) -> Adapted:
@@ -227,7 +256,8 @@ def unroll(a: Adapted, *, seq_len: int, batch: int, seed: int, input_size: int |
     s0 = a.initial_state(batch).to(device)
     dtype = s0.dtype
     xs = inputs(a, seq_len, batch, seed).to(device, dtype)
-    r = projection(a.hidden, seed).to(device, dtype)
+    r = projection(a.readout or a.hidden, seed).to(device, dtype)
+    r = nn.functional.pad(r, (0, a.hidden - r.shape[0]))  # zero on an h's padding
     index = a.parts.index(a.top)
     top = slice(index * a.hidden, (index + 1) * a.hidden)
     weights = torch.zeros(seq_len, device=device)

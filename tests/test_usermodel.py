@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from twins import assert_log10_close
 
 from gradscope.engine import measure
 from gradscope.errors import ConfigError
@@ -25,13 +26,17 @@ def _seeded(module):
     nn.RNN(3, 5), nn.RNN(3, 5, nonlinearity="relu", num_layers=2),
     nn.RNN(3, 5, batch_first=True, bias=False), nn.LSTM(3, 5, num_layers=3, batch_first=True),
     nn.LSTM(3, 5, bias=False), nn.GRU(3, 5, num_layers=2), nn.GRU(3, 5, batch_first=True),
+    nn.LSTM(3, 5, proj_size=2), nn.LSTM(3, 5, proj_size=3, num_layers=2, batch_first=True),
 ], ids=lambda m: repr(m))
 def test_unrolled_stacked_modules_reproduce_their_forward(module):
     module = _seeded(module)
     x = torch.randn(11, 4, 3, dtype=torch.float64)
     own = module(x.transpose(0, 1) if module.batch_first else x)[0]
     own = own.transpose(0, 1) if module.batch_first else own
-    torch.testing.assert_close(outputs(adapt(module, "test"), x), own, rtol=1e-12, atol=1e-12)
+    got = outputs(adapt(module, "test"), x)  # a projected h padded with zeros to H
+    P = own.shape[-1]
+    assert got.shape[-1] == module.hidden_size and (got[..., P:] == 0).all()
+    torch.testing.assert_close(got[..., :P], own, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("cell", [nn.RNNCell(3, 5), nn.RNNCell(3, 5, nonlinearity="relu"),
@@ -72,12 +77,12 @@ def _twin(module, seq_len, batch, seed):
     u = unroll(a, seq_len=seq_len, batch=batch, seed=seed, input_size=None,
                device=torch.device("cpu"))
     m = a.module
-    L, H = m.num_layers, m.hidden_size
-    h0 = torch.zeros(L, batch, H, dtype=torch.float64, requires_grad=True)
+    L, H, P = m.num_layers, m.hidden_size, m.proj_size or m.hidden_size
+    h0 = torch.zeros(L, batch, P, dtype=torch.float64, requires_grad=True)
     c0 = torch.zeros(L, batch, H, dtype=torch.float64, requires_grad=True)
     x = inputs(a, seq_len, batch, seed)
-    out, _ = m(x, (h0, c0))  # (T, B, H): the top layer's h_t
-    r = projection(H, seed)
+    out, _ = m(x, (h0, c0))  # (T, B, P): the top layer's h_t
+    r = projection(P, seed)
     step_loss = (out @ r).mean(dim=1)  # (T,)
     grads = {f"grad_h0{'' if k == 0 else f'@{k + 1}'}": [] for k in range(L)}
     for t in range(seq_len):
@@ -103,6 +108,62 @@ def test_an_lstm_is_measured_exactly_for_every_layer(layers):
     for name in want:
         ratio = np.abs(10.0 ** (got[name] - want[name]) - 1)
         assert ratio.max() < 1e-6, name
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_an_lstm_with_a_projection_is_measured_exactly_for_every_layer(layers):
+    """proj_size: h (P values) carried padded to H; by the generic back end, against autograd
+    on the module itself, every layer's h_0."""
+    module = _seeded(nn.LSTM(3, 5, proj_size=2, num_layers=layers))
+    u, a, want = _twin(module, seq_len=30, batch=3, seed=1)
+    assert a.readout == 2 and u.linearize is None
+    got = measure(u, [PROBES.get(n) for n in probes_for(a.parts)] + layer_probes(a.parts)).log10
+    assert len(want) == layers
+    for name in want:
+        assert_log10_close(got[name], want[name], name=name)
+
+
+def test_an_lstm_with_a_projection_has_every_probe_of_its_twin():
+    """One projected layer, every probe against autograd through the module's own forward,
+    a step at a time: ||dL_t/dh_0||, ||dL_t/dc_0||, ||dh_t/dh_0||_F and ||dc_t/dc_0||_F
+    (root mean square over the batch), and the adjoint ||dL/dh_{T-k}||, L = L_T."""
+    module = _seeded(nn.LSTM(3, 5, proj_size=2))
+    T, B, P, H = 25, 3, 2, 5
+    a = adapt(module, "twin")
+    u = unroll(a, seq_len=T, batch=B, seed=4, input_size=None, device=torch.device("cpu"))
+    got = measure(u, [PROBES.get(n) for n in probes_for(a.parts)]).log10
+    m, x, r = a.module, inputs(a, T, B, 4), projection(P, 4)
+    h0 = torch.zeros(1, B, P, dtype=torch.float64, requires_grad=True)
+    c0 = torch.zeros(1, B, H, dtype=torch.float64, requires_grad=True)
+    hs, cs, state = [], [], (h0, c0)  # each (1, B, .): the tensors the next step reads
+    for t in range(T):
+        _, state = m(x[t:t + 1], state)
+        hs.append(state[0])
+        cs.append(state[1])
+    step_loss = torch.stack([(h[0] @ r).mean() for h in hs])
+
+    def log10(v):
+        return math.log10(v) if v > 0 else -math.inf
+
+    def frobenius(outs, start, t):  # RMS over the batch of ||d outs[t] / d start||_F
+        sq = torch.zeros(B, dtype=torch.float64)
+        for j in range(outs[t].shape[-1]):
+            (row,) = torch.autograd.grad(outs[t][0, :, j].sum(), start, retain_graph=True)
+            sq += (row[0] ** 2).sum(dim=1)
+        return log10(float(sq.mean().sqrt()))
+
+    want = {"grad_h0": [], "grad_c0": [], "jacobian": [], "jacobian_c": []}
+    for t in range(T):
+        for name, start in (("grad_h0", h0), ("grad_c0", c0)):
+            (g,) = torch.autograd.grad(step_loss[t], start, retain_graph=True)
+            want[name].append(log10(float(g.norm())))
+        want["jacobian"].append(frobenius(hs, h0, t))
+        want["jacobian_c"].append(frobenius(cs, c0, t))
+    adjoint = torch.autograd.grad(step_loss[-1], hs)
+    want["adjoint"] = [log10(float(adjoint[T - 1 - k].norm())) for k in range(T)]
+    assert set(got) == set(want)
+    for name, values in want.items():
+        assert_log10_close(got[name], np.array(values), name=name)
 
 
 @pytest.mark.parametrize("module, seq_len", [
@@ -145,7 +206,6 @@ def test_the_step_protocol_is_measured():
     (nn.Linear(3, 3), "the model is a Linear; expected torch.nn.RNN, LSTM or GRU"),
     ("not a module", "the model is a str"),
     (nn.LSTM(3, 4, bidirectional=True), "bidirectional LSTM reads time both ways"),
-    (nn.LSTM(3, 4, proj_size=2), r"proj_size=2 is not supported: its h \(2\) and c \(4\) differ"),
 ])
 def test_unsupported_models_are_config_errors(module, message):
     with pytest.raises(ConfigError, match=message):
