@@ -15,16 +15,18 @@ Accepted (``SUPPORTED``):
               ...                               # x (batch, input_size); same shapes back
 
   ``step`` must broadcast over extra leading dimensions of the state (plain tensor ops do):
-  the engine pushes many directions through it at once.
+  the engine pushes many directions through it at once. The state's tensors may differ in
+  width (h of 64 values, c of 128).
 
 State parts: the first layer's are "h" (and "c"); a stacked model's layer k adds "h@k"
 ("c@k"). The loss is a fixed random projection of the top layer's h (seeded, unit norm):
 L_t = mean over the batch of r . h_t, and the task loss L = L_T.
 
-An LSTM with ``proj_size`` P < H has an h of P values and a c of H; the engine's parts share
-one size, so h is carried as H values whose last H - P are always zero. Their directions stay
-exactly zero and add nothing: every probe is that of the P true ones (``readout``), and the
-loss's r lies on them.
+An LSTM with ``proj_size`` P < H has an h of P values and a c of H, and a module of the step
+protocol may have state tensors of any widths; the engine's parts share one size, so each
+part is carried as the widest one's H values, the rest of them always zero. Their directions
+stay exactly zero and add nothing: every probe is that of the true values, and the loss's r
+lies on h's (``readout``).
 
 A torch.nn RNN (tanh, relu), LSTM or GRU, and their cells, compute exactly what the built-in
 cells of gradscope.cells do, a layer each: they take the module's weights and the engine
@@ -230,20 +232,27 @@ def _protocol(m: nn.Module, where: str) -> Adapted:
         state = tuple(m.initial_state(2))
     except Exception as e:
         raise ConfigError(f"{where}: initial_state(2) raised {type(e).__name__}: {e}") from None
-    shapes = {tuple(t.shape) for t in state}
-    if not state or len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise ConfigError(f"{where}: initial_state(batch) must return tensors of one shape "
-                          f"(batch, H); got shapes {sorted(shapes)}")
-    H, n = state[0].shape[1], len(state)
+    shapes = [tuple(t.shape) for t in state]
+    if not state or any(len(shape) != 2 or shape[0] != 2 for shape in shapes):
+        raise ConfigError(f"{where}: initial_state(batch) must return tensors of shape "
+                          f"(batch, n); initial_state(2) gave shapes {shapes}")
+    sizes = [shape[1] for shape in shapes]
+    H, n = max(sizes), len(state)
     parts = ("h", "c", *(f"s{i}" for i in range(3, n + 1)))[:n]
 
+    def padded(tensors: tuple[Tensor, ...]) -> Tensor:  # each part to H values, zeros after
+        return torch.cat([t if k == H else nn.functional.pad(t, (0, H - k))
+                          for t, k in zip(tensors, sizes, strict=True)], dim=-1)
+
     def step(x: Tensor, s: Tensor) -> Tensor:
-        return torch.cat(tuple(m.step(x, s.split(H, dim=-1))), dim=-1)
+        own = tuple(chunk[..., :k] for chunk, k in zip(s.split(H, dim=-1), sizes, strict=True))
+        return padded(tuple(m.step(x, own)))
 
     def initial(batch: int) -> Tensor:
-        return torch.cat(tuple(m.initial_state(batch)), dim=-1)
+        return padded(tuple(m.initial_state(batch)))
 
-    return Adapted(m, int(m.input_size), H, parts, step, initial, "h")
+    return Adapted(m, int(m.input_size), H, parts, step, initial, "h",
+                   readout=sizes[0] if sizes[0] < H else None)
 
 
 def unroll(a: Adapted, *, seq_len: int, batch: int, seed: int, input_size: int | None,

@@ -123,47 +123,95 @@ def test_an_lstm_with_a_projection_is_measured_exactly_for_every_layer(layers):
         assert_log10_close(got[name], want[name], name=name)
 
 
+def _every_probe_by_autograd(step, state0, xs, r):
+    """A state (h, c)'s every probe by autograd through ``step(x_t, (h, c)) -> (h, c)`` a
+    step at a time: ||dL_t/dh_0||, ||dL_t/dc_0||, ||dh_t/dh_0||_F and ||dc_t/dc_0||_F (root
+    mean square over the batch), and the adjoint ||dL/dh_{T-k}||; L_t = mean_b r . h_t and
+    L = L_T."""
+    h0, c0 = (t.detach().clone().requires_grad_() for t in state0)
+    hs, cs, state = [], [], (h0, c0)  # the tensors that the next step reads
+    for x in xs:
+        state = step(x, state)
+        hs.append(state[0])
+        cs.append(state[1])
+    step_loss = torch.stack([(h @ r).mean() for h in hs])
+
+    def log10(v):
+        return math.log10(v) if v > 0 else -math.inf
+
+    def frobenius(out, start):
+        sq = torch.zeros(out.shape[0], dtype=torch.float64)
+        for j in range(out.shape[-1]):
+            (row,) = torch.autograd.grad(out[:, j].sum(), start, retain_graph=True)
+            sq += (row ** 2).sum(dim=1)
+        return log10(float(sq.mean().sqrt()))
+
+    want = {"grad_h0": [], "grad_c0": [], "jacobian": [], "jacobian_c": []}
+    for t in range(len(hs)):
+        for name, start in (("grad_h0", h0), ("grad_c0", c0)):
+            (g,) = torch.autograd.grad(step_loss[t], start, retain_graph=True)
+            want[name].append(log10(float(g.norm())))
+        want["jacobian"].append(frobenius(hs[t], h0))
+        want["jacobian_c"].append(frobenius(cs[t], c0))
+    adjoint = torch.autograd.grad(step_loss[-1], hs)
+    want["adjoint"] = [log10(float(a.norm())) for a in reversed(adjoint)]
+    return {name: np.array(values) for name, values in want.items()}
+
+
 def test_an_lstm_with_a_projection_has_every_probe_of_its_twin():
-    """One projected layer, every probe against autograd through the module's own forward,
-    a step at a time: ||dL_t/dh_0||, ||dL_t/dc_0||, ||dh_t/dh_0||_F and ||dc_t/dc_0||_F
-    (root mean square over the batch), and the adjoint ||dL/dh_{T-k}||, L = L_T."""
+    """One projected layer, every probe against autograd through the module's own forward."""
     module = _seeded(nn.LSTM(3, 5, proj_size=2))
     T, B, P, H = 25, 3, 2, 5
     a = adapt(module, "twin")
     u = unroll(a, seq_len=T, batch=B, seed=4, input_size=None, device=torch.device("cpu"))
     got = measure(u, [PROBES.get(n) for n in probes_for(a.parts)]).log10
-    m, x, r = a.module, inputs(a, T, B, 4), projection(P, 4)
-    h0 = torch.zeros(1, B, P, dtype=torch.float64, requires_grad=True)
-    c0 = torch.zeros(1, B, H, dtype=torch.float64, requires_grad=True)
-    hs, cs, state = [], [], (h0, c0)  # each (1, B, .): the tensors the next step reads
-    for t in range(T):
-        _, state = m(x[t:t + 1], state)
-        hs.append(state[0])
-        cs.append(state[1])
-    step_loss = torch.stack([(h[0] @ r).mean() for h in hs])
 
-    def log10(v):
-        return math.log10(v) if v > 0 else -math.inf
+    def step(x, state):
+        _, (h, c) = a.module(x[None], (state[0][None], state[1][None]))
+        return h[0], c[0]
 
-    def frobenius(outs, start, t):  # RMS over the batch of ||d outs[t] / d start||_F
-        sq = torch.zeros(B, dtype=torch.float64)
-        for j in range(outs[t].shape[-1]):
-            (row,) = torch.autograd.grad(outs[t][0, :, j].sum(), start, retain_graph=True)
-            sq += (row[0] ** 2).sum(dim=1)
-        return log10(float(sq.mean().sqrt()))
-
-    want = {"grad_h0": [], "grad_c0": [], "jacobian": [], "jacobian_c": []}
-    for t in range(T):
-        for name, start in (("grad_h0", h0), ("grad_c0", c0)):
-            (g,) = torch.autograd.grad(step_loss[t], start, retain_graph=True)
-            want[name].append(log10(float(g.norm())))
-        want["jacobian"].append(frobenius(hs, h0, t))
-        want["jacobian_c"].append(frobenius(cs, c0, t))
-    adjoint = torch.autograd.grad(step_loss[-1], hs)
-    want["adjoint"] = [log10(float(adjoint[T - 1 - k].norm())) for k in range(T)]
+    zeros = (torch.zeros(B, P, dtype=torch.float64), torch.zeros(B, H, dtype=torch.float64))
+    want = _every_probe_by_autograd(step, zeros, inputs(a, T, B, 4), projection(P, 4))
     assert set(got) == set(want)
     for name, values in want.items():
-        assert_log10_close(got[name], np.array(values), name=name)
+        assert_log10_close(got[name], values, name=name)
+
+
+class Narrow(nn.Module):
+    """The step protocol with state tensors of two widths: h of 3 values, c of 5."""
+
+    input_size = 2
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(5, 3) * 0.6)
+        self.b = nn.Parameter(torch.randn(5, 5) * 0.3)
+        self.u = nn.Parameter(torch.randn(5, 2))
+        self.o = nn.Parameter(torch.randn(3, 5) * 0.8)
+
+    def initial_state(self, batch):
+        return (torch.full((batch, 3), 0.1, dtype=self.a.dtype),
+                torch.full((batch, 5), -0.2, dtype=self.a.dtype))
+
+    def step(self, x, state):
+        h, c = state
+        c = 0.8 * c + torch.tanh(h @ self.a.T + c @ self.b.T + x @ self.u.T)
+        return torch.tanh(c @ self.o.T), c
+
+
+def test_the_step_protocol_takes_state_tensors_of_different_widths():
+    """Carried padded to the widest with zeros: every probe as autograd through the module's
+    own step gives it, from its own nonzero initial state."""
+    T, B = 30, 3
+    a = adapt(Narrow().double(), "twin")
+    assert (a.hidden, a.readout, a.parts) == (5, 3, ("h", "c"))
+    u = unroll(a, seq_len=T, batch=B, seed=5, input_size=None, device=torch.device("cpu"))
+    got = measure(u, [PROBES.get(n) for n in probes_for(a.parts)]).log10
+    want = _every_probe_by_autograd(a.module.step, a.module.initial_state(B),
+                                    inputs(a, T, B, 5), projection(3, 5))
+    assert set(got) == set(want)
+    for name, values in want.items():
+        assert_log10_close(got[name], values, name=name)
 
 
 @pytest.mark.parametrize("module, seq_len", [
@@ -210,6 +258,15 @@ def test_the_step_protocol_is_measured():
 def test_unsupported_models_are_config_errors(module, message):
     with pytest.raises(ConfigError, match=message):
         adapt(module, "here")
+
+
+def test_a_step_protocol_state_of_the_wrong_shape_is_refused():
+    bad = Narrow()
+    bad.initial_state = lambda batch: (torch.zeros(batch, 3), torch.zeros(batch, 2, 2))
+    with pytest.raises(ConfigError, match=r"must return tensors of shape \(batch, n\); "
+                                          r"initial_state\(2\) gave shapes \[\(2, 3\), "
+                                          r"\(2, 2, 2\)\]"):
+        adapt(bad, "here")
 
 
 def test_nan_weights_are_refused():
