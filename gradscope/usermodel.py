@@ -116,7 +116,11 @@ def adapt(module: object, where: str, dtype: torch.dtype | None = None) -> Adapt
         return _cell(module)
     if all(hasattr(module, a) for a in ("initial_state", "step", "input_size")):
         return _protocol(module, where)
-    raise ConfigError(f"{where}: the model is {_kind(module)}; expected {SUPPORTED}")
+    inner = [f"{name} ({type(m).__name__})" for name, m in module.named_modules()
+             if isinstance(m, nn.RNNBase | nn.RNNCellBase)]
+    hint = f"; it holds {', '.join(inner[:3])}{', ...' if len(inner) > 3 else ''}: let the " \
+        "factory return that" if inner else ""
+    raise ConfigError(f"{where}: the model is {_kind(module)}; expected {SUPPORTED}{hint}")
 
 
 def _kind(value: object) -> str:

@@ -260,6 +260,17 @@ def test_unsupported_models_are_config_errors(module, message):
         adapt(module, "here")
 
 
+def test_a_model_that_holds_a_recurrent_module_is_told_to_return_it():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.rnn, self.out = nn.Embedding(9, 3), nn.LSTM(3, 4), nn.Linear(4, 2)
+
+    with pytest.raises(ConfigError, match=r"the model is an Encoder; expected .*; it holds "
+                                          r"rnn \(LSTM\): let the factory return that$"):
+        adapt(Encoder(), "here")
+
+
 def test_a_step_protocol_state_of_the_wrong_shape_is_refused():
     bad = Narrow()
     bad.initial_state = lambda batch: (torch.zeros(batch, 3), torch.zeros(batch, 2, 2))
