@@ -151,7 +151,7 @@ def forward_cost_note(config: RunConfig, probes: list[Probe],
         return None
     sequences = config.jacobian_samples or config.batch
     cheaper = [f"--jacobian-samples {n}" for n in (4,) if n < sequences]
-    if not config.projections and config.hidden > 32:
+    if not config.projections and config.hidden >= 64:
         cheaper.append(f"--projections 32 (estimates; {config.hidden // 32}x fewer directions)")
     times = f" in {measurements} measurements" if measurements > 1 else ""
     kind = "estimated" if config.projections else "exact"

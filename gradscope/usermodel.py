@@ -69,7 +69,7 @@ class Adapted:
     initial_state: Callable[[int], Tensor]  # batch -> (B, S)
     top: str  # the part that the loss reads: the top layer's h
     cells: tuple[Cell, ...] = ()  # the same recurrence as built-in cells, a layer each
-    readout: int | None = None  # values of the top h that are real (an LSTM's proj_size)
+    readout: int | None = None  # the top h's true width where narrower than H (padded)
 
 
 def import_factory(path: str, where: str) -> Callable[..., nn.Module]:
