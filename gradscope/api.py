@@ -211,11 +211,13 @@ def export(folder: str | Path, fmt: str = "csv") -> list[Path]:
 
 def check(config: str | Path | None = None, *, only: list[str] | None = None,
           update_baseline: bool = False, overrides: dict | None = None,
+          on_phase: Callable[[str], None] = lambda phase: None,
           ) -> tuple[list[CheckResult], Exit, CheckFile]:
     """Run the checks of ``[tool.gradscope]`` (pyproject.toml) or gradscope.toml.
 
     ``config``: the file (default: found in the current folder); ``overrides``: check options
-    that replace the file's in every check (the command line's flags).
+    that replace the file's in every check (the command line's flags); ``on_phase(text)`` is
+    told which check is measured.
 
     >>> results, code, _ = check()
     >>> code
@@ -223,7 +225,8 @@ def check(config: str | Path | None = None, *, only: list[str] | None = None,
     """
     path = Path(config) if config is not None else checkconfig.find(Path.cwd())
     checks = checkconfig.load(path, overrides)
-    results = run_checks(checks, only=only, update_baseline=update_baseline)
+    results = run_checks(checks, only=only, update_baseline=update_baseline,
+                         on_phase=on_phase)
     return results, exit_code(results), checks
 
 

@@ -312,7 +312,8 @@ def check_command(
     """Gate CI on gradient health: measure every check in [tool.gradscope] and apply its rules.
 
     Exit code 0 when every rule holds, 1 when one fails, 2 on a usage or configuration error.
-    With $GITHUB_STEP_SUMMARY set, a markdown table is appended to it.
+    With $GITHUB_STEP_SUMMARY set, a markdown table is appended to it. On a terminal, a
+    spinner shows which check is being measured.
     """
     if format not in ("table", "json"):
         raise ConfigError(f"unknown format {format!r} for --format; choose from: table, json")
@@ -321,8 +322,10 @@ def check_command(
     overrides = {k: v for k, v in {"tolerance": tolerance, "seq-len": seq_len, "batch": batch,
                                    "seed": seed, "device": device, "dtype": dtype}.items()
                  if v is not None}
-    results, code, checks = _api().check(config, only=check or None,
-                                         update_baseline=update_baseline, overrides=overrides)
+    with _phases() as on_phase:
+        results, code, checks = _api().check(config, only=check or None,
+                                             update_baseline=update_baseline,
+                                             overrides=overrides, on_phase=on_phase)
     if format == "json":
         print(json.dumps(to_json(results), indent=1))
     else:

@@ -3,6 +3,8 @@ it with the rules of ``gradscope.check``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -28,17 +30,21 @@ from .summary import summarize
 
 
 def run_checks(checks: CheckFile, *, only: list[str] | None = None,
-               update_baseline: bool = False) -> list[CheckResult]:
+               update_baseline: bool = False,
+               on_phase: Callable[[str], None] = lambda phase: None) -> list[CheckResult]:
     """Measure and judge the checks (all, or those named in ``only``). With
-    ``update_baseline``, write the measured profiles as the new baseline instead of comparing."""
+    ``update_baseline``, write the measured profiles as the new baseline instead of comparing.
+    ``on_phase(text)`` is told which check is measured ("check encoder, 1 of 3")."""
     names = [c.name for c in checks.checks]
     for name in only or []:
         if name not in names:
             raise ConfigError(f"no check {name!r} in {checks.path}; it has: " + ", ".join(names))
     selected = [c for c in checks.checks if not only or c.name in only]
     baseline = read_baseline(checks.baseline)
-    results = [judge(spec, None if update_baseline else baseline.get(spec.name))
-               for spec in selected]
+    results = []
+    for i, spec in enumerate(selected, 1):
+        on_phase(f"check {spec.name}, {i} of {len(selected)}")
+        results.append(judge(spec, None if update_baseline else baseline.get(spec.name)))
     if update_baseline:
         write_baseline(checks.baseline, results, keep=baseline)
     return results

@@ -241,6 +241,10 @@ def test_builtin_configurations_can_be_checked(tmp_path, monkeypatch, capsys):
     assert code == 0
     code, _, err = _main(["check", "--check", "nope"], capsys)
     assert code == 2 and "no check 'nope'" in err
+    phases = []
+    results, _, _ = gradscope.check(only=["default-tanh", "irnn"], on_phase=phases.append)
+    assert phases == ["check irnn, 1 of 2", "check default-tanh, 2 of 2"]  # the file's order
+    assert [r.name for r in results] == ["irnn", "default-tanh"]
 
 
 def test_assert_gradient_health_raises_with_the_table():
