@@ -64,6 +64,16 @@ def _on_gpu(x: Tensor) -> bool:
     return x.device.type == "cuda"
 
 
+def stacked_gpu(device: torch.device) -> int:
+    """The values a forward slice may stack on this GPU: STACKED_GPU, or less on a card where
+    five such slices (gradscope.runner's memory estimate counts five) would take more than a
+    quarter of its memory (below about 21 GB)."""
+    if device.type != "cuda":  # the GPU's plan thrown on the CPU (the tests)
+        return STACKED_GPU
+    total = torch.cuda.get_device_properties(device).total_memory
+    return min(STACKED_GPU, total // (4 * 5 * GPU_DTYPE.itemsize))
+
+
 def _runs_ahead(x: Tensor) -> bool:
     """Whether the device runs ahead of the host (a GPU): reading a value from it then waits
     for everything queued, so checks are read late, together."""
@@ -497,7 +507,7 @@ def _forward_pass(u: Unrolled, chunks: Iterator[Chunk], probes: Sequence[Probe],
 
     length = cap  # the steps a slice may take at once: what the decay seen so far allows
     graphs = graphed_steps(tangent.device)
-    stacked = STACKED_GPU if _on_gpu(tangent) else _STACKED
+    stacked = stacked_gpu(tangent.device) if _on_gpu(tangent) else _STACKED
     # one buffer for every slice's pushed values (the probes read them before the next slice),
     # one for the per-sample matrices that the push multiplies by
     scratch = Scratch(), Scratch()

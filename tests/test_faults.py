@@ -182,3 +182,29 @@ def test_the_memory_estimate_counts_the_fused_kernels_graph():
     assert estimate("cuda", cell="rnn", hidden=128) - estimate(cell="rnn", hidden=128) \
         == graph(128, 8)
     assert estimate("cuda", cell="gru", hidden=128) == estimate(cell="gru", hidden=128)
+
+
+def test_a_gpu_slice_and_its_memory_estimate_shrink_on_a_small_card(monkeypatch):
+    """A forward slice stacks up to engine.STACKED_GPU values, and the estimate counts five
+    slices; on a card where those would take more than a quarter of its memory, both take
+    less (an 8 GB card: 5e7 values, not 2**27)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from gradscope.engine import STACKED_GPU, stacked_gpu
+    from gradscope.probes import PROBES
+    from gradscope.runner import memory_estimate
+
+    cuda = torch.device("cuda")
+    config = gradscope.RunConfig(cell="lstm", hidden=256, batch=2, seq_len=10_000)
+    jacobian = [PROBES.get("jacobian")]
+    sizes = {}
+    for gigabytes in (141, 80, 8):
+        card = SimpleNamespace(total_memory=gigabytes * 10**9)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, c=card: c)
+        sizes[gigabytes] = stacked_gpu(cuda), memory_estimate(config, jacobian, cuda)
+    assert sizes[141][0] == sizes[80][0] == STACKED_GPU == 2**27
+    assert sizes[8][0] == 8 * 10**9 // 160
+    assert sizes[141][1] - sizes[8][1] == 5 * 8 * (2**27 - 8 * 10**9 // 160)
+    assert stacked_gpu(torch.device("cpu")) == STACKED_GPU  # the GPU's plan thrown on the CPU
