@@ -75,7 +75,7 @@ def memory_estimate(config: RunConfig, probes: list[Probe],
 
 def check_memory(config: RunConfig, probes: list[Probe], device: torch.device) -> None:
     need = memory_estimate(config, probes, device)
-    have = _available_bytes(device)
+    have = available_bytes(device)
     if have is not None and need > 0.8 * have:
         raise ConfigError(
             f"this run needs about {need / 2**30:.1f} GiB (--seq-len {config.seq_len} x --batch "
@@ -86,7 +86,8 @@ def check_memory(config: RunConfig, probes: list[Probe], device: torch.device) -
                "every ~sqrt(T)-th state and recomputes the rest)"))
 
 
-def _available_bytes(device: torch.device) -> int | None:
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes free for a run on ``device`` (None where it cannot be read)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:

@@ -169,6 +169,7 @@ def _main(argv, capsys):
     ((":make_encoder", ":missing"), "has no callable 'missing'"),
     (("model = \"", "model = \"nowhere."), "cannot import nowhere."),
     (("model = ", "cell = \"lstm\"\nmodel = "), "a factory and built-in options"),
+    (("seq-len = 200", "seq-len = 200_000_000"), "measuring the model needs about "),
 ])
 def test_configuration_errors_name_the_file_the_check_and_the_key(project, capsys, edit,
                                                                   message):

@@ -379,3 +379,26 @@ def test_layers_that_drift_apart_beyond_float32_widen_or_stop_with_an_underflow(
     jac = got[torch.float32, False].log10["jacobian"]
     assert np.isfinite(jac[:stop.step - 1]).all() and np.isnan(jac[stop.step - 1:]).all()
     np.testing.assert_allclose(jac[:stop.step - 1], full[:stop.step - 1], rtol=0, atol=1e-3)
+
+
+def test_the_memory_estimate_counts_what_each_path_keeps():
+    """Forward probes alone stream the trajectory; the adjoint keeps it (twice as much by the
+    generic back end) and, for one LSTM or vanilla RNN layer, the fused kernel's graph."""
+    from gradscope.usermodel import memory_estimate
+
+    cpu, T, B = torch.device("cpu"), 1000, 4
+
+    def estimate(module, reverse):
+        return memory_estimate(adapt(module.double(), "here"), T, B, cpu, reverse=reverse)
+
+    H, S, D = 16, 32, 3  # an LSTM's state: h and c of H values each
+    lstm, gru = nn.LSTM(D, H), nn.GRU(D, H)
+    inputs_and_tangents = T * B * D * 16 + 4 * S * B * S * 8
+    assert estimate(lstm, False) == inputs_and_tangents + 2 * T * B * 4 * H * 8
+    stored = 2 * (T + 1) * B * S * 8
+    graph = 8 * T * B * H * 8
+    assert estimate(lstm, True) == inputs_and_tangents + T * B * 4 * H * 8 + stored + graph
+    assert estimate(gru, True) - estimate(gru, False) == 2 * (T + 1) * B * H * 8 \
+        - T * B * 3 * H * 8  # no graph: the GRU has no fused adjoint
+    generic = nn.LSTM(D, H, proj_size=8)  # carried padded: the same S
+    assert estimate(generic, True) - estimate(generic, False) == 2 * stored
