@@ -459,6 +459,11 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError (a GPU), or the CPU allocator's failure, by its message."""
+    return type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage and configuration errors are one line on stderr and exit code 2."""
     _ARGV[:] = sys.argv[1:] if argv is None else argv  # recorded in result metadata
@@ -478,6 +483,14 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         err_console.print(_INTERRUPTED, markup=False)
         sys.exit(130)
+    except RuntimeError as e:  # torch's allocator, where a size got past the estimate
+        if not _out_of_memory(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        err_console.print(f"gradscope: error: out of memory ({first}); lower the sequence "
+                          "length, batch or hidden size, or add --checkpoint to a run",
+                          markup=False, soft_wrap=True)
+        sys.exit(2)
     if code == 130:  # typer turns Ctrl-C (and our SIGTERM) into this exit code
         err_console.print(_INTERRUPTED, markup=False)
     sys.exit(code if isinstance(code, int) else 0)

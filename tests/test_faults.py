@@ -118,6 +118,34 @@ def test_a_full_disk_on_the_command_line_is_one_line_exit_1(tmp_path, monkeypatc
     assert not (tmp_path / "result.json").exists()
 
 
+def test_running_out_of_memory_past_the_estimate_is_one_line_exit_2(tmp_path, monkeypatch,
+                                                                    capsys):
+    """Where a size gets past the memory estimate, torch's allocator failure is one line, not
+    a traceback, and nothing is written; any other error still surfaces as itself."""
+    from gradscope.cli import main
+
+    def allocate(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 32768000000 bytes.\n"
+                           "Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr("gradscope.api.execute", allocate)
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--hidden", "2", "--batch", "2", "--seq-len", "5", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "out of memory (" in err and "can't allocate memory" in err and "Traceback" not in err
+    assert not out.exists()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not a size")
+
+    monkeypatch.setattr("gradscope.api.execute", broken)
+    with pytest.raises(RuntimeError, match="a bug, not a size"):
+        main(["run", "--hidden", "2", "--batch", "2", "--seq-len", "5", "--out", str(out)])
+
+
 @pytest.mark.parametrize("options", [
     dict(seq_len=10_000_000, batch=1024, hidden=1024),
     dict(seq_len=2_000_000, batch=256, hidden=512, cell="lstm", dtype="float32"),
