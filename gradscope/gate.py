@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .model import build
 from .probes import PROBES, Probe, layer_probes, probes_for
 from .results import FIRST_STEP
-from .runner import available_bytes, check_config, resolve_device
+from .runner import check_config, check_fits, resolve_device
 from .summary import summarize
 
 
@@ -103,15 +103,12 @@ def _prepare(spec: CheckSpec, module: object | None) -> tuple[Unrolled, list[Pro
         if module is None:
             module = usermodel.make(spec.model, spec.model_args, spec.where("model"))
         adapted = usermodel.adapt(module, spec.where("model"), getattr(torch, spec.dtype))
-        need = usermodel.memory_estimate(adapted, spec.seq_len, spec.batch, device,
-                                         reverse=spec.probe == "adjoint")
-        have = available_bytes(device)
-        if have is not None and need > 0.8 * have:
-            raise ConfigError(
-                f"{spec.where()}: measuring the model needs about {need / 2**30:.1f} GiB "
-                f"(seq-len {spec.seq_len} x batch {spec.batch} x its state of "
-                f"{len(adapted.parts)} x {adapted.hidden} values, {spec.dtype}) and about "
-                f"{have / 2**30:.1f} GiB is free on {device}: lower seq-len or batch")
+        check_fits(usermodel.memory_estimate(adapted, spec.seq_len, spec.batch, device,
+                                             reverse=spec.probe == "adjoint"),
+                   device, f"{spec.where()}: measuring the model",
+                   f"seq-len {spec.seq_len} x batch {spec.batch} x its state of "
+                   f"{len(adapted.parts)} x {adapted.hidden} values, {spec.dtype}",
+                   "lower seq-len or batch")
         unrolled = usermodel.unroll(adapted, seq_len=spec.seq_len, batch=spec.batch,
                                     seed=spec.seed, input_size=spec.input_size, device=device)
         probes = [PROBES.get(n) for n in probes_for(adapted.parts)]

@@ -74,16 +74,21 @@ def memory_estimate(config: RunConfig, probes: list[Probe],
 
 
 def check_memory(config: RunConfig, probes: list[Probe], device: torch.device) -> None:
-    need = memory_estimate(config, probes, device)
+    check_fits(memory_estimate(config, probes, device), device, "this run",
+               f"--seq-len {config.seq_len} x --batch {config.batch} x --hidden "
+               f"{config.hidden}, {config.dtype}",
+               "lower --seq-len, --batch or --hidden, use --dtype float32, choose fewer --probes"
+               + ("" if config.checkpoint else ", or add --checkpoint (the adjoint then keeps "
+                  "every ~sqrt(T)-th state and recomputes the rest)"))
+
+
+def check_fits(need: int, device: torch.device, what: str, sizes: str, advice: str) -> None:
+    """Raise ConfigError, with the estimate, where ``need`` bytes are more than 80% of what
+    is free on ``device``: ``what`` needs about N GiB (``sizes``) ...: ``advice``."""
     have = available_bytes(device)
     if have is not None and need > 0.8 * have:
-        raise ConfigError(
-            f"this run needs about {need / 2**30:.1f} GiB (--seq-len {config.seq_len} x --batch "
-            f"{config.batch} x --hidden {config.hidden}, {config.dtype}) and about "
-            f"{have / 2**30:.1f} GiB is free on {device}: lower --seq-len, --batch or "
-            "--hidden, use --dtype float32, choose fewer --probes"
-            + ("" if config.checkpoint else ", or add --checkpoint (the adjoint then keeps "
-               "every ~sqrt(T)-th state and recomputes the rest)"))
+        raise ConfigError(f"{what} needs about {need / 2**30:.1f} GiB ({sizes}) and about "
+                          f"{have / 2**30:.1f} GiB is free on {device}: {advice}")
 
 
 def available_bytes(device: torch.device) -> int | None:
