@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import importlib
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from .errors import ConfigError
 from .linear import Layered, has_fused_adjoint
 from .model import unroll_cell
 
+_NOT_USERS = (Path(torch.__file__).parent, Path(__file__).parent)  # torch's code, gradscope's
 SUPPORTED = ("torch.nn.RNN, LSTM or GRU; torch.nn.RNNCell, LSTMCell or GRUCell; or a module "
              "with input_size, initial_state(batch) and step(x, state)")
 
@@ -115,7 +117,7 @@ def adapt(module: object, where: str, dtype: torch.dtype | None = None) -> Adapt
     if isinstance(module, nn.RNNCellBase):
         return _cell(module)
     if all(hasattr(module, a) for a in ("initial_state", "step", "input_size")):
-        return _protocol(module, where)
+        return _protocol(module, where, dtype)
     inner = [f"{name} ({type(m).__name__})" for name, m in module.named_modules()
              if isinstance(m, nn.RNNBase | nn.RNNCellBase)]
     hint = f"; it holds {', '.join(inner[:3])}{', ...' if len(inner) > 3 else ''}: let the " \
@@ -231,11 +233,15 @@ def _builtin(mode: str, w_ih: Tensor, b_ih: Tensor | None, w_hh: Tensor,
     return cell.requires_grad_(False)
 
 
-def _protocol(m: nn.Module, where: str) -> Adapted:
+def _protocol(m: nn.Module, where: str, dtype: torch.dtype | None) -> Adapted:
+    """A module of the step protocol. Its state is cast to the dtype it was measured in (its
+    weights'; an ``initial_state`` that makes torch's default float32 would not match the
+    float64 they were cast to), and an error inside ``step`` is one line that names it."""
+    dtype = dtype or next((p.dtype for p in m.parameters()), None)
     try:
-        state = tuple(m.initial_state(2))
+        state = _cast(m.initial_state(2), dtype)
     except Exception as e:
-        raise ConfigError(f"{where}: initial_state(2) raised {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{where}: initial_state(2) raised {_raised(e)}") from None
     shapes = [tuple(t.shape) for t in state]
     if not state or any(len(shape) != 2 or shape[0] != 2 for shape in shapes):
         raise ConfigError(f"{where}: initial_state(batch) must return tensors of shape "
@@ -250,13 +256,38 @@ def _protocol(m: nn.Module, where: str) -> Adapted:
 
     def step(x: Tensor, s: Tensor) -> Tensor:
         own = tuple(chunk[..., :k] for chunk, k in zip(s.split(H, dim=-1), sizes, strict=True))
-        return padded(tuple(m.step(x, own)))
+        try:
+            new = m.step(x, own)
+        except Exception as e:
+            raise ConfigError(f"{where}: the model's step raised {_raised(e)}") from None
+        if isinstance(new, Tensor) or not all(isinstance(t, Tensor) for t in new):
+            raise ConfigError(f"{where}: step(x, state) must return a tuple of tensors, as "
+                              f"initial_state does; it returned {_kind(new)}")
+        widths = [t.shape[-1] for t in new]
+        if widths != sizes:
+            raise ConfigError(f"{where}: step(x, state) returned tensors of widths {widths} "
+                              f"where initial_state gave {sizes}: return each as it came")
+        return padded(new)
 
     def initial(batch: int) -> Tensor:
-        return padded(tuple(m.initial_state(batch)))
+        return padded(_cast(m.initial_state(batch), dtype))
 
     return Adapted(m, int(m.input_size), H, parts, step, initial, "h",
                    readout=sizes[0] if sizes[0] < H else None)
+
+
+def _cast(tensors: tuple[Tensor, ...], dtype: torch.dtype | None) -> tuple[Tensor, ...]:
+    return tuple(tensors) if dtype is None else tuple(t.to(dtype) for t in tensors)
+
+
+def _raised(e: Exception) -> str:
+    """"ValueError: oops (at cells.py:12)": the error and the innermost line of the user's
+    code (not torch's, not gradscope's) on its way, for a one-line message."""
+    frames = traceback.extract_tb(e.__traceback__)
+    own = [f for f in frames if not any(Path(f.filename).is_relative_to(d)
+                                        for d in _NOT_USERS)] or frames
+    at = f" (at {Path(own[-1].filename).name}:{own[-1].lineno})" if own else ""
+    return f"{type(e).__name__}: {e}{at}"
 
 
 def unroll(a: Adapted, *, seq_len: int, batch: int, seed: int, input_size: int | None,

@@ -402,3 +402,41 @@ def test_the_memory_estimate_counts_what_each_path_keeps():
         - T * B * 3 * H * 8  # no graph: the GRU has no fused adjoint
     generic = nn.LSTM(D, H, proj_size=8)  # carried padded: the same S
     assert estimate(generic, True) - estimate(generic, False) == 2 * stored
+
+
+class Faulty(Narrow):
+    """A step module whose step goes wrong in the ways users' code does."""
+
+    def __init__(self, fault):
+        super().__init__()
+        self.fault = fault
+
+    def initial_state(self, batch):  # torch's default float32, though measured in float64
+        return torch.zeros(batch, 3), torch.zeros(batch, 5)
+
+    def step(self, x, state):
+        if self.fault == "raises":
+            return {}["missing"]
+        h, c = super().step(x, state)
+        return {"width": (h[..., :2], c), "tensor": h, "fine": (h, c)}[self.fault]
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("raises", r"the model's step raised KeyError: 'missing' \(at test_usermodel.py:\d+\)$"),
+    ("width", r"step\(x, state\) returned tensors of widths \[2, 5\] where initial_state "
+              r"gave \[3, 5\]: return each as it came$"),
+    ("tensor", r"step\(x, state\) must return a tuple of tensors, as initial_state does; it "
+               r"returned a Tensor$"),
+])
+def test_a_step_that_goes_wrong_is_one_line_naming_it(fault, message):
+    a = adapt(Faulty(fault).double(), "here")
+    with pytest.raises(ConfigError, match=r"^here: " + message):
+        measure(unroll(a, seq_len=5, batch=2, seed=0, input_size=None,
+                       device=torch.device("cpu")), [PROBES.get("jacobian")])
+
+
+def test_a_step_modules_float32_initial_state_is_cast_to_its_weights_dtype():
+    a = adapt(Faulty("fine").double(), "here")
+    assert a.initial_state(2).dtype == torch.float64
+    u = unroll(a, seq_len=5, batch=2, seed=0, input_size=None, device=torch.device("cpu"))
+    assert np.isfinite(measure(u, [PROBES.get("jacobian")]).log10["jacobian"]).all()
