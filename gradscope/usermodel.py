@@ -152,50 +152,30 @@ def _stacked(m: nn.RNNBase, where: str) -> Adapted:
     weights = [(getattr(m, f"weight_ih_l{k}"), getattr(m, f"bias_ih_l{k}", None),
                 getattr(m, f"weight_hh_l{k}"), getattr(m, f"bias_hh_l{k}", None))
                for k in range(L)]
-    if P:
-        return _projected(m, weights, parts)
+    # an LSTM's proj_size P: h' = W_hr (o tanh c'), P values, carried padded to H with zeros
+    # (the parts share one size), by the generic back end (no built-in cell projects)
+    projections = [getattr(m, f"weight_hr_l{k}") if P else None for k in range(L)]
 
     def step(x: Tensor, s: Tensor) -> Tensor:
         chunks = s.split(H, dim=-1)
         out, below = [], x
         for k, (w_ih, b_ih, w_hh, b_hh) in enumerate(weights):
             xp = below @ w_ih.T + (0 if b_ih is None else b_ih)
-            new = cell_step(xp, chunks[k * per_layer:(k + 1) * per_layer], w_hh, b_hh)
-            out += new
-            below = new[0]
+            state = chunks[k * per_layer:(k + 1) * per_layer]
+            w_hr = projections[k]
+            if w_hr is not None:
+                state = (state[0][..., :P], *state[1:])
+            new = cell_step(xp, state, w_hh, b_hh)
+            below = new[0] if w_hr is None else new[0] @ w_hr.T
+            out += [below if w_hr is None else nn.functional.pad(below, (0, H - P)), *new[1:]]
         return torch.cat(out, dim=-1)
 
     def initial(batch: int) -> Tensor:
         return m.weight_hh_l0.new_zeros(batch, H * per_layer * L)
 
     top = "h" if L == 1 else f"h@{L}"
-    cells = tuple(_builtin(m.mode, *layer) for layer in weights)
-    return Adapted(m, m.input_size, H, parts, step, initial, top, cells)
-
-
-def _projected(m: nn.LSTM, weights: list, parts: tuple[str, ...]) -> Adapted:
-    """An LSTM with proj_size P: h' = W_hr (o tanh c'), P values, carried padded to H with
-    zeros (the parts share one size); by the generic back end (no built-in cell projects)."""
-    H, L, P = m.hidden_size, m.num_layers, m.proj_size
-    projections = [getattr(m, f"weight_hr_l{k}") for k in range(L)]
-
-    def step(x: Tensor, s: Tensor) -> Tensor:
-        chunks = s.split(H, dim=-1)
-        out, below = [], x
-        for k, ((w_ih, b_ih, w_hh, b_hh), w_hr) in enumerate(zip(weights, projections,
-                                                                   strict=True)):
-            xp = below @ w_ih.T + (0 if b_ih is None else b_ih)
-            h, c = chunks[2 * k][..., :P], chunks[2 * k + 1]
-            unprojected, c = lstm_step(xp, (h, c), w_hh, b_hh)
-            below = unprojected @ w_hr.T
-            out += [nn.functional.pad(below, (0, H - P)), c]
-        return torch.cat(out, dim=-1)
-
-    def initial(batch: int) -> Tensor:
-        return m.weight_hh_l0.new_zeros(batch, 2 * H * L)
-
-    top = "h" if L == 1 else f"h@{L}"
-    return Adapted(m, m.input_size, H, parts, step, initial, top, readout=P)
+    cells = () if P else tuple(_builtin(m.mode, *layer) for layer in weights)
+    return Adapted(m, m.input_size, H, parts, step, initial, top, cells, readout=P or None)
 
 
 def _cell(m: nn.RNNCellBase) -> Adapted:
