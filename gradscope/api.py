@@ -32,13 +32,14 @@ from .sweep import PRESETS, SweepReport, SweepSpec, from_mapping, load_toml, run
 
 def run(config: RunConfig | None = None, *, out: str | Path | None = None,
         command: str | None = None, on_phase: Callable[[str], None] = lambda phase: None,
-        **options) -> RunResult:
+        on_note: Callable[[str], None] = lambda note: None, **options) -> RunResult:
     """Measure one configuration's per-step gradient-flow profiles; with ``steps``, also train
     it by BPTT and measure again every ``profile_every`` steps and at the end.
 
     ``options`` are RunConfig fields (``cell="gru", seq_len=500``); they override ``config``.
     With ``out``, writes ``out/result.json`` and ``out/profile.png`` (each atomically).
-    ``on_phase(text)`` is told what the run does next, for a display of its progress.
+    ``on_phase(text)`` is told what the run does next, for a display of its progress;
+    ``on_note(line)``, once its checks have passed, that it will take long (``cost_note``).
 
     >>> r = run(cell="rnn", activation="tanh", init="pytorch", task="adding", seq_len=1000)
     >>> r.summary["grad_h0"].verdict
@@ -46,9 +47,12 @@ def run(config: RunConfig | None = None, *, out: str | Path | None = None,
     """
     config = (config or RunConfig()).replace(**options) if options else (config or RunConfig())
     # Everything the user gave is checked before any folder is made or any work is done.
-    check_config(config)
+    device, probes = check_config(config)
     if out is not None:
         check_writable_dir(Path(out))  # creates nothing: a failed run leaves no folder behind
+    note = forward_cost_note(config, probes, device)
+    if note:
+        on_note(note)
     result = execute(config, command, on_phase)
     if out is not None:
         save_run(result, ensure_writable_dir(Path(out)))

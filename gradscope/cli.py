@@ -129,13 +129,10 @@ def run_command(
         projections=projections, checkpoint=checkpoint,
     )
     out = out if out is not None else Path("runs") / _default_name(config)
-    check_writable_dir(out)  # before the note: bad input gets its one line alone
-    note = _api().cost_note(config)
-    if note:
-        err_console.print(f"gradscope: note: {note}", markup=False, soft_wrap=True)
     with _phases() as on_phase:
         result = _api().run(config, out=out, command=" ".join(["gradscope", *_ARGV]),
-                            on_phase=on_phase)
+                            on_phase=on_phase, on_note=lambda note: err_console.print(
+                                f"gradscope: note: {note}", markup=False, soft_wrap=True))
     print_result(result)
     out_console.print(f"wrote {out / 'result.json'} and {out / 'profile.png'}")
 
