@@ -74,6 +74,18 @@ def stacked_gpu(device: torch.device) -> int:
     return min(STACKED_GPU, total // (4 * 5 * GPU_DTYPE.itemsize))
 
 
+def gpu_slices_bytes(device: torch.device | None, values: int) -> int:
+    """What the forward pass's slices take on a GPU, for ``values`` tangent values over all
+    steps (T x K x B x S): it stacks GPU_DTYPE slices of up to ``stacked_gpu`` values, builds
+    the slice's per-sample matrices (half a slice for the gated cells;
+    linear.StepOps.matrices), its probes take temporaries, and its CUDA graphs' outputs (one
+    per slice length, powers of two) hold up to two more: five slices is a bound. 0 off a
+    GPU."""
+    if device is None or device.type != "cuda" or not values:
+        return 0
+    return 5 * GPU_DTYPE.itemsize * min(stacked_gpu(device), values)
+
+
 def _runs_ahead(x: Tensor) -> bool:
     """Whether the device runs ahead of the host (a GPU): reading a value from it then waits
     for everything queued, so checks are read late, together."""

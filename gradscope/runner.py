@@ -16,7 +16,7 @@ import torch
 
 from .cells import CELLS
 from .config import RunConfig
-from .engine import GPU_DTYPE, stacked_gpu
+from .engine import GPU_DTYPE, gpu_slices_bytes
 from .errors import ConfigError
 from .linear import KEPT_GATES_BYTES, fused_wins_on_cpu, has_fused_adjoint
 from .measure import snapshot
@@ -63,12 +63,7 @@ def memory_estimate(config: RunConfig, probes: list[Probe],
         and has_fused_adjoint(config.cell, config.activation) \
         and (on_gpu or fused_wins_on_cpu(config.cell, H))
     graph = 8 * T * B * H * (GPU_DTYPE.itemsize if on_gpu else itemsize) if fused else 0
-    # on a GPU the forward pass stacks GPU_DTYPE slices of up to ``stacked_gpu`` values,
-    # builds the slice's per-sample matrices (half a slice for the gated cells;
-    # linear.StepOps.matrices), its probes take temporaries, and its CUDA graphs' outputs (one
-    # per slice length, powers of two) hold up to two more: five slices is a bound
-    slices = 5 * GPU_DTYPE.itemsize * min(stacked_gpu(device), T * K * B * S) \
-        if on_gpu and K else 0
+    slices = gpu_slices_bytes(device, T * K * B * S)
     return itemsize * (2 * (T + 1) * B * S + T * B * len(cell.gates) * H + 4 * K * B * S) \
         + kept + graph + slices
 

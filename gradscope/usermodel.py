@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .cells import CELLS, Cell, State, gru_step, lstm_step, rnn_step
-from .engine import Unrolled
+from .engine import Unrolled, gpu_slices_bytes
 from .errors import ConfigError
 from .linear import Layered, has_fused_adjoint
 from .model import unroll_cell
@@ -312,14 +312,16 @@ def memory_estimate(a: Adapted, seq_len: int, batch: int, device: torch.device,
     (``reverse``) also the stored trajectory and its loss gradients (about twice as much by
     the generic back end, whose steps go through autograd), and for one vanilla RNN or LSTM
     layer the fused kernel's graph (float64 on a GPU); forward probes alone stream the
-    trajectory. Measured on the CPU, B = 8: an LSTM of H = 64 and 256 at T = 20000 within
-    0.9x-1.1x of the growth of peak RSS; an LSTM with a projection (generic back end) at
-    T = 4000 and 8000, within 1.0x-1.1x of its growth with T, besides a one-off 0.2 GB."""
+    trajectory. On a GPU, the forward pass's slices too (``engine.gpu_slices_bytes``).
+    Measured on the CPU, B = 8: an LSTM of H = 64 and 256 at T = 20000 within 0.9x-1.1x of
+    the growth of peak RSS; an LSTM with a projection (generic back end) at T = 4000 and
+    8000, within 1.0x-1.1x of its growth with T, besides a one-off 0.2 GB."""
     s0 = a.initial_state(1)
     itemsize, S = s0.element_size(), s0.shape[1]
     T, B = seq_len, batch
     projections = T * B * sum(c.weight_ih.shape[0] for c in a.cells) * itemsize
-    need = T * B * a.input_size * (8 + itemsize) + 4 * S * B * S * itemsize
+    need = T * B * a.input_size * (8 + itemsize) + 4 * S * B * S * itemsize \
+        + gpu_slices_bytes(device, T * S * B * S)
     if not reverse:
         return need + 2 * projections
     need += projections + (2 if a.cells else 4) * (T + 1) * B * S * itemsize

@@ -220,6 +220,7 @@ def test_a_gpu_slice_and_its_memory_estimate_shrink_on_a_small_card(monkeypatch)
 
     import torch
 
+    from gradscope import usermodel
     from gradscope.engine import STACKED_GPU, stacked_gpu
     from gradscope.probes import PROBES
     from gradscope.runner import memory_estimate
@@ -227,12 +228,17 @@ def test_a_gpu_slice_and_its_memory_estimate_shrink_on_a_small_card(monkeypatch)
     cuda = torch.device("cuda")
     config = gradscope.RunConfig(cell="lstm", hidden=256, batch=2, seq_len=10_000)
     jacobian = [PROBES.get("jacobian")]
+    users = usermodel.adapt(torch.nn.LSTM(3, 256), "here")  # a check's model, the same sizes
     sizes = {}
     for gigabytes in (141, 80, 8):
         card = SimpleNamespace(total_memory=gigabytes * 10**9)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, c=card: c)
-        sizes[gigabytes] = stacked_gpu(cuda), memory_estimate(config, jacobian, cuda)
+        sizes[gigabytes] = (stacked_gpu(cuda), memory_estimate(config, jacobian, cuda),
+                            usermodel.memory_estimate(users, 10_000, 2, cuda, reverse=False))
     assert sizes[141][0] == sizes[80][0] == STACKED_GPU == 2**27
     assert sizes[8][0] == 8 * 10**9 // 160
     assert sizes[141][1] - sizes[8][1] == 5 * 8 * (2**27 - 8 * 10**9 // 160)
+    assert sizes[141][2] - sizes[8][2] == 5 * 8 * (2**27 - 8 * 10**9 // 160)
+    assert usermodel.memory_estimate(users, 10_000, 2, torch.device("cpu"), reverse=False) \
+        == sizes[141][2] - 5 * 8 * 2**27  # no slices counted off a GPU
     assert stacked_gpu(torch.device("cpu")) == STACKED_GPU  # the GPU's plan thrown on the CPU
