@@ -45,7 +45,7 @@ def run(config: RunConfig | None = None, *, out: str | Path | None = None,
     >>> r.summary["grad_h0"].verdict
     'vanishing'
     """
-    config = (config or RunConfig()).replace(**options) if options else (config or RunConfig())
+    config = _config(config, options)
     # Everything the user gave is checked before any folder is made or any work is done.
     device, probes = check_config(config)
     if out is not None:
@@ -67,9 +67,15 @@ def cost_note(config: RunConfig | None = None, **options) -> str | None:
     >>> cost_note(cell="lstm", hidden=256, seq_len=1000)
     'the exact forward probes on 32 sequences take about 4e+12 multiply-adds, about 107 s on ...'
     """
-    config = (config or RunConfig()).replace(**options) if options else (config or RunConfig())
+    config = _config(config, options)
     device, probes = check_config(config)
     return forward_cost_note(config, probes, device)
+
+
+def _config(config: RunConfig | None, options: dict) -> RunConfig:
+    """``config`` (the defaults where None) with ``options``, RunConfig fields, in its place."""
+    config = config or RunConfig()
+    return config.replace(**options) if options else config
 
 
 def compare(runs: list[str | Path], probe: str, out: str | Path | None = None
