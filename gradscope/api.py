@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .executors import DEFAULT_RETRIES, Outcome, make_executor
 from .files import atomic_write, check_writable_dir, ensure_writable_dir
 from .gate import judge, run_checks
-from .plots import comparison_figure, profile_figure, save_figure
+from .plots import comparison_figure, profile_figure, save_figure, write_check_figures
 from .registry import ALL
 from .report import write_report
 from .results import RunResult
@@ -221,22 +221,28 @@ def export(folder: str | Path, fmt: str = "csv") -> list[Path]:
 
 def check(config: str | Path | None = None, *, only: list[str] | None = None,
           update_baseline: bool = False, overrides: dict | None = None,
-          on_phase: Callable[[str], None] = lambda phase: None,
+          plots: str | Path | None = None, on_phase: Callable[[str], None] = lambda phase: None,
           ) -> tuple[list[CheckResult], Exit, CheckFile]:
     """Run the checks of ``[tool.gradscope]`` (pyproject.toml) or gradscope.toml.
 
     ``config``: the file (default: found in the current folder); ``overrides``: check options
-    that replace the file's in every check (the command line's flags); ``on_phase(text)`` is
-    told which check is measured.
+    that replace the file's in every check (the command line's flags); ``plots``: a folder
+    for one PNG per check, its profile drawn against its rules and baseline (written whether
+    the rules held or not; checked before anything is measured); ``on_phase(text)`` is told
+    which check is measured.
 
-    >>> results, code, _ = check()
+    >>> results, code, _ = check(plots="gradscope-plots")
     >>> code
     <Exit.PASSED: 0>
     """
     path = Path(config) if config is not None else checkconfig.find(Path.cwd())
     checks = checkconfig.load(path, overrides)
+    if plots is not None:
+        check_writable_dir(Path(plots), "--plots")
     results = run_checks(checks, only=only, update_baseline=update_baseline,
                          on_phase=on_phase)
+    if plots is not None:
+        write_check_figures(results, ensure_writable_dir(Path(plots), "--plots"))
     return results, exit_code(results), checks
 
 

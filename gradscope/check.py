@@ -23,6 +23,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 
+from .checkconfig import CheckSpec
 from .errors import ConfigError
 from .files import atomic_write_text
 from .summary import Summary, json_safe, left_range
@@ -54,6 +55,9 @@ class CheckResult:
     profile: np.ndarray  # log10 per step
     summary: Summary
     notes: tuple[str, ...] = ()
+    spec: CheckSpec | None = None  # the check as measured (command-line overrides applied)
+    baseline: np.ndarray | None = None  # the log10 profile it was compared with, if any
+    first_step: int = 1  # the step of profile[0]: 1 (t after h_0), or 0 for the adjoint's k
 
     @property
     def passed(self) -> bool:

@@ -290,7 +290,8 @@ def export_command(
         out_console.print(f"wrote {path}")
 
 
-@app.command("check", epilog="Example:  gradscope check --junit-xml gradscope-junit.xml")
+@app.command("check", epilog="Example:  gradscope check --plots gradscope-plots --junit-xml "
+                                    "junit.xml")
 def check_command(
     config: Path = typer.Option(None, help="pyproject.toml or gradscope.toml [default: the one "
                                            "in the current folder]."),
@@ -304,6 +305,8 @@ def check_command(
     device: str = typer.Option(None, help="auto | cpu | cuda."),
     dtype: str = typer.Option(None, help="float64 | float32."),
     junit_xml: Path = typer.Option(None, help="Also write a JUnit XML report here."),
+    plots: Path = typer.Option(None, help="Also write a PNG per check into this folder: its "
+                                          "profile against its rules and baseline."),
     format: str = typer.Option("table", help="table | json (to stdout)."),
 ) -> None:
     """Gate CI on gradient health: measure every check in [tool.gradscope] and apply its rules.
@@ -322,13 +325,16 @@ def check_command(
     with _phases() as on_phase:
         results, code, checks = _api().check(config, only=check or None,
                                              update_baseline=update_baseline,
-                                             overrides=overrides, on_phase=on_phase)
+                                             overrides=overrides, plots=plots,
+                                             on_phase=on_phase)
     if format == "json":
         print(json.dumps(to_json(results), indent=1))
     else:
         print_checks(results)
         if update_baseline:
             out_console.print(f"baseline written: {checks.baseline}")
+        if plots is not None:
+            out_console.print(f"plots written: {plots}{os.sep}<check>.png")
     if junit_xml is not None:
         atomic_write_text(junit_xml, to_junit(results))
     summary_file = os.environ.get("GITHUB_STEP_SUMMARY")

@@ -87,7 +87,8 @@ def judge(spec: CheckSpec, baseline: np.ndarray | None, module: object | None = 
         s = summarize(profiles.log10[p.name], steps, overflowed=overflowed)
         notes.append(f"{p.name} slope {s.slope:+.4f}" if s.slope is not None
                      else f"{p.name}: no slope")
-    return CheckResult(spec.name, main.name, rules, profile, summary, tuple(notes))
+    return CheckResult(spec.name, main.name, rules, profile, summary, tuple(notes), spec,
+                       baseline, FIRST_STEP[main.axis])
 
 
 def _prepare(spec: CheckSpec, module: object | None) -> tuple[Unrolled, list[Probe]]:

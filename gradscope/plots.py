@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -10,8 +11,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .check import CheckResult  # noqa: E402
 from .files import atomic_write  # noqa: E402
 from .results import RunResult  # noqa: E402
+from .summary import DEFAULT_DROP  # noqa: E402
 
 AXIS_LABEL = {"t": "t steps after h_0", "k": "k steps back from T"}
 
@@ -88,3 +91,83 @@ def comparison_figure(results: list[RunResult], probe: str) -> plt.Figure:
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
+
+
+def check_figure(result: CheckResult) -> plt.Figure:
+    """One check's profile against its rules, each drawn where the check has it: the
+    least-squares fit beside the ``min-slope`` limit (both through the fit's centre), the
+    steps before ``min-horizon`` in which the profile may not fall 6 decades, the
+    ``max-growth`` ceiling, and the baseline with its tolerance (the rule compares window
+    means, so a dip below the dashed line within a window can still pass)."""
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    profile, spec, summary = result.profile, result.spec, result.summary
+    steps = np.arange(len(profile)) + result.first_step
+    finite = np.isfinite(profile)
+    shown = [profile[finite]]  # what the y range must keep in view
+    ax.plot(steps[finite], profile[finite], lw=1.6, color="C0", label=f"{result.probe}, measured")
+    for mask, what in ((np.isneginf(profile), "exactly zero"), (np.isnan(profile), "not computed")):
+        if mask.any():
+            ax.axvline(steps[np.argmax(mask)], color="C3", ls="--", lw=1,
+                       label=f"{what} from step {steps[np.argmax(mask)]}")
+    if result.baseline is not None and len(result.baseline) == len(profile):
+        base = np.where(np.isfinite(result.baseline), result.baseline, np.nan)
+        tolerance = spec.tolerance if spec else 0.0
+        ax.plot(steps, base, color="grey", lw=1.2, label="baseline")
+        ax.plot(steps, base - tolerance, color="grey", lw=1, ls="--",
+                label=f"baseline - {_decades(tolerance)} (window means compared)")
+        shown.append(base[np.isfinite(base)] - tolerance)
+    if summary.slope is not None:
+        x, y = steps[finite], profile[finite]
+        centre = (x.mean(), y.mean())
+        ax.plot(x, centre[1] + summary.slope * (x - centre[0]), color="C0", ls=":", lw=1.2,
+                label=f"fit, {summary.slope:+.4f} log10/step")
+        if spec and spec.min_slope is not None:
+            ax.plot(x, centre[1] + spec.min_slope * (x - centre[0]), color="C3", ls="-.",
+                    lw=1.2, label=f"min-slope, {spec.min_slope:+.4f} log10/step")
+    horizon = spec is not None and spec.min_horizon is not None and summary.start is not None
+    growth = spec is not None and spec.max_growth is not None and summary.start is not None
+    if horizon:
+        shown.append(np.array([summary.start - DEFAULT_DROP]))
+    if growth:
+        ceiling = summary.start + spec.max_growth
+        ax.axhline(ceiling, color="C1", ls="--", lw=1,
+                   label=f"max-growth: {_decades(spec.max_growth)} above the start")
+        shown.append(np.array([ceiling]))
+    values = np.concatenate(shown)
+    if values.size:
+        pad = 0.08 * np.ptp(values) + 0.5
+        ax.set_ylim(values.min() - pad, values.max() + pad)
+    if horizon:  # down to the axes' floor, now that it is known
+        ax.fill_between([steps[0], min(spec.min_horizon, steps[-1])], ax.get_ylim()[0],
+                        summary.start - DEFAULT_DROP, color="C3", alpha=0.12, lw=0,
+                        label=f"min-horizon: not {_decades(DEFAULT_DROP)} down before "
+                              f"step {spec.min_horizon}")
+    failed = [f"{x.rule} by {x.shortfall}" if x.shortfall else x.rule
+              for x in result.rules if not x.passed]
+    ax.set_title(f"check {result.name}: " + ("passed" if not failed else
+                                            "FAILED\n" + "; ".join(failed)), fontsize=10)
+    ax.set_xlabel(AXIS_LABEL["k" if result.first_step == 0 else "t"])
+    ax.set_ylabel(f"log10 {result.probe}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def _decades(n: float) -> str:
+    return f"{n:g} decade" + ("" if n == 1 else "s")
+
+
+def write_check_figures(results: list[CheckResult], folder: Path) -> list[Path]:
+    """``check_figure`` of every check as ``folder/<check>.png``: the check's name with
+    anything but letters, digits, ``.``, ``_`` and ``-`` replaced by ``_`` (and a number
+    added where two names would give the same file)."""
+    paths: list[Path] = []
+    for r in results:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", r.name).strip(".") or "check"
+        path, n = folder / f"{stem}.png", 2
+        while path in paths:
+            path, n = folder / f"{stem}-{n}.png", n + 1
+        save_figure(check_figure(r), path)
+        paths.append(path)
+    return paths

@@ -264,3 +264,96 @@ def test_assert_gradient_health_raises_with_the_table():
 
 def test_exit_codes_have_names():
     assert (Exit.PASSED, Exit.FAILED, Exit.USAGE) == (0, 1, 2)
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+def _judged(profile, spec, baseline=None):
+    """A CheckResult judged by the real rules, as gate.judge builds one."""
+    from gradscope.check import CheckResult
+    from gradscope.summary import summarize
+    steps = np.arange(len(profile)) + 1
+    summary = summarize(profile, steps)
+    rules = [rule_finite(None)]
+    if spec.min_slope is not None:
+        rules.append(rule_min_slope(summary.slope, False, spec.min_slope))
+    if spec.min_horizon is not None:
+        rules.append(rule_min_horizon(summary.horizon, len(profile), spec.min_horizon))
+    if spec.max_growth is not None:
+        rules.append(rule_max_growth(profile, spec.max_growth))
+    if baseline is not None:
+        rules.append(rule_baseline(profile, baseline, spec.tolerance, spec.windows))
+    return CheckResult(spec.name, "grad_h0", rules, profile, summary, (), spec, baseline, 1)
+
+
+def test_check_figure_draws_the_profile_against_each_rule():
+    from gradscope.checkconfig import CheckSpec
+    from gradscope.plots import check_figure
+    profile = -0.5 - 0.2 * np.arange(100.0)  # 6 decades down at step 31: 19 before 50
+    baseline = -0.5 - 0.1 * np.arange(100.0)
+    spec = CheckSpec(name="enc", source="t", seq_len=100, min_slope=-0.05, min_horizon=50,
+                     max_growth=2.0, tolerance=1.5)
+    result = _judged(profile, spec, baseline)
+    fig = check_figure(result)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert np.array_equal(lines["grad_h0, measured"].get_ydata(), profile)
+    assert np.allclose(lines["baseline - 1.5 decades (window means compared)"].get_ydata(),
+                       baseline - 1.5)
+    for label, slope in (("fit, -0.2000 log10/step", -0.2),
+                         ("min-slope, -0.0500 log10/step", -0.05)):
+        x, y = lines[label].get_xdata(), lines[label].get_ydata()
+        assert np.polyfit(x, y, 1)[0] == pytest.approx(slope)
+    assert lines["max-growth: 2 decades above the start"].get_ydata()[0] == pytest.approx(1.5)
+    band = next(c for c in ax.collections if c.get_label().startswith("min-horizon"))
+    corners = band.get_paths()[0].vertices
+    assert corners[:, 0].min() == 1 and corners[:, 0].max() == 50
+    assert corners[:, 1].max() == pytest.approx(-6.5)  # 6 decades below the start
+    title = ax.get_title()
+    assert title.startswith("check enc: FAILED\n") and "min-slope by 0.1500 log10/step" in title
+    assert "; min-horizon by 19 steps; baseline by 7.20 decades in window 4/4" in title
+    assert "max-growth" not in title
+    passing = _judged(profile, CheckSpec(name="ok", source="t", seq_len=100))
+    assert check_figure(passing).axes[0].get_title() == "check ok: passed"
+
+
+def test_check_plots_one_png_per_check_even_when_a_rule_fails(project, capsys):
+    from gradscope.checkconfig import CheckSpec
+    from gradscope.plots import write_check_figures
+    folder, _ = project
+    path = folder / "pyproject.toml"
+    second = path.read_text().split("\n\n")[-1].replace("checks.encoder", 'checks."enc/second"')
+    path.write_text(path.read_text() + second.replace("min-slope = -0.02", "min-slope = 0.5"))
+    code, out, _ = _main(["check", "--plots", "plots"], capsys)
+    assert code == 1 and "failed: enc/second" in out and "plots written" in out
+    pngs = sorted((folder / "plots").iterdir())
+    assert [p.name for p in pngs] == ["enc_second.png", "encoder.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    # names that would give one file get numbered
+    profile = -0.1 * np.arange(20.0)
+    results = [_judged(profile, CheckSpec(name=n, source="t", seq_len=20)) for n in ("a/b", "a b")]
+    assert [p.name for p in write_check_figures(results, folder)] == ["a_b.png", "a_b-2.png"]
+
+
+def test_an_unusable_plots_folder_is_refused_before_measuring(project, capsys):
+    folder, _ = project
+    (folder / "taken").write_text("keep me")
+    code, out, err = _main(["check", "--plots", "taken"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--plots" in err and "is not a directory" in err and "check" not in out
+    assert (folder / "taken").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("fill, label", [(-np.inf, "exactly zero from step 11"),
+                                         (np.nan, "not computed from step 11")])
+def test_check_figure_marks_where_the_profile_stops(fill, label):
+    from gradscope.checkconfig import CheckSpec
+    from gradscope.plots import check_figure
+    profile = np.full(30, fill)
+    profile[:10] = -0.3 * np.arange(10.0)
+    spec = CheckSpec(name="c", source="t", seq_len=30, min_slope=-0.1, min_horizon=5)
+    labels = [line.get_label() for line in check_figure(_judged(profile, spec)).axes[0].lines]
+    assert label in labels
+    nothing = _judged(np.full(30, -np.inf), spec)
+    labels = [line.get_label() for line in check_figure(nothing).axes[0].lines]
+    assert "exactly zero from step 1" in labels
