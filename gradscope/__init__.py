@@ -17,15 +17,15 @@ from .version import __version__
 
 _LAZY = {  # name -> the module that defines it
     **dict.fromkeys(("assert_gradient_health", "check", "compare", "cost_note", "export",
-                     "load", "registries", "run", "sweep", "sweep_spec"), "api"),
+                     "load", "ranking", "registries", "run", "sweep", "sweep_spec"), "api"),
     "write_report": "report",
     "RunResult": "results",
 }
 
 __all__ = [
     "ConfigError", "GradscopeError", "RunConfig", "RunResult", "__version__",
-    "assert_gradient_health", "check", "compare", "cost_note", "export", "load", "registries",
-    "run", "sweep", "sweep_spec", "write_report",
+    "assert_gradient_health", "check", "compare", "cost_note", "export", "load", "ranking",
+    "registries", "run", "sweep", "sweep_spec", "write_report",
 ]
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         cost_note,
         export,
         load,
+        ranking,
         registries,
         run,
         sweep,

@@ -23,7 +23,9 @@ from .files import atomic_write, check_writable_dir, ensure_writable_dir
 from .gate import judge, run_checks
 from .plots import comparison_figure, profile_figure, save_figure, write_check_figures
 from .registry import ALL
+from .report import build as build_report_data
 from .report import write_report
+from .report.data import Row
 from .results import RunResult
 from .runner import check_config, execute, forward_cost_note
 from .store import Store, run_id
@@ -179,6 +181,17 @@ def load(folder: str | Path) -> pd.DataFrame:
     """
     with Store(Path(folder), create=False) as store:
         return store.frame()
+
+
+def ranking(folder: str | Path, probe: str = "grad_h0") -> list[Row]:
+    """The sweep's configurations, best first by the median slope of ``probe`` at
+    initialisation: the report's ranking table as plain data (medians over seeds).
+
+    >>> [(r.label, r.slope) for r in ranking("reports")][:2]
+    [('rnn/relu identity', -0.0024...), ('lstm pytorch forget-bias 3', -0.0036...)]
+    """
+    with Store(Path(folder), create=False) as store:
+        return build_report_data(store, probe).ranking
 
 
 EXPORT_FORMATS = ("csv", "parquet")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.box import SIMPLE
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -267,6 +268,7 @@ def sweep_command(
             progress.stop()
     out_console.print(f"{result.finished} runs finished, {result.skipped} already done, "
                       f"{len(result.failed)} failed, in {out / 'gradscope.sqlite'}")
+    print_ranking(_api().ranking(out), "grad_h0")
     if index is not None:
         out_console.print(f"report: {index}")
 
@@ -276,8 +278,35 @@ def report_command(
     folder: Path = typer.Argument(..., help="A folder written by `gradscope sweep`."),
     probe: str = typer.Option("grad_h0", help="The probe that the comparisons show."),
 ) -> None:
-    """Write FOLDER/report/index.html (self-contained) and one PNG per figure beside it."""
-    out_console.print(f"report: {_api().write_report(folder, probe=probe)}")
+    """Write FOLDER/report/index.html (self-contained) and one PNG per figure beside it, and
+    print the ranking of its configurations."""
+    index = _api().write_report(folder, probe=probe)
+    print_ranking(_api().ranking(folder, probe), probe)
+    out_console.print(f"report: {index}")
+
+
+RANKED = 20  # rows of the ranking printed after a sweep; the report has them all
+
+
+def print_ranking(rows, probe: str) -> None:
+    """The report's ranking table, best first: its first RANKED rows."""
+    if not rows:
+        return
+    table = Table(title=f"ranking by the median slope of {probe} at initialisation", box=SIMPLE,
+                  padding=(0, 1), collapse_padding=True, pad_edge=False,
+                  caption="medians over seeds; slope: log10 per step; half-life, horizon: "
+                          "steps (never: not 6 decades down); learned: seeds whose held-out "
+                          "loss fell below half of chance")
+    table.add_column("configuration", overflow="fold", min_width=16, ratio=1)
+    for col in ("seeds", "slope", "half-life", "horizon", "verdict", "learned"):
+        table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
+    for r in rows[:RANKED]:
+        table.add_row(r.label, str(r.seeds), _fmt(r.slope, "+.4f"), _half_life(r.half_life),
+                      "never" if r.horizon == math.inf else _fmt(r.horizon, ".0f"),
+                      f"[{VERDICT_COLOUR[r.verdict]}]{r.verdict}[/]", r.learned)
+    if len(rows) > RANKED:
+        table.caption += f"; {len(rows) - RANKED} more in the report"
+    out_console.print(table)
 
 
 @app.command("export", epilog="Example:  gradscope export reports --format csv")
@@ -379,6 +408,9 @@ def _parse_list(name: str, text: str) -> list:
     return values
 
 
+VERDICT_COLOUR = {"vanishing": "red", "stable": "green", "exploding": "magenta"}
+
+
 def print_result(result: RunResult) -> None:
     c = result.config
     table = Table(title=f"{c.label()}, task {c.task}, T={result.task['seq_len']}, "
@@ -388,12 +420,11 @@ def print_result(result: RunResult) -> None:
     for col in ("probe", "slope", "half-life", "horizon", "last", "verdict"):
         table.add_column(col, justify="left" if col in ("probe", "verdict") else "right",
                          no_wrap=True)
-    colour = {"vanishing": "red", "stable": "green", "exploding": "magenta"}
     for name, s in result.summary.items():
         horizon = str(s.horizon) if s.horizon is not None else f"> {len(result.profiles[name])}"
         table.add_row(name, _fmt(s.slope, "+.4f"), _half_life(s.half_life), horizon,
                       _fmt(s.end, ".1f", "-inf (exact 0)"),
-                      f"[{colour[s.verdict]}]{s.verdict}[/]")
+                      f"[{VERDICT_COLOUR[s.verdict]}]{s.verdict}[/]")
     out_console.print(table)
     if result.theory is not None:
         print_theory(result.theory)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import gradscope
 from gradscope.cli import app, main
 
 FAST = ["--hidden", "4", "--batch", "2", "--seq-len", "20"]
@@ -168,6 +169,14 @@ def test_sweep_then_report_then_export_from_the_command_line(tmp_path, capsys):
                              str(out)], capsys)
     assert code == 0 and "2 runs finished, 0 already done, 0 failed" in stdout
     assert (out / "report" / "index.html").exists()
+    # the report's ranking, printed best first: each row's label and median slope
+    rows = gradscope.ranking(out)
+    assert len(rows) == 2 and rows[0].slope >= rows[1].slope
+    for command in (stdout, _main(["report", str(out)], capsys)[1]):
+        assert "ranking by the median slope of grad_h0" in command
+        at = [command.index(f"{r.slope:+.4f}") for r in rows]
+        assert at == sorted(at)
+        assert all(0 <= command.find(r.label) < a for r, a in zip(rows, at, strict=True))
     code, stdout, _ = _main(["export", str(out), "--format", "csv"], capsys)
     assert code == 0 and (out / "export" / "runs.csv").exists()
 
