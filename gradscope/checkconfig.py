@@ -17,11 +17,12 @@ No torch here. Every error names the file, the check and the key.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import RunConfig
+from .config import DEVICES, DTYPES, RunConfig
 from .errors import ConfigError
 
 DEFAULT_BASELINE = "gradscope-baseline.json"
@@ -38,6 +39,7 @@ CHECK_OPTIONS: dict[str, tuple[type, ...]] = {
     "tolerance": (int, float), "windows": (int,),
     "device": (str,), "dtype": (str,),
 }
+OPTIONAL = {"model", "input-size", "min-slope", "min-horizon", "max-growth"}  # None: not given
 # Options of a built-in model: the model options of `gradscope run`.
 BUILTIN_OPTIONS = {"cell", "activation", "init", "gain", "input-init", "forget-bias",
                    "gate-init", "chrono-tmax", "hidden", "task"}
@@ -64,6 +66,38 @@ class CheckSpec:
     windows: int = 4  # baseline rule: the profile is compared in this many windows
     device: str = "auto"
     dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        """The one place a check's values are validated, from a file or from Python
+        (``assert_gradient_health``); each error names the source, the check and the key."""
+        for key, types in CHECK_OPTIONS.items():
+            value = getattr(self, key.replace("-", "_"))
+            if value is None and key in OPTIONAL:
+                continue
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                wanted = " or ".join(t.__name__ for t in types)
+                raise ConfigError(f"{self.where(key)} must be {wanted}, got {value!r}")
+        for key in ("seq-len", "batch", "windows", "input-size", "min-horizon"):
+            value = getattr(self, key.replace("-", "_"))
+            if value is not None and value < 1:
+                raise ConfigError(f"{self.where(key)} must be positive, got {value!r}")
+        if self.seed < 0:
+            raise ConfigError(f"{self.where('seed')} must be >= 0, got {self.seed!r}")
+        for key in ("min-slope", "max-growth", "tolerance"):
+            value = getattr(self, key.replace("-", "_"))
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{self.where(key)} must be a finite number, got {value!r}")
+        for key in ("max-growth", "tolerance"):
+            value = getattr(self, key.replace("-", "_"))
+            if value is not None and value < 0:
+                raise ConfigError(f"{self.where(key)} must be >= 0, got {value!r}")
+        if self.min_horizon is not None and self.min_horizon > self.seq_len:
+            raise ConfigError(f"{self.where('min-horizon')} {self.min_horizon} exceeds seq-len "
+                              f"{self.seq_len}: the profile cannot show it; raise seq-len")
+        for key, allowed in (("dtype", DTYPES), ("device", DEVICES)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{self.where(key)}: unknown {key} {getattr(self, key)!r}; "
+                                  "choose from: " + ", ".join(allowed))
 
     def where(self, key: str | None = None) -> str:
         return f"{self.source}: check {self.name!r}" + (f": {key}" if key else "")
@@ -138,12 +172,8 @@ def _check(name: str, source: str, table: dict, overrides: dict) -> CheckSpec:
         if key not in CHECK_OPTIONS:
             raise ConfigError(f"{spec.where()}: unknown key {key!r}; allowed: "
                               + ", ".join(sorted(set(CHECK_OPTIONS) | BUILTIN_OPTIONS)))
-        types = CHECK_OPTIONS[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            wanted = " or ".join(t.__name__ for t in types)
-            raise ConfigError(f"{spec.where(key)} must be {wanted}, got {value!r}")
         values[key.replace("-", "_")] = value
-    spec = replace(spec, builtin=builtin, **values)
+    spec = replace(spec, builtin=builtin, **values)  # CheckSpec validates the values
     if spec.model is not None and builtin:
         raise ConfigError(f"{spec.where('model')}: a factory and built-in options "
                           f"({', '.join(sorted(builtin))}) exclude each other; give one")
@@ -153,15 +183,6 @@ def _check(name: str, source: str, table: dict, overrides: dict) -> CheckSpec:
     if spec.model is not None and ":" not in spec.model:
         raise ConfigError(f"{spec.where('model')} must look like \"package.module:factory\", "
                           f"got {spec.model!r}")
-    for key in ("seq_len", "batch", "windows"):
-        if getattr(spec, key) < 1:
-            raise ConfigError(f"{spec.where(key.replace('_', '-'))} must be positive, got "
-                              f"{getattr(spec, key)!r}")
-    if spec.min_horizon is not None and spec.min_horizon > spec.seq_len:
-        raise ConfigError(f"{spec.where('min-horizon')} {spec.min_horizon} exceeds seq-len "
-                          f"{spec.seq_len}: the profile cannot show it; raise seq-len")
-    if spec.tolerance < 0:
-        raise ConfigError(f"{spec.where('tolerance')} must be >= 0, got {spec.tolerance!r}")
     if spec.model is None:  # sizes and names of a built-in: RunConfig's own checks
         try:
             RunConfig(**{**spec.builtin, **_run_fields(spec)})

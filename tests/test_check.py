@@ -357,3 +357,35 @@ def test_check_figure_marks_where_the_profile_stops(fill, label):
     nothing = _judged(np.full(30, -np.inf), spec)
     labels = [line.get_label() for line in check_figure(nothing).axes[0].lines]
     assert "exactly zero from step 1" in labels
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"seq_len": 0}, "seq-len must be positive, got 0"),
+    ({"batch": -1}, "batch must be positive, got -1"),
+    ({"seq_len": "100"}, "seq-len must be int, got '100'"),
+    ({"batch": True}, "batch must be int, got True"),
+    ({"input_size": 0}, "input-size must be positive"),
+    ({"seed": -1}, "seed must be >= 0"),
+    ({"min_slope": float("nan")}, "min-slope must be a finite number"),
+    ({"max_growth": -1.0}, "max-growth must be >= 0"),
+    ({"min_horizon": 0}, "min-horizon must be positive"),
+    ({"min_horizon": 101}, "min-horizon 101 exceeds seq-len 100"),
+    ({"dtype": "float16"}, "unknown dtype 'float16'; choose from: float64, float32"),
+    ({"device": "tpu"}, "unknown device 'tpu'; choose from: auto, cpu, cuda"),
+])
+def test_assert_gradient_health_refuses_bad_options_by_name(options, message):
+    """From Python as from a file: one ConfigError naming the option, before any work (these
+    used to raise IndexError or RuntimeError from deep inside, or to measure float16)."""
+    with pytest.raises(ConfigError) as info:
+        gradscope.assert_gradient_health(torch.nn.RNN(2, 3), **{"seq_len": 100, **options})
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).startswith("assert_gradient_health: check 'model': ")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "tpu"], "device: unknown device 'tpu'"),
+    (["--dtype", "float16"], "dtype: unknown dtype 'float16'"),
+])
+def test_bad_flags_are_one_line_not_a_traceback(project, capsys, flags, message):
+    code, _, err = _main(["check", *flags], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
