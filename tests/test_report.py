@@ -153,3 +153,15 @@ def test_render_escapes_every_label():
                       [("<u>y</u>", "<err>")], {"command": "<b>"})
     page = report_html.render(data, {}, "<title>")
     assert "<i>" not in page and "<u>" not in page and "<err>" not in page and "<b>" not in page
+
+
+def test_a_probe_no_run_measured_is_refused_and_the_report_kept(sweep_folder):
+    """A typo in --probe used to replace the report by one with empty figures."""
+    index = gradscope.write_report(sweep_folder)
+    before = index.read_bytes()
+    for call in (gradscope.write_report, gradscope.ranking):
+        with pytest.raises(gradscope.ConfigError, match="measured probe 'grad_h1' for --probe; "
+                                                        "choose from: adjoint, .*grad_h0"):
+            call(sweep_folder, probe="grad_h1")
+    assert index.read_bytes() == before
+    assert [r.label for r in gradscope.ranking(sweep_folder, probe="jacobian")]

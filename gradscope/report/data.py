@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import describe
+from ..errors import ConfigError
 from ..store import Store
 
 # Options that name a configuration, in the order a label shows them.
@@ -89,13 +90,17 @@ class ReportData:
 
 
 def build(store: Store, probe: str = "grad_h0") -> ReportData:
+    summaries = store.summaries()
+    measured = sorted(set(summaries.probe))
+    if measured and probe not in measured:  # a typo would otherwise replace a report by a blank
+        raise ConfigError(f"no run in {store.path.parent} measured probe {probe!r} for --probe; "
+                          "choose from: " + ", ".join(measured))
     runs = store.runs()
     ok = runs[runs.status == "ok"].copy()
     configs = [json.loads(c) for c in ok.config]
     varying = [k for k in CONTEXT if len({json.dumps(c.get(k)) for c in configs}) > 1]
     ok["label"] = [describe(c, varying) for c in configs]
     profiles = _profiles(store, set(ok.run_id))
-    summaries = store.summaries()
     groups = {label: frame for label, frame in ok.groupby("label", sort=False)}
 
     theories = {rid: json.loads(t) for rid, t in zip(ok.run_id, ok.theory, strict=True)
