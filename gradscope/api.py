@@ -88,6 +88,9 @@ def compare(runs: list[str | Path], probe: str, out: str | Path | None = None
     """
     if not runs:
         raise ConfigError("give at least one result folder to compare")
+    if out is not None and Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a directory; give the PNG file to write, such as "
+                          f"{Path(out) / f'{probe}.png'}")
     results = []
     for path in runs:
         try:

@@ -109,6 +109,8 @@ def test_compare_loads_runs_and_checks_the_probe(tmp_path):
         gradscope.compare([tmp_path / "a", tmp_path / "b"], "jacobian_c")
     with pytest.raises(gradscope.ConfigError, match="holds no readable gradscope result"):
         gradscope.compare([tmp_path / "missing"], "jacobian")
+    with pytest.raises(gradscope.ConfigError, match="is a directory; give the PNG file"):
+        gradscope.compare([tmp_path / "a"], "jacobian", tmp_path)  # was an OSError, exit 1
 
 
 def test_jacobian_samples_measure_forward_probes_on_the_first_sequences(make):
