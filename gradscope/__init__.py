@@ -17,15 +17,17 @@ from .version import __version__
 
 _LAZY = {  # name -> the module that defines it
     **dict.fromkeys(("assert_gradient_health", "check", "compare", "cost_note", "export",
-                     "load", "ranking", "registries", "run", "sweep", "sweep_spec"), "api"),
+                     "load", "profile", "ranking", "registries", "run", "sweep",
+                     "sweep_spec"), "api"),
     "write_report": "report",
     "RunResult": "results",
+    "ModelProfile": "results",
 }
 
 __all__ = [
-    "ConfigError", "GradscopeError", "RunConfig", "RunResult", "__version__",
-    "assert_gradient_health", "check", "compare", "cost_note", "export", "load", "ranking",
-    "registries", "run", "sweep", "sweep_spec", "write_report",
+    "ConfigError", "GradscopeError", "ModelProfile", "RunConfig", "RunResult", "__version__",
+    "assert_gradient_health", "check", "compare", "cost_note", "export", "load", "profile",
+    "ranking", "registries", "run", "sweep", "sweep_spec", "write_report",
 ]
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
         cost_note,
         export,
         load,
+        profile,
         ranking,
         registries,
         run,
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
         sweep_spec,
     )
     from .report import write_report
-    from .results import RunResult
+    from .results import ModelProfile, RunResult
 
 
 class _Package(types.ModuleType):

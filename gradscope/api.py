@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,12 +21,13 @@ from .errors import ConfigError
 from .executors import DEFAULT_RETRIES, Outcome, make_executor
 from .files import atomic_write, check_writable_dir, ensure_writable_dir
 from .gate import judge, run_checks
+from .modelprofile import profile as profile_module
 from .plots import comparison_figure, profile_figure, save_figure, write_check_figures
 from .registry import ALL
 from .report import build as build_report_data
 from .report import write_report
 from .report.data import Row
-from .results import RunResult
+from .results import ModelProfile, RunResult, load_result
 from .runner import check_config, execute, forward_cost_note
 from .store import Store, run_id
 from .sweep import PRESETS, SweepReport, SweepSpec, from_mapping, load_toml, run_sweep
@@ -81,8 +82,9 @@ def _config(config: RunConfig | None, options: dict) -> RunConfig:
 
 
 def compare(runs: list[str | Path], probe: str, out: str | Path | None = None
-            ) -> list[RunResult]:
-    """Load saved runs and, with ``out``, draw ``probe`` of each on one axis into a PNG.
+            ) -> list[RunResult | ModelProfile]:
+    """Load saved runs (of `gradscope run` or `gradscope profile`) and, with ``out``, draw
+    ``probe`` of each on one axis into a PNG.
 
     >>> compare(["reports/rnn-tanh", "reports/lstm-fb3"], "jacobian", "reports/jacobian.png")
     """
@@ -94,10 +96,10 @@ def compare(runs: list[str | Path], probe: str, out: str | Path | None = None
     results = []
     for path in runs:
         try:
-            results.append(RunResult.load(Path(path)))
+            results.append(load_result(Path(path)))
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"{path} holds no readable gradscope result ({e}); give folders "
-                              "written by `gradscope run`") from None
+                              "written by `gradscope run` or `gradscope profile`") from None
     for path, result in zip(runs, results, strict=True):
         if probe not in result.profiles:
             raise ConfigError(f"{path} has no {probe!r} profile; it has: "
@@ -109,7 +111,45 @@ def compare(runs: list[str | Path], probe: str, out: str | Path | None = None
     return results
 
 
-def save_run(result: RunResult, out_dir: Path) -> None:
+def profile(model: object, *, seq_len: int = 100, batch: int = 8,
+            input_size: int | None = None, seed: int = 0, probes: Sequence[str] | None = None,
+            projections: int | None = None, checkpoint: bool = False, dtype: str = "float64",
+            device: str = "auto", model_args: dict | None = None,
+            out: str | Path | None = None, command: str | None = None,
+            source: str = "gradscope.profile") -> ModelProfile:
+    """Measure your own module's per-step gradient-flow profiles: every probe it offers
+    (``probes`` to choose), each deeper layer's initial state among them, by the exact engine,
+    on random N(0, 1) inputs with the loss a fixed random projection of the top layer's h.
+
+    ``model``: a torch.nn.RNN, LSTM or GRU, one of their cells, a module of the step
+    protocol, or the import path of a factory that returns one (``"mypkg.models:make"``,
+    called with ``model_args``). With ``out``, writes ``out/result.json`` (schema
+    ``gradscope.model/1``) and ``out/profile.png``. ``source`` starts every error message.
+
+    >>> p = profile(torch.nn.LSTM(16, 64, num_layers=2), seq_len=200)
+    >>> p.summary["grad_h0@2"].slope  # the second layer's initial state, log10 per step
+    """
+    factory = isinstance(model, str)
+    if factory and ":" not in model:
+        raise ConfigError(f"{source}: the model must be an object or look like "
+                          f"\"package.module:factory\", got {model!r}")
+    if model_args and not factory:
+        raise ConfigError(f"{source}: model_args go to a factory; give its import path, or "
+                          "call it yourself")
+    spec = checkconfig.CheckSpec(
+        name="", source=source, model=model if factory else "<object>",
+        model_args=model_args or {}, input_size=input_size, seq_len=seq_len, batch=batch,
+        seed=seed, device=device, dtype=dtype)
+    if out is not None:
+        check_writable_dir(Path(out))  # creates nothing: a failed run leaves no folder behind
+    result = profile_module(spec, None if factory else model, probes, projections=projections,
+                            checkpoint=checkpoint, command=command)
+    if out is not None:
+        save_run(result, ensure_writable_dir(Path(out)))
+    return result
+
+
+def save_run(result: RunResult | ModelProfile, out_dir: Path) -> None:
     """Write result.json and profile.png into ``out_dir`` (which must exist)."""
     save_figure(profile_figure(result), out_dir / "profile.png")
     result.save_json(out_dir / "result.json")

@@ -48,7 +48,7 @@ TOP_OPTIONS = {"checks", "baseline", "tolerance", "windows", "device", "dtype"}
 
 @dataclass(frozen=True)
 class CheckSpec:
-    name: str
+    name: str  # the check's name; "" for a module profiled outside a check
     source: str  # the file it came from, for messages
     model: str | None = None  # "package.module:factory"; None: a built-in configuration
     model_args: dict = field(default_factory=dict)
@@ -100,7 +100,9 @@ class CheckSpec:
                                   "choose from: " + ", ".join(allowed))
 
     def where(self, key: str | None = None) -> str:
-        return f"{self.source}: check {self.name!r}" + (f": {key}" if key else "")
+        """Where a message points: the source, the check (none for a profile), the key."""
+        head = f"{self.source}: check {self.name!r}" if self.name else self.source
+        return head + (f": {key}" if key else "")
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,66 @@ def run_command(
     out_console.print(f"wrote {out / 'result.json'} and {out / 'profile.png'}")
 
 
+@app.command("profile", epilog="Example:  gradscope profile mypkg.models:make_encoder "
+                                      "--seq-len 500")
+def profile_command(
+    model: str = typer.Argument(..., help="package.module:factory, a function (importable from "
+                                          "the current folder) that returns a torch.nn.RNN, "
+                                          "LSTM, GRU, one of their cells or a step module."),
+    model_args: str = typer.Option(None, help="Keyword arguments for the factory, as a JSON "
+                                              "object: '{\"hidden\": 64}'."),
+    seq_len: int = typer.Option(100, help="Steps measured."),
+    batch: int = typer.Option(8, help="Sequences measured at once."),
+    input_size: int = typer.Option(None, help="Features per step of the random inputs "
+                                              "[default: the model's own]."),
+    seed: int = typer.Option(0, help="Seeds the inputs and the loss's random projection."),
+    probes: str = typer.Option(None, help="Comma list of probes [default: all the model "
+                                          "offers, each deeper layer's grad_h0@k among them]."),
+    projections: int = typer.Option(None, help="Estimate the forward probes from P random "
+                                               "directions per part [default: exact]."),
+    checkpoint: bool = typer.Option(False, help="Adjoint: keep every ~sqrt(T)-th state and "
+                                                "recompute the rest."),
+    dtype: str = typer.Option("float64", help="float64 | float32."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    out: Path = typer.Option(None, help="Result folder [default: runs/<factory>-T<T>-s<seed>]."),
+) -> None:
+    """Measure your own model: every probe's per-step gradient magnitude against time distance.
+
+    Its own weights are unrolled step by step, on random N(0, 1) inputs, with the loss a fixed
+    random projection of the top layer's h (as `gradscope check` measures it). Writes
+    result.json and profile.png into --out and prints slope, half-life, horizon and verdict per
+    probe; `gradscope compare` sets it beside other runs.
+    """
+    args = _json_object(model_args, "--model-args") if model_args is not None else None
+    if out is None:
+        factory = model.rpartition(":")[2] or "model"
+        out = Path("runs") / f"{factory}-T{seq_len}-s{seed}"
+    with _phases() as on_phase:
+        on_phase(f"measuring {model}")
+        result = _api().profile(
+            model, model_args=args, seq_len=seq_len, batch=batch, input_size=input_size,
+            seed=seed, probes=_comma_list(probes), projections=projections,
+            checkpoint=checkpoint, dtype=dtype, device=device, out=out,
+            command=" ".join(["gradscope", *_ARGV]), source="gradscope profile")
+    print_summary(f"{result.title()}, input size {result.input_size}", result)
+    if result.nonfinite:
+        out_console.print(f"[magenta]{left_range(result.nonfinite)}; later steps are not "
+                          "computed[/]")
+    out_console.print(f"wrote {out / 'result.json'} and {out / 'profile.png'}")
+
+
+def _json_object(text: str, option: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{option} is not JSON ({e.msg}); give an object such as "
+                          "'{\"hidden\": 64}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a JSON object such as '{{\"hidden\": 64}}', got "
+                          f"{text}")
+    return value
+
+
 @app.command("list", epilog="Example:  gradscope list")
 def list_command() -> None:
     """Print every registry: cells, activations, initialisations, gate schemes, tasks, probes."""
@@ -151,7 +211,8 @@ def list_command() -> None:
 
 @app.command("compare", epilog="Example:  gradscope compare runs/a runs/b --probe jacobian")
 def compare_command(
-    runs: list[Path] = typer.Argument(..., help="Result folders written by `gradscope run`."),
+    runs: list[Path] = typer.Argument(..., help="Result folders written by `gradscope run` or "
+                                                "`gradscope profile`."),
     probe: str = typer.Option("jacobian", help="The probe to compare."),
     out: Path = typer.Option(None, help="Write the overlay figure to this PNG file."),
 ) -> None:
@@ -411,10 +472,9 @@ def _parse_list(name: str, text: str) -> list:
 VERDICT_COLOUR = {"vanishing": "red", "stable": "green", "exploding": "magenta"}
 
 
-def print_result(result: RunResult) -> None:
-    c = result.config
-    table = Table(title=f"{c.label()}, task {c.task}, T={result.task['seq_len']}, "
-                        f"H={c.hidden}, B={c.batch}")
+def print_summary(title: str, result) -> None:
+    """A result's summary per probe (a run's or a module's)."""
+    table = Table(title=title)
     table.caption = ("slope: log10 per step; half-life, horizon: steps; last: log10 at the last "
                      "step")
     for col in ("probe", "slope", "half-life", "horizon", "last", "verdict"):
@@ -426,6 +486,12 @@ def print_result(result: RunResult) -> None:
                       _fmt(s.end, ".1f", "-inf (exact 0)"),
                       f"[{VERDICT_COLOUR[s.verdict]}]{s.verdict}[/]")
     out_console.print(table)
+
+
+def print_result(result: RunResult) -> None:
+    c = result.config
+    print_summary(f"{c.label()}, task {c.task}, T={result.task['seq_len']}, H={c.hidden}, "
+                  f"B={c.batch}", result)
     if result.theory is not None:
         print_theory(result.theory)
     t = result.training

@@ -6,9 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
-from . import usermodel
 from .check import (
     CheckResult,
     read_baseline,
@@ -23,9 +21,10 @@ from .checkconfig import CheckFile, CheckSpec, run_config
 from .engine import Unrolled, measure
 from .errors import ConfigError
 from .model import build
-from .probes import PROBES, Probe, layer_probes, probes_for
+from .modelprofile import prepare
+from .probes import PROBES, Probe, probes_for
 from .results import FIRST_STEP
-from .runner import check_config, check_fits, resolve_device
+from .runner import check_config, resolve_device
 from .summary import summarize
 
 
@@ -101,19 +100,8 @@ def _prepare(spec: CheckSpec, module: object | None) -> tuple[Unrolled, list[Pro
             built.model.requires_grad_(False)
             names = probes_for(built.model.cell.parts)
             return built.model.unroll(built.batch), [PROBES.get(n) for n in names]
-        if module is None:
-            module = usermodel.make(spec.model, spec.model_args, spec.where("model"))
-        adapted = usermodel.adapt(module, spec.where("model"), getattr(torch, spec.dtype))
-        check_fits(usermodel.memory_estimate(adapted, spec.seq_len, spec.batch, device,
-                                             reverse=spec.probe == "adjoint"),
-                   device, f"{spec.where()}: measuring the model",
-                   f"seq-len {spec.seq_len} x batch {spec.batch} x its state of "
-                   f"{len(adapted.parts)} x {adapted.hidden} values, {spec.dtype}",
-                   "lower seq-len or batch")
-        unrolled = usermodel.unroll(adapted, seq_len=spec.seq_len, batch=spec.batch,
-                                    seed=spec.seed, input_size=spec.input_size, device=device)
-        probes = [PROBES.get(n) for n in probes_for(adapted.parts)]
-        return unrolled, probes + layer_probes(adapted.parts)
+        ready = prepare(spec, module, device, reverse=spec.probe == "adjoint")
+        return ready.unrolled, ready.probes
     except ConfigError as e:
         if str(e).startswith(spec.source):
             raise

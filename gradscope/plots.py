@@ -13,14 +13,15 @@ import numpy as np  # noqa: E402
 
 from .check import CheckResult  # noqa: E402
 from .files import atomic_write  # noqa: E402
-from .results import RunResult  # noqa: E402
+from .results import ModelProfile, RunResult  # noqa: E402
 from .summary import DEFAULT_DROP  # noqa: E402
 
 AXIS_LABEL = {"t": "t steps after h_0", "k": "k steps back from T"}
 
 
-def profile_figure(result: RunResult) -> plt.Figure:
-    """Every probe's log10 magnitude against time distance (log10 values: no float floor)."""
+def profile_figure(result: RunResult | ModelProfile) -> plt.Figure:
+    """Every probe's log10 magnitude against time distance (log10 values: no float floor);
+    a run's theory beside them."""
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
     for name, values in result.profiles.items():
         steps = result.steps(name)
@@ -31,14 +32,13 @@ def profile_figure(result: RunResult) -> plt.Figure:
             continue
         ax.plot(steps[finite], values[finite], lw=1.6,
                 label=f"{name} [{AXIS_LABEL[result.axes[name]]}]")
-    _theory_lines(ax, result)
+    if isinstance(result, RunResult):
+        _theory_lines(ax, result)
     if result.nonfinite:
         where, step = result.nonfinite["where"], result.nonfinite["step"]
         ax.axvline(step, color="red", ls="--", lw=1,
                    label=f"left float range ({where}) at t={step}")
-    c = result.config
-    ax.set_title(f"{c.label()}, task {c.task}, H={c.hidden}, T={result.task['seq_len']}",
-                 fontsize=10)
+    ax.set_title(result.title(), fontsize=10)
     ax.set_xlabel("time distance (steps)")
     ax.set_ylabel("log10 gradient magnitude")
     ax.grid(True, alpha=0.3)
@@ -75,7 +75,7 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
         plt.close(fig)
 
 
-def comparison_figure(results: list[RunResult], probe: str) -> plt.Figure:
+def comparison_figure(results: list[RunResult | ModelProfile], probe: str) -> plt.Figure:
     """One probe of several runs on one axis: which configuration keeps its gradient longest."""
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
     for result in results:
@@ -105,7 +105,9 @@ def check_figure(result: CheckResult) -> plt.Figure:
     finite = np.isfinite(profile)
     shown = [profile[finite]]  # what the y range must keep in view
     ax.plot(steps[finite], profile[finite], lw=1.6, color="C0", label=f"{result.probe}, measured")
-    for mask, what in ((np.isneginf(profile), "exactly zero"), (np.isnan(profile), "not computed")):
+    since = np.arange(len(profile)) >= (np.argmax(finite) if finite.any() else 0)  # as summarize
+    for mask, what in ((since & np.isneginf(profile), "exactly zero"),
+                       (np.isnan(profile), "not computed")):
         if mask.any():
             ax.axvline(steps[np.argmax(mask)], color="C3", ls="--", lw=1,
                        label=f"{what} from step {steps[np.argmax(mask)]}")

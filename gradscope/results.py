@@ -17,6 +17,11 @@ result.json layout::
                                         "caveats"}]},
      "meta": {"gradscope", "torch", "python", "device", "dtype", "time_utc", "command"}}
 
+A user's own module measured whole (``gradscope profile``, ``ModelProfile``) is saved with
+schema ``gradscope.model/1``: ``model`` (the factory's import path or the module's repr),
+``seq_len``, ``batch``, ``input_size``, ``seed``, ``projections``, and ``profiles``,
+``summary``, ``nonfinite`` and ``meta`` as above; ``load_result`` reads either.
+
 ``profiles`` and ``summary`` are measured at initialisation; with training, ``snapshots`` holds
 the same measured after ``step`` training steps.
 
@@ -39,6 +44,7 @@ from .files import atomic_write_text
 from .summary import Summary, json_safe
 
 SCHEMA = "gradscope.run/1"
+MODEL_SCHEMA = "gradscope.model/1"  # a user's own module: ModelProfile
 FIRST_STEP = {"t": 1, "k": 0}  # axis -> the step of the first value
 
 
@@ -96,8 +102,45 @@ class Training:
                    snapshots=[Snapshot.from_dict(s) for s in d["snapshots"]])
 
 
+class Profiled:
+    """What a run's and a module's results share: per-step log10 profiles keyed by probe,
+    each on its own axis (``profiles``, ``axes``)."""
+
+    profiles: dict[str, np.ndarray]
+    axes: dict[str, str]
+
+    def steps(self, probe: str) -> np.ndarray:
+        first = FIRST_STEP[self.axes[probe]]
+        return np.arange(first, first + len(self.profiles[probe]))
+
+    def profiles_dict(self) -> dict:
+        return {name: {"axis": self.axes[name], "first_step": FIRST_STEP[self.axes[name]],
+                       "log10": json_safe(values)}
+                for name, values in self.profiles.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+
+    def save_json(self, path: Path) -> None:
+        atomic_write_text(path, self.to_json() + "\n")
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy rows: probe, axis, step, log10 (NaN where not finite)."""
+        frames = [
+            pd.DataFrame({"probe": name, "axis": self.axes[name], "step": self.steps(name),
+                          "log10": np.where(np.isfinite(v), v, np.nan)})
+            for name, v in self.profiles.items()
+        ]
+        return pd.concat(frames, ignore_index=True)
+
+
+def _profiles_from(d: dict) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    return ({name: _log10_array(p["log10"]) for name, p in d["profiles"].items()},
+            {name: p["axis"] for name, p in d["profiles"].items()})
+
+
 @dataclass(frozen=True)
-class RunResult:
+class RunResult(Profiled):
     config: RunConfig
     task: dict  # name, variant, seq_len (steps actually run), chance_loss
     profiles: dict[str, np.ndarray]  # probe -> (T,) log10 magnitudes; -inf zero, NaN not computed
@@ -122,23 +165,17 @@ class RunResult:
         """A short name for the run: 'rnn/tanh orthogonal task adding seq-len 300'."""
         return self.config.label(("task", "seq_len"))
 
-    def steps(self, probe: str) -> np.ndarray:
-        first = FIRST_STEP[self.axes[probe]]
-        return np.arange(first, first + len(self.profiles[probe]))
+    def title(self) -> str:
+        """The run in one line, for a figure: 'lstm pytorch, task recall, H=64, T=300'."""
+        c = self.config
+        return f"{c.label()}, task {c.task}, H={c.hidden}, T={self.task['seq_len']}"
 
     def to_dict(self) -> dict:
         return {
             "schema": SCHEMA,
             "config": self.config.to_dict(),
             "task": self.task,
-            "profiles": {
-                name: {
-                    "axis": self.axes[name],
-                    "first_step": FIRST_STEP[self.axes[name]],
-                    "log10": json_safe(values),
-                }
-                for name, values in self.profiles.items()
-            },
+            "profiles": self.profiles_dict(),
             "summary": {name: s.to_dict() for name, s in self.summary.items()},
             "nonfinite": self.nonfinite,
             "training": None if self.training is None else self.training.to_dict(),
@@ -146,31 +183,16 @@ class RunResult:
             "meta": self.meta,
         }
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
-
-    def save_json(self, path: Path) -> None:
-        atomic_write_text(path, self.to_json() + "\n")
-
-    def to_frame(self) -> pd.DataFrame:
-        """Tidy rows: probe, axis, step, log10 (NaN where not finite)."""
-        frames = [
-            pd.DataFrame({"probe": name, "axis": self.axes[name], "step": self.steps(name),
-                          "log10": np.where(np.isfinite(v), v, np.nan)})
-            for name, v in self.profiles.items()
-        ]
-        return pd.concat(frames, ignore_index=True)
-
     @classmethod
     def from_dict(cls, d: dict) -> RunResult:
         if d.get("schema") != SCHEMA:
             raise ValueError(f"not a {SCHEMA} result (schema {d.get('schema')!r})")
-        profiles = {name: _log10_array(p["log10"]) for name, p in d["profiles"].items()}
+        profiles, axes = _profiles_from(d)
         return cls(
             config=RunConfig.from_dict(d["config"]),
             task=d["task"],
             profiles=profiles,
-            axes={name: p["axis"] for name, p in d["profiles"].items()},
+            axes=axes,
             summary={name: Summary(**s) for name, s in d["summary"].items()},
             nonfinite=d["nonfinite"],
             meta=d["meta"],
@@ -181,7 +203,63 @@ class RunResult:
     @classmethod
     def load(cls, path: Path) -> RunResult:
         """Read a result.json (or the folder that holds one)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "result.json"
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        return cls.from_dict(_read(path))
+
+
+@dataclass(frozen=True)
+class ModelProfile(Profiled):
+    """A user's own module measured whole (``gradscope.profile``): every probe it offers,
+    each deeper layer's initial state among them (``grad_h0@2``), on random N(0, 1) inputs
+    with the loss a fixed random projection of the top layer's h (as `gradscope check`)."""
+
+    model: str  # what was measured: the factory's import path, or the module's repr
+    seq_len: int  # steps measured
+    batch: int  # sequences measured
+    input_size: int  # features per step of the random inputs
+    seed: int  # seeds the inputs and the loss's projection
+    profiles: dict[str, np.ndarray]  # probe -> (T,) log10; -inf exactly zero; NaN not computed
+    axes: dict[str, str]  # probe -> "t" (steps after h_0) or "k" (steps back from T)
+    summary: dict[str, Summary]
+    nonfinite: dict | None  # {"step", "where"} when the forward pass left float range
+    meta: dict  # versions, device, dtype, time, command, as a run's
+    projections: int | None = None  # forward probes estimated from this many directions
+
+    def label(self) -> str:
+        return f"{self.model}, seq-len {self.seq_len}"
+
+    def title(self) -> str:
+        return f"{self.model}, T={self.seq_len}, B={self.batch}"
+
+    def to_dict(self) -> dict:
+        return {"schema": MODEL_SCHEMA,
+                **{k: getattr(self, k) for k in ("model", "seq_len", "batch", "input_size",
+                                                  "seed", "projections")},
+                "profiles": self.profiles_dict(),
+                "summary": {name: s.to_dict() for name, s in self.summary.items()},
+                "nonfinite": self.nonfinite, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelProfile:
+        if d.get("schema") != MODEL_SCHEMA:
+            raise ValueError(f"not a {MODEL_SCHEMA} result (schema {d.get('schema')!r})")
+        profiles, axes = _profiles_from(d)
+        return cls(**{k: d[k] for k in ("model", "seq_len", "batch", "input_size", "seed",
+                                        "projections", "nonfinite", "meta")},
+                   profiles=profiles, axes=axes,
+                   summary={name: Summary(**s) for name, s in d["summary"].items()})
+
+
+def load_result(path: Path) -> RunResult | ModelProfile:
+    """A saved result.json (or its folder), of a run or of a user's module, by its schema."""
+    d = _read(path)
+    kinds = {SCHEMA: RunResult, MODEL_SCHEMA: ModelProfile}
+    if d.get("schema") not in kinds:
+        raise ValueError(f"not a gradscope result (schema {d.get('schema')!r})")
+    return kinds[d["schema"]].from_dict(d)
+
+
+def _read(path: Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "result.json"
+    return json.loads(path.read_text(encoding="utf-8"))

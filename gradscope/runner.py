@@ -191,7 +191,7 @@ def assemble(config: RunConfig, built: Built, initial: Snapshot, theory: dict | 
         axes={p.name: p.axis for p in resolve_probes(config)},
         summary=initial.summary,
         nonfinite=initial.nonfinite,
-        meta=_meta(device, config.dtype, command),
+        meta=run_meta(device, config.dtype, command),
         training=training,
         theory=theory,
     )
@@ -257,7 +257,8 @@ def resolve_probes(config: RunConfig) -> list[Probe]:
     return [PROBES.get(name) for name in dict.fromkeys(names)]
 
 
-def _meta(device: torch.device, dtype: str, command: str | None) -> dict:
+def run_meta(device: torch.device, dtype: str, command: str | None) -> dict:
+    """Versions, device, dtype, time and command: the `meta` of a result."""
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:

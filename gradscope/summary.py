@@ -4,8 +4,9 @@ Units: a profile is log10 of a magnitude, one value per step. ``slope`` is the l
 slope in log10 per step over the finite values (negative: the signal shrinks with time distance).
 ``half_life`` is the number of steps per halving, log10(2) / -slope (None when it does not
 shrink). ``horizon`` is the first step at which the profile lies ``drop`` decades (default 6)
-below its first value; None when it never does within the profile. An exactly-zero value
-(-inf) counts as having fallen.
+below its start, its first finite value; None when it never does within the profile. An
+exactly-zero value (-inf) from the start on counts as having fallen (zeros before it do not;
+a profile that is zero wherever computed has fallen at its first step).
 
 Verdict: the fitted change across the profile, ``slope * (last step - first step)`` in decades,
 against a band (``band``, default 1 decade): ``exploding`` when the forward pass overflowed or
@@ -55,17 +56,15 @@ def summarize(
     slope = _slope(steps[finite], values[finite])
     start = float(values[finite][0]) if finite.any() else None
     end = float(values[computed][-1]) if computed.any() else None
-    horizon = None
-    if computed.any():
-        first = values[computed][0]
-        if np.isneginf(first):  # exactly zero from the start
-            fallen = computed & np.isneginf(values)
-        else:
-            fallen = computed & (values <= first - drop)
-        if fallen.any():
-            horizon = int(steps[np.argmax(fallen)])
+    # From the start on: exact zeros before the first finite value are no fall (a stacked
+    # module's adjoint of the first layer is exactly zero at k = 0, as the loss reads the top
+    # layer's state); a profile that is exactly zero wherever computed has fallen at once.
+    since = np.arange(len(values)) >= (np.argmax(finite) if finite.any() else 0)
+    zero = since & np.isneginf(values)
+    fallen = zero | (since & computed & (values <= (start if start is not None else 0) - drop))
+    horizon = int(steps[np.argmax(fallen)]) if fallen.any() else None
     half_life = math.log10(2) / -slope if slope is not None and slope < 0 else None
-    reached_zero = bool(np.isneginf(values).any())
+    reached_zero = bool(zero.any())
     change = 0.0 if slope is None else slope * float(np.ptp(steps[finite]))  # decades
     if overflowed or change > band:
         verdict = "exploding"

@@ -18,7 +18,7 @@ LAYERS = [
     {"results", "train", "check"},
     {"plots", "measure", "store", "theory"},
     {"runner"},
-    {"batched"},
+    {"batched", "modelprofile"},
     {"executors"},
     {"sweep", "report", "gate"},
     {"api", "__init__"},

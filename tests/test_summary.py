@@ -63,3 +63,18 @@ def test_steps_text(steps, text):
     """Half-lives in tables: one decimal, compact from 1e5 steps up (a profile that barely
     shrinks had printed as 831409414.3, the widest cell of the run table)."""
     assert steps_text(steps) == text
+
+
+def test_zeros_before_the_start_are_no_fall():
+    """A stacked module's adjoint of its first layer is exactly zero at k = 0 (the loss reads
+    the top layer): the summary starts at its first finite value, where the horizon used to
+    be 0 and the verdict vanishing whatever followed."""
+    k = np.arange(0, 100)
+    profile = np.where(k == 0, -np.inf, -2.0 - 0.001 * k)
+    s = summarize(profile, k)
+    assert s.start == pytest.approx(-2.001) and s.horizon is None and s.verdict == "stable"
+    falling = np.where(k == 0, -np.inf, -2.0 - 0.5 * k)
+    assert summarize(falling, k).horizon == 13  # 6 decades below -2.5 (k = 1) at k = 13
+    later_zero = np.where(k == 0, -np.inf, np.where(k < 50, -2.0, -np.inf))
+    assert summarize(later_zero, k).horizon == 50
+    assert summarize(later_zero, k).verdict == "vanishing"
