@@ -113,7 +113,8 @@ def compare(runs: list[str | Path], probe: str, out: str | Path | None = None
 
 def profile(model: object, *, seq_len: int = 100, batch: int = 8,
             input_size: int | None = None, seed: int = 0, probes: Sequence[str] | None = None,
-            projections: int | None = None, checkpoint: bool = False, dtype: str = "float64",
+            projections: int | None = None, checkpoint: bool = False, theory_k: int = 8,
+            dtype: str = "float64",
             device: str = "auto", model_args: dict | None = None,
             out: str | Path | None = None, command: str | None = None,
             source: str = "gradscope.profile") -> ModelProfile:
@@ -124,7 +125,9 @@ def profile(model: object, *, seq_len: int = 100, batch: int = 8,
     ``model``: a torch.nn.RNN, LSTM or GRU, one of their cells, a module of the step
     protocol, or the import path of a factory that returns one (``"mypkg.models:make"``,
     called with ``model_args``). With ``out``, writes ``out/result.json`` (schema
-    ``gradscope.model/1``) and ``out/profile.png``. ``source`` starts every error message.
+    ``gradscope.model/1``) and ``out/profile.png``. ``theory_k``: the top Lyapunov exponents
+    of its recurrence beside the measurement, the largest predicting the slope of
+    ``jacobian`` (0: none). ``source`` starts every error message.
 
     >>> p = profile(torch.nn.LSTM(16, 64, num_layers=2), seq_len=200)
     >>> p.summary["grad_h0@2"].slope  # the second layer's initial state, log10 per step
@@ -143,7 +146,7 @@ def profile(model: object, *, seq_len: int = 100, batch: int = 8,
     if out is not None:
         check_writable_dir(Path(out))  # creates nothing: a failed run leaves no folder behind
     result = profile_module(spec, None if factory else model, probes, projections=projections,
-                            checkpoint=checkpoint, command=command)
+                            checkpoint=checkpoint, theory_k=theory_k, command=command)
     if out is not None:
         save_run(result, ensure_writable_dir(Path(out)))
     return result

@@ -157,6 +157,8 @@ def profile_command(
                                                "directions per part [default: exact]."),
     checkpoint: bool = typer.Option(False, help="Adjoint: keep every ~sqrt(T)-th state and "
                                                 "recompute the rest."),
+    theory_k: int = typer.Option(8, help="Lyapunov exponents to compute beside the "
+                                         "measurement; 0 turns theory off."),
     dtype: str = typer.Option("float64", help="float64 | float32."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     out: Path = typer.Option(None, help="Result folder [default: runs/<factory>-T<T>-s<seed>]."),
@@ -177,9 +179,11 @@ def profile_command(
         result = _api().profile(
             model, model_args=args, seq_len=seq_len, batch=batch, input_size=input_size,
             seed=seed, probes=_comma_list(probes), projections=projections,
-            checkpoint=checkpoint, dtype=dtype, device=device, out=out,
+            checkpoint=checkpoint, theory_k=theory_k, dtype=dtype, device=device, out=out,
             command=" ".join(["gradscope", *_ARGV]), source="gradscope profile")
     print_summary(f"{result.title()}, input size {result.input_size}", result)
+    if result.theory is not None:
+        print_theory(result.theory)
     if result.nonfinite:
         out_console.print(f"[magenta]{left_range(result.nonfinite)}; later steps are not "
                           "computed[/]")
@@ -521,12 +525,15 @@ def print_theory(theory: dict) -> None:
         table.add_row(p["name"], p["probe"], _fmt(p["predicted"], "+.4f"),
                       _fmt(p["measured"], "+.4f"), agrees, "; ".join(p["caveats"]))
     out_console.print(table)
-    lyap = ", ".join(f"{x:+.3f}" for x in theory["lyapunov"][:4] if x is not None)
-    line = f"Lyapunov exponents (ln/step): {lyap}; sigma_max(W_hh) = {theory['sigma_max']:.3f}"
-    if theory["spectral_radius"] is not None:
-        line += f", spectral radius {theory['spectral_radius']:.3f}"
-    out_console.print(line + f"; {theory['pascanu_case']}")
-    if theory["bound_holds"] is False:
+    line = "Lyapunov exponents (ln/step): " + ", ".join(
+        f"{x:+.3f}" for x in theory["lyapunov"][:4] if x is not None)
+    if "sigma_max" in theory:  # a built-in configuration's (a module's theory has no more)
+        line += f"; sigma_max(W_hh) = {theory['sigma_max']:.3f}"
+        if theory["spectral_radius"] is not None:
+            line += f", spectral radius {theory['spectral_radius']:.3f}"
+        line += f"; {theory['pascanu_case']}"
+    out_console.print(line)
+    if theory.get("bound_holds") is False:
         out_console.print("[red]the measured jacobian exceeds the Pascanu bound[/]")
 
 

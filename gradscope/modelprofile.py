@@ -23,6 +23,7 @@ from .probes import PROBES, Probe, layer_probes, probes_for
 from .results import FIRST_STEP, ModelProfile
 from .runner import check_fits, resolve_device, run_meta
 from .summary import summarize
+from .theory import predict_module
 
 NAME_WIDTH = 80  # a module's repr longer than this (or of several lines) is named by its class
 
@@ -67,14 +68,19 @@ def describe(module: object) -> str:
 
 def profile(spec: CheckSpec, module: object | None = None,
             probes: Sequence[str] | None = None, *, projections: int | None = None,
-            checkpoint: bool = False, command: str | None = None) -> ModelProfile:
+            checkpoint: bool = False, theory_k: int = 8,
+            command: str | None = None) -> ModelProfile:
     """Measure ``probes`` (default: every one the module offers) of ``module``, or of what
     ``spec.model``'s factory returns, over ``spec.seq_len`` steps of ``spec.batch`` sequences.
 
     ``projections`` P: the forward probes are estimated from P random directions per part
     (error about sqrt(2/P)) instead of all H; ``checkpoint``: the adjoint keeps every
-    ~sqrt(T)-th state and recomputes the rest.
+    ~sqrt(T)-th state and recomputes the rest; ``theory_k``: Lyapunov exponents beside the
+    measurement (0: none).
     """
+    if not isinstance(theory_k, int) or isinstance(theory_k, bool) or theory_k < 0:
+        raise ConfigError(f"{spec.where('theory-k')} must be a non-negative integer, got "
+                          f"{theory_k!r}")
     if projections is not None and (not isinstance(projections, int)
                                     or isinstance(projections, bool) or projections < 1):
         raise ConfigError(f"{spec.where('projections')} must be a positive integer, got "
@@ -100,9 +106,12 @@ def profile(spec: CheckSpec, module: object | None = None,
                                  np.arange(unrolled.seq_len) + FIRST_STEP[p.axis],
                                  overflowed=left is not None)
                for p in chosen}
+    theory = None
+    if theory_k and left is None:
+        theory = predict_module(unrolled, {n: s.slope for n, s in summary.items()}, k=theory_k)
     return ModelProfile(
         model=ready.name, seq_len=spec.seq_len, batch=spec.batch, input_size=ready.input_size,
         seed=spec.seed, profiles={p.name: measured.log10[p.name] for p in chosen},
         axes={p.name: p.axis for p in chosen}, summary=summary,
         nonfinite=None if left is None else {"step": left.step, "where": left.where},
-        meta=run_meta(device, spec.dtype, command), projections=projections)
+        meta=run_meta(device, spec.dtype, command), projections=projections, theory=theory)

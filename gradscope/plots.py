@@ -32,8 +32,7 @@ def profile_figure(result: RunResult | ModelProfile) -> plt.Figure:
             continue
         ax.plot(steps[finite], values[finite], lw=1.6,
                 label=f"{name} [{AXIS_LABEL[result.axes[name]]}]")
-    if isinstance(result, RunResult):
-        _theory_lines(ax, result)
+    _theory_lines(ax, result)
     if result.nonfinite:
         where, step = result.nonfinite["where"], result.nonfinite["step"]
         ax.axvline(step, color="red", ls="--", lw=1,
@@ -47,14 +46,14 @@ def profile_figure(result: RunResult | ModelProfile) -> plt.Figure:
     return fig
 
 
-def _theory_lines(ax: plt.Axes, result: RunResult) -> None:
+def _theory_lines(ax: plt.Axes, result: RunResult | ModelProfile) -> None:
     """Beside the measured jacobian: the Pascanu bound and the predicted slopes."""
     theory, jac = result.theory, result.profiles.get("jacobian")
     if theory is None or jac is None or not np.isfinite(jac).any():
         return
     t = result.steps("jacobian")
     t0, y0 = t[np.isfinite(jac)][0], jac[np.isfinite(jac)][0]
-    if theory.get("pascanu_slope") is not None:
+    if isinstance(result, RunResult) and theory.get("pascanu_slope") is not None:
         bound = 0.5 * np.log10(result.config.hidden) + t * theory["pascanu_slope"]
         ax.plot(t, bound, color="grey", ls="--", lw=1, label="Pascanu bound on jacobian")
     for p in theory["predictions"]:

@@ -20,7 +20,8 @@ result.json layout::
 A user's own module measured whole (``gradscope profile``, ``ModelProfile``) is saved with
 schema ``gradscope.model/1``: ``model`` (the factory's import path or the module's repr),
 ``seq_len``, ``batch``, ``input_size``, ``seed``, ``projections``, and ``profiles``,
-``summary``, ``nonfinite`` and ``meta`` as above; ``load_result`` reads either.
+``summary``, ``nonfinite``, ``meta`` and ``theory`` (its ``lyapunov`` and ``predictions``
+only) as above; ``load_result`` reads either.
 
 ``profiles`` and ``summary`` are measured at initialisation; with training, ``snapshots`` holds
 the same measured after ``step`` training steps.
@@ -223,6 +224,7 @@ class ModelProfile(Profiled):
     nonfinite: dict | None  # {"step", "where"} when the forward pass left float range
     meta: dict  # versions, device, dtype, time, command, as a run's
     projections: int | None = None  # forward probes estimated from this many directions
+    theory: dict | None = None  # theory.predict_module: Lyapunov exponents, their prediction
 
     def label(self) -> str:
         return f"{self.model}, seq-len {self.seq_len}"
@@ -236,7 +238,7 @@ class ModelProfile(Profiled):
                                                   "seed", "projections")},
                 "profiles": self.profiles_dict(),
                 "summary": {name: s.to_dict() for name, s in self.summary.items()},
-                "nonfinite": self.nonfinite, "meta": self.meta}
+                "nonfinite": self.nonfinite, "theory": self.theory, "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelProfile:
@@ -244,7 +246,7 @@ class ModelProfile(Profiled):
             raise ValueError(f"not a {MODEL_SCHEMA} result (schema {d.get('schema')!r})")
         profiles, axes = _profiles_from(d)
         return cls(**{k: d[k] for k in ("model", "seq_len", "batch", "input_size", "seed",
-                                        "projections", "nonfinite", "meta")},
+                                        "projections", "nonfinite", "theory", "meta")},
                    profiles=profiles, axes=axes,
                    summary={name: Summary(**s) for name, s in d["summary"].items()})
 

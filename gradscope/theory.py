@@ -182,6 +182,22 @@ def predict(model: Model, u: Unrolled, measured: dict[str, float | None], *, k: 
                   bound_holds, mf, gate_mean, predictions)
 
 
+def predict_module(u: Unrolled, measured: dict[str, float | None], *, k: int = 8) -> dict:
+    """Theory for a user's own module, whose weights gradscope does not interpret: the top-k
+    Lyapunov exponents of its recurrence ``u``, the largest predicting the slope of
+    ``jacobian`` (``measured`` maps probe -> slope). As ``Theory.to_dict``'s keys, where they
+    apply."""
+    exps = lyapunov(u, k)
+    predicted = float(exps[0] / LN10)
+    caveats = []
+    if any("@" in part for part in u.parts):
+        caveats.append("stacked layers: the largest exponent may be a deeper layer's, while "
+                       "jacobian measures the first layer's h")
+    prediction = Prediction("lyapunov", "jacobian", predicted, measured.get("jacobian"),
+                            agrees(predicted, measured.get("jacobian")), caveats)
+    return json_safe({"lyapunov": [float(x) for x in exps], "predictions": [asdict(prediction)]})
+
+
 def _gate_product(model: Model, u: Unrolled) -> tuple[float, float]:
     """(mean keep gate, mean log10 keep gate) along the probe batch's trajectory."""
     cell = model.cell

@@ -70,6 +70,7 @@ def test_saved_profiles_load_and_compare_beside_a_run(tmp_path):
     assert saved["projections"] == 4 and (tmp_path / "p" / "profile.png").stat().st_size > 1000
     back = load_result(tmp_path / "p")
     assert isinstance(back, ModelProfile) and back.summary == got.summary
+    assert back.theory == got.theory and len(got.theory["lyapunov"]) == 7
     for name, values in got.profiles.items():
         np.testing.assert_array_equal(back.profiles[name], values)
     assert set(back.to_frame().probe) == set(got.profiles)
@@ -122,3 +123,36 @@ def test_the_command_line_writes_the_result_and_refuses_bad_input(tmp_path, monk
     folder = tmp_path / "runs" / "encoder-T30-s0"
     assert load_result(folder).model == "mymodels_cli:encoder"
     assert f"wrote {folder.relative_to(tmp_path) / 'result.json'}" in out
+
+
+class ScaledRotation(nn.Module):
+    """The step protocol, linear: h' = g Q h + U x, Q orthogonal. Every Lyapunov exponent is
+    ln g exactly, and ||dh_t/dh_0|| = g^t sqrt(H) (TASKS.md's identity)."""
+
+    input_size = 2
+
+    def __init__(self, g, hidden=6):
+        super().__init__()
+        torch.manual_seed(0)
+        q = torch.linalg.qr(torch.randn(hidden, hidden, dtype=torch.float64))[0]
+        self.w = nn.Parameter(g * q)
+        self.u = nn.Parameter(torch.randn(hidden, 2, dtype=torch.float64))
+
+    def initial_state(self, batch):
+        return (torch.zeros(batch, self.w.shape[0], dtype=torch.float64),)
+
+    def step(self, x, state):
+        return (state[0] @ self.w.T + x @ self.u.T,)
+
+
+@pytest.mark.parametrize("g", [0.5, 1.0, 1.3])
+def test_a_modules_lyapunov_exponents_and_slope_are_exact_for_a_scaled_rotation(g):
+    got = gradscope.profile(ScaledRotation(g), seq_len=60, batch=2, theory_k=4, device="cpu")
+    np.testing.assert_allclose(got.theory["lyapunov"], [np.log(g)] * 4, atol=1e-12)
+    (prediction,) = got.theory["predictions"]
+    assert prediction["predicted"] == pytest.approx(np.log10(g), abs=1e-12)
+    assert got.summary["jacobian"].slope == pytest.approx(np.log10(g), abs=1e-10)
+    assert prediction["agrees"] and not prediction["caveats"]
+    np.testing.assert_allclose(got.profiles["jacobian"],
+                               np.log10(g) * np.arange(1, 61) + 0.5 * np.log10(6), atol=1e-10)
+    assert gradscope.profile(ScaledRotation(g), seq_len=5, theory_k=0).theory is None
