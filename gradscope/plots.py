@@ -5,24 +5,22 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .check import CheckResult  # noqa: E402
-from .files import atomic_write  # noqa: E402
-from .results import ModelProfile, RunResult  # noqa: E402
-from .summary import DEFAULT_DROP  # noqa: E402
+from .check import CheckResult
+from .files import atomic_write
+from .results import ModelProfile, RunResult
+from .summary import DEFAULT_DROP
 
 AXIS_LABEL = {"t": "t steps after h_0", "k": "k steps back from T"}
 
 
-def profile_figure(result: RunResult | ModelProfile) -> plt.Figure:
+def profile_figure(result: RunResult | ModelProfile) -> Figure:
     """Every probe's log10 magnitude against time distance (log10 values: no float floor);
     a run's theory beside them."""
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    fig, ax = new_figure((8, 4.8), 110)
     for name, values in result.profiles.items():
         steps = result.steps(name)
         finite = np.isfinite(values)
@@ -46,7 +44,7 @@ def profile_figure(result: RunResult | ModelProfile) -> plt.Figure:
     return fig
 
 
-def _theory_lines(ax: plt.Axes, result: RunResult | ModelProfile) -> None:
+def _theory_lines(ax: Axes, result: RunResult | ModelProfile) -> None:
     """Beside the measured jacobian: the Pascanu bound and the predicted slopes."""
     theory, jac = result.theory, result.profiles.get("jacobian")
     if theory is None or jac is None or not np.isfinite(jac).any():
@@ -67,16 +65,21 @@ def _theory_lines(ax: plt.Axes, result: RunResult | ModelProfile) -> None:
     ax.set_ylim(lo - pad, hi + pad)
 
 
-def save_figure(fig: plt.Figure, path: Path) -> None:
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
+def new_figure(size: tuple[float, float], dpi: int, rows: int = 1, cols: int = 1,
+               **subplots) -> tuple[Figure, Axes | np.ndarray]:
+    """A figure and its axes, outside pyplot: no backend is chosen and no global figure list
+    is kept, so that drawing here neither changes a notebook's backend nor needs a display."""
+    fig = Figure(figsize=size, dpi=dpi)
+    return fig, fig.subplots(rows, cols, **subplots)
 
 
-def comparison_figure(results: list[RunResult | ModelProfile], probe: str) -> plt.Figure:
+def save_figure(fig: Figure, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def comparison_figure(results: list[RunResult | ModelProfile], probe: str) -> Figure:
     """One probe of several runs on one axis: which configuration keeps its gradient longest."""
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    fig, ax = new_figure((8, 4.8), 110)
     for result in results:
         values = result.profiles[probe]
         steps = result.steps(probe)
@@ -92,13 +95,13 @@ def comparison_figure(results: list[RunResult | ModelProfile], probe: str) -> pl
     return fig
 
 
-def check_figure(result: CheckResult) -> plt.Figure:
+def check_figure(result: CheckResult) -> Figure:
     """One check's profile against its rules, each drawn where the check has it: the
     least-squares fit beside the ``min-slope`` limit (both through the fit's centre), the
     steps before ``min-horizon`` in which the profile may not fall 6 decades, the
     ``max-growth`` ceiling, and the baseline with its tolerance (the rule compares window
     means, so a dip below the dashed line within a window can still pass)."""
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    fig, ax = new_figure((8, 4.8), 110)
     profile, spec, summary = result.profile, result.spec, result.summary
     steps = np.arange(len(profile)) + result.first_step
     finite = np.isfinite(profile)

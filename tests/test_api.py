@@ -151,6 +151,18 @@ def test_the_command_line_loads_without_torch_and_the_api_on_first_use():
     assert out.splitlines() == ["[]", "['torch', 'pandas', 'matplotlib']"]
 
 
+def test_drawing_leaves_the_users_matplotlib_backend_alone(tmp_path):
+    """A notebook's backend stays as it was: the figures are drawn outside pyplot (they used
+    to switch matplotlib to Agg on import)."""
+    out = _fresh_python(
+        "import sys, matplotlib; matplotlib.use('svg');"
+        "import gradscope, gradscope.report.figures;"
+        f"gradscope.run(hidden=3, batch=2, seq_len=5, theory_k=0, out={str(tmp_path)!r});"
+        "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    assert out == "svg False"
+    assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_api_functions_keep_the_names_of_the_submodules_check_and_sweep():
     # importing gradscope.check or gradscope.sweep sets the module as the package's attribute,
     # unless the package keeps its function there

@@ -6,20 +6,20 @@ import io
 import math
 
 import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .data import Comparison, Line  # noqa: E402
+from ..plots import new_figure
+from .data import Comparison, Line
 
 AXIS = {"grad_h0": "t (steps after h_0)", "jacobian": "t (steps after h_0)",
         "jacobian_c": "t (steps after c_0)", "grad_c0": "t (steps after c_0)",
         "adjoint": "k (steps back from the loss)"}
 
 
-def _lines(ax: plt.Axes, lines: list[Line], bands: bool = True) -> None:
-    colours = plt.cm.tab10.colors if len(lines) <= 10 else plt.cm.tab20.colors
+def _lines(ax: Axes, lines: list[Line], bands: bool = True) -> None:
+    colours = matplotlib.colormaps["tab10" if len(lines) <= 10 else "tab20"].colors
     for i, line in enumerate(lines):
         colour = colours[i % len(colours)]
         finite = np.isfinite(line.median)
@@ -35,9 +35,9 @@ def _lines(ax: plt.Axes, lines: list[Line], bands: bool = True) -> None:
             ax.plot(xs, y0 + line.theory_slope * (xs - x0), color=colour, lw=1, ls=":")
 
 
-def comparison(c: Comparison) -> plt.Figure:
+def comparison(c: Comparison) -> Figure:
     """One probe against time distance, one line per configuration, min-max band over seeds."""
-    fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=100)
+    fig, ax = new_figure((8.5, 4.8), 100)
     _lines(ax, c.lines)
     ax.set_title(f"{c.title}: {c.probe} ({c.fixed}); dotted: Lyapunov prediction",
                  fontsize=9)
@@ -49,9 +49,9 @@ def comparison(c: Comparison) -> plt.Figure:
     return fig
 
 
-def heatmap(labels: list[str], matrix: np.ndarray, probe: str) -> plt.Figure:
+def heatmap(labels: list[str], matrix: np.ndarray, probe: str) -> Figure:
     """Configuration x timestep, colour = log10 magnitude (median over seeds)."""
-    fig, ax = plt.subplots(figsize=(8.5, 0.9 + 0.32 * max(len(labels), 2)), dpi=100)
+    fig, ax = new_figure((8.5, 0.9 + 0.32 * max(len(labels), 2)), 100)
     masked = np.ma.masked_invalid(matrix)
     image = ax.imshow(masked, aspect="auto", cmap="viridis", interpolation="nearest",
                       extent=(0.5, matrix.shape[1] + 0.5, len(labels) - 0.5, -0.5))
@@ -63,9 +63,9 @@ def heatmap(labels: list[str], matrix: np.ndarray, probe: str) -> plt.Figure:
     return fig
 
 
-def training_curves(lines: list[Line]) -> plt.Figure:
+def training_curves(lines: list[Line]) -> Figure:
     """Training loss relative to chance (1 = a model that learned nothing)."""
-    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=100)
+    fig, ax = new_figure((8.5, 4.5), 100)
     _lines(ax, lines, bands=False)  # minibatch noise makes min-max bands unreadable here
     ax.axhline(1.0, color="black", ls="--", lw=1, label="chance")
     ax.axhline(0.5, color="grey", ls=":", lw=1, label="learned below this")
@@ -81,15 +81,15 @@ def training_curves(lines: list[Line]) -> plt.Figure:
     return fig
 
 
-def over_training(panels: dict[str, list[Line]], probe: str) -> plt.Figure:
+def over_training(panels: dict[str, list[Line]], probe: str) -> Figure:
     """Small multiples: each configuration's profile at each measured training step."""
     n = len(panels)
     cols = min(3, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), dpi=100,
-                             squeeze=False, sharey=True)
+    fig, axes = new_figure((3.2 * cols, 2.6 * rows), 100, rows, cols, squeeze=False,
+                           sharey=True)
     for ax, (label, lines) in zip(axes.flat, panels.items(), strict=False):
-        colours = plt.cm.plasma(np.linspace(0, 0.85, len(lines)))
+        colours = matplotlib.colormaps["plasma"](np.linspace(0, 0.85, len(lines)))
         for colour, line in zip(colours, lines, strict=True):
             finite = np.isfinite(line.median)
             ax.plot(line.steps[finite], line.median[finite], color=colour, lw=1.3,
@@ -105,10 +105,7 @@ def over_training(panels: dict[str, list[Line]], probe: str) -> plt.Figure:
     return fig
 
 
-def png(fig: plt.Figure) -> bytes:
+def png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format="png")
-    finally:
-        plt.close(fig)
+    fig.savefig(buffer, format="png")
     return buffer.getvalue()
