@@ -192,3 +192,18 @@ def test_cuda_measures_users_torch_nn_modules_as_the_cpu(layers):
     for name in got["cpu"]:
         np.testing.assert_allclose(got["cuda"][name], got["cpu"][name], atol=1e-8,
                                    err_msg=name)
+
+
+def test_cuda_profiles_a_users_module_and_its_lyapunov_exponents_as_the_cpu():
+    """`gradscope profile` whole on the GPU: every probe and the module's theory."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    module = nn.GRU(3, 16, num_layers=2)
+    got = {d: gradscope.profile(module, seq_len=200, batch=4, device=d) for d in ("cpu", "cuda")}
+    assert got["cuda"].meta["device"].startswith("cuda")
+    for name in got["cpu"].profiles:
+        np.testing.assert_allclose(got["cuda"].profiles[name], got["cpu"].profiles[name],
+                                   atol=1e-8, err_msg=name)
+    np.testing.assert_allclose(got["cuda"].theory["lyapunov"], got["cpu"].theory["lyapunov"],
+                               atol=1e-8)
