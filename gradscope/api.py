@@ -132,6 +132,8 @@ def profile(model: object, *, seq_len: int = 100, batch: int = 8,
     >>> p = profile(torch.nn.LSTM(16, 64, num_layers=2), seq_len=200)
     >>> p.summary["grad_h0@2"].slope  # the second layer's initial state, log10 per step
     """
+    if isinstance(probes, str):  # "grad_h0,adjoint", as on the command line
+        probes = [name.strip() for name in probes.split(",") if name.strip()]
     factory = isinstance(model, str)
     if factory and ":" not in model:
         raise ConfigError(f"{source}: the model must be an object or look like "

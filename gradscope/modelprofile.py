@@ -52,8 +52,11 @@ def prepare(spec: CheckSpec, module: object | None, device: torch.device, *, rev
                f"seq-len {spec.seq_len} x batch {spec.batch} x its state of "
                f"{len(adapted.parts)} x {adapted.hidden} values, {spec.dtype}",
                "lower seq-len or batch")
-    unrolled = usermodel.unroll(adapted, seq_len=spec.seq_len, batch=spec.batch,
-                                seed=spec.seed, input_size=spec.input_size, device=device)
+    try:
+        unrolled = usermodel.unroll(adapted, seq_len=spec.seq_len, batch=spec.batch,
+                                    seed=spec.seed, input_size=spec.input_size, device=device)
+    except ConfigError as e:  # its messages do not know where the check came from
+        raise ConfigError(f"{spec.where()}: {e}") from None
     probes = [PROBES.get(n) for n in probes_for(adapted.parts)]
     return Prepared(unrolled, probes + layer_probes(adapted.parts), name,
                     spec.input_size or adapted.input_size)

@@ -49,7 +49,7 @@ def test_a_stacked_module_reports_each_layer_and_summarises_its_adjoint_from_k_1
     assert adjoint[0] == -np.inf and np.isfinite(adjoint[1:]).all()
     assert got.summary["adjoint"].start == adjoint[1] and got.summary["adjoint"].horizon != 0
     chosen = gradscope.profile(module, seq_len=30, batch=3, seed=1, device="cpu",
-                               probes=["grad_h0@2", "jacobian"])
+                               probes="grad_h0@2, jacobian")
     assert list(chosen.profiles) == ["grad_h0@2", "jacobian"]
     np.testing.assert_array_equal(chosen.profiles["jacobian"], got.profiles["jacobian"])
 
@@ -112,7 +112,8 @@ def test_the_command_line_writes_the_result_and_refuses_bad_input(tmp_path, monk
             (["mymodels_cli"], 'look like "package.module:factory"'),
             (["mymodels_cli:nothing"], "mymodels_cli has no callable 'nothing'"),
             (["mymodels_cli:encoder", "--model-args", "[2]"], "must be a JSON object"),
-            (["mymodels_cli:encoder", "--input-size", "5"], "does not match the model's"),
+            (["mymodels_cli:encoder", "--input-size", "5"],
+             "gradscope profile: input-size 5 does not match the model's"),
             (["mymodels_cli:encoder", "--probes", "grad_h0@2"], "'grad_h0@2' does not apply")):
         code, _, err = _main(["profile", *argv], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
