@@ -114,8 +114,7 @@ def compare(runs: list[str | Path], probe: str, out: str | Path | None = None
 def profile(model: object, *, seq_len: int = 100, batch: int = 8,
             input_size: int | None = None, seed: int = 0, probes: Sequence[str] | None = None,
             projections: int | None = None, checkpoint: bool = False, theory_k: int = 8,
-            dtype: str = "float64",
-            device: str = "auto", model_args: dict | None = None,
+            dtype: str = "float64", device: str = "auto", model_args: dict | None = None,
             out: str | Path | None = None, command: str | None = None,
             source: str = "gradscope.profile") -> ModelProfile:
     """Measure your own module's per-step gradient-flow profiles: every probe it offers
