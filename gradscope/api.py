@@ -22,7 +22,13 @@ from .executors import DEFAULT_RETRIES, Outcome, make_executor
 from .files import atomic_write, check_writable_dir, ensure_writable_dir
 from .gate import judge, run_checks
 from .modelprofile import profile as profile_module
-from .plots import comparison_figure, profile_figure, save_figure, write_check_figures
+from .plots import (
+    check_figure,
+    comparison_figure,
+    profile_figure,
+    save_figure,
+    write_check_figures,
+)
 from .registry import ALL
 from .report import build as build_report_data
 from .report import write_report
@@ -310,9 +316,11 @@ def assert_gradient_health(model: object, *, seq_len: int = 100, batch: int = 8,
                            probe: str = "grad_h0", min_slope: float | None = None,
                            min_horizon: int | None = None, max_growth: float | None = None,
                            finite: bool = True, input_size: int | None = None, seed: int = 0,
-                           dtype: str = "float64", device: str = "cpu") -> CheckResult:
+                           dtype: str = "float64", device: str = "cpu",
+                           plot: str | Path | None = None) -> CheckResult:
     """Measure ``model`` (a torch.nn.RNN/LSTM/GRU, a cell, or a step-protocol module) and raise
-    AssertionError, with the table of rules as its message, when a rule fails.
+    AssertionError, with the table of rules as its message, when a rule fails. ``plot``: a PNG
+    file for the profile drawn against the rules, written whether they held or not.
 
     >>> lstm = torch.nn.LSTM(16, 64, num_layers=2)
     >>> assert_gradient_health(lstm, seq_len=200, min_slope=-0.05)
@@ -322,8 +330,14 @@ def assert_gradient_health(model: object, *, seq_len: int = 100, batch: int = 8,
         batch=batch, probe=probe, min_slope=min_slope, min_horizon=min_horizon,
         max_growth=max_growth, finite=finite, input_size=input_size, seed=seed, dtype=dtype,
         device=device)
+    if plot is not None:
+        check_writable_dir(Path(plot).absolute().parent, "plot")
     result = judge(spec, None, module=model)
+    if plot is not None:
+        ensure_writable_dir(Path(plot).absolute().parent, "plot")
+        save_figure(check_figure(result), Path(plot))
     if not result.passed:
-        raise AssertionError("gradient health check failed\n" + to_text([result]))
+        raise AssertionError("gradient health check failed\n" + to_text([result])
+                             + (f"\nplot: {plot}" if plot is not None else ""))
     return result
 

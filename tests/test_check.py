@@ -262,6 +262,19 @@ def test_assert_gradient_health_raises_with_the_table():
     assert "min-slope" in message and "FAIL" in message and "below the minimum" in message
 
 
+def test_assert_gradient_health_draws_its_plot_pass_or_fail(tmp_path):
+    small = torch.nn.RNN(4, 16)
+    with torch.no_grad():
+        small.weight_hh_l0.mul_(0.1)
+    plot = tmp_path / "figures" / "small.png"
+    with pytest.raises(AssertionError, match=f"plot: {plot}"):
+        gradscope.assert_gradient_health(small, seq_len=50, min_slope=-0.1, plot=plot)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(gradscope.ConfigError, match="plot .*taken"):
+        gradscope.assert_gradient_health(small, seq_len=50, plot=tmp_path / "taken" / "x.png")
+
+
 def test_exit_codes_have_names():
     assert (Exit.PASSED, Exit.FAILED, Exit.USAGE) == (0, 1, 2)
 
