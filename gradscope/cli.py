@@ -354,23 +354,35 @@ RANKED = 20  # rows of the ranking printed after a sweep; the report has them al
 
 
 def print_ranking(rows, probe: str) -> None:
-    """The report's ranking table, best first: its first RANKED rows."""
+    """The report's ranking table, best first: its first RANKED rows. The seeds and learned
+    columns only where they tell something (seed counts that differ; training)."""
     if not rows:
         return
+    shown = rows[:RANKED]
+    varied = len({r.seeds for r in shown}) > 1
+    trained = any(r.learned != "-" for r in shown)
+    n = shown[0].seeds
+    notes = ["medians over seeds" if varied else f"medians over {n} seed{'s' if n > 1 else ''}",
+             "slope: log10 per step", "half-life, horizon: steps (never: not 6 decades down)"]
+    if trained:
+        notes.append("learned: seeds whose held-out loss fell below half of chance")
+    if len(rows) > RANKED:
+        notes.append(f"{len(rows) - RANKED} more in the report")
     table = Table(title=f"ranking by the median slope of {probe} at initialisation", box=SIMPLE,
                   padding=(0, 1), collapse_padding=True, pad_edge=False,
-                  caption="medians over seeds; slope: log10 per step; half-life, horizon: "
-                          "steps (never: not 6 decades down); learned: seeds whose held-out "
-                          "loss fell below half of chance")
-    table.add_column("configuration", overflow="fold", min_width=16, ratio=1)
-    for col in ("seeds", "slope", "half-life", "horizon", "verdict", "learned"):
+                  caption="; ".join(notes))
+    columns = ["slope", "half-life", "horizon", "verdict"]
+    columns = (["seeds"] if varied else []) + columns + (["learned"] if trained else [])
+    table.add_column("configuration", overflow="fold", min_width=16)
+    for col in columns:
         table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
-    for r in rows[:RANKED]:
-        table.add_row(r.label, str(r.seeds), _fmt(r.slope, "+.4f"), _half_life(r.half_life),
-                      "never" if r.horizon == math.inf else _fmt(r.horizon, ".0f"),
-                      f"[{VERDICT_COLOUR[r.verdict]}]{r.verdict}[/]", r.learned)
-    if len(rows) > RANKED:
-        table.caption += f"; {len(rows) - RANKED} more in the report"
+    for r in shown:
+        cells = {"seeds": str(r.seeds), "slope": _fmt(r.slope, "+.4f"),
+                 "half-life": _half_life(r.half_life),
+                 "horizon": "never" if r.horizon == math.inf else _fmt(r.horizon, ".0f"),
+                 "verdict": f"[{VERDICT_COLOUR[r.verdict]}]{r.verdict}[/]",
+                 "learned": r.learned}
+        table.add_row(r.label, *(cells[c] for c in columns))
     out_console.print(table)
 
 

@@ -174,6 +174,7 @@ def test_sweep_then_report_then_export_from_the_command_line(tmp_path, capsys):
     assert len(rows) == 2 and rows[0].slope >= rows[1].slope
     for command in (stdout, _main(["report", str(out)], capsys)[1]):
         assert "ranking by the median slope of grad_h0" in command
+        assert "medians over 1 seed;" in command and "learned: seeds whose" in command
         at = [command.index(f"{r.slope:+.4f}") for r in rows]
         assert at == sorted(at)
         assert all(0 <= command.find(r.label) < a for r, a in zip(rows, at, strict=True))
