@@ -452,9 +452,10 @@ def check_command(
 
 def print_checks(results) -> None:
     table = Table(title="gradscope check", caption="slope: log10 per step; horizon: steps "
-                  "until the gradient has fallen 6 decades")
+                  "until the gradient has fallen 6 decades", box=SIMPLE, padding=(0, 1),
+                  collapse_padding=True, pad_edge=False)
     for col in ("check", "rule", "measured", "limit", "result"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col == "rule")
     for r in results:
         for x in r.rules:
             verdict = "[green]pass[/]" if x.passed else f"[red]FAIL[/] by {x.shortfall}"
