@@ -30,9 +30,9 @@ from .plots import (
     write_check_figures,
 )
 from .registry import ALL
-from .report import build as build_report_data
 from .report import write_report
 from .report.data import Row
+from .report.data import ranking as report_ranking
 from .results import ModelProfile, RunResult, load_result
 from .runner import check_config, execute, forward_cost_note
 from .store import Store, run_id
@@ -244,7 +244,7 @@ def ranking(folder: str | Path, probe: str = "grad_h0") -> list[Row]:
     [('rnn/relu identity', -0.0024...), ('lstm pytorch forget-bias 3', -0.0036...)]
     """
     with Store(Path(folder), create=False) as store:
-        return build_report_data(store, probe).ranking
+        return report_ranking(store, probe)
 
 
 EXPORT_FORMATS = ("csv", "parquet")

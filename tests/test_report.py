@@ -165,3 +165,12 @@ def test_a_probe_no_run_measured_is_refused_and_the_report_kept(sweep_folder):
             call(sweep_folder, probe="grad_h1")
     assert index.read_bytes() == before
     assert [r.label for r in gradscope.ranking(sweep_folder, probe="jacobian")]
+
+
+def test_the_ranking_alone_is_the_reports_ranking(sweep_folder):
+    from gradscope.report.data import build
+    from gradscope.store import Store
+
+    with Store(sweep_folder, create=False) as store:
+        for probe in ("grad_h0", "adjoint"):
+            assert gradscope.ranking(sweep_folder, probe) == build(store, probe).ranking

@@ -10,6 +10,7 @@ import json
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -89,7 +90,17 @@ class ReportData:
     theory: list[TheoryRow] = field(default_factory=list)
 
 
-def build(store: Store, probe: str = "grad_h0") -> ReportData:
+class _Labelled(NamedTuple):
+    runs: pd.DataFrame  # every run, failed ones too
+    ok: pd.DataFrame  # the finished runs, with a "label" column
+    varying: list[str]  # the CONTEXT options whose values differ between runs
+    groups: dict[str, pd.DataFrame]  # label -> its runs (a configuration's seeds)
+    summaries: pd.DataFrame
+
+
+def _labelled(store: Store, probe: str) -> _Labelled:
+    """The store's runs named by configuration, after checking that some run measured
+    ``probe``: what the ranking and the rest of the report start from."""
     summaries = store.summaries()
     measured = sorted(set(summaries.probe))
     if measured and probe not in measured:  # a typo would otherwise replace a report by a blank
@@ -100,8 +111,19 @@ def build(store: Store, probe: str = "grad_h0") -> ReportData:
     configs = [json.loads(c) for c in ok.config]
     varying = [k for k in CONTEXT if len({json.dumps(c.get(k)) for c in configs}) > 1]
     ok["label"] = [describe(c, varying) for c in configs]
-    profiles = _profiles(store, set(ok.run_id))
     groups = {label: frame for label, frame in ok.groupby("label", sort=False)}
+    return _Labelled(runs, ok, varying, groups, summaries)
+
+
+def ranking(store: Store, probe: str = "grad_h0") -> list[Row]:
+    """The report's ranking alone (``build(...).ranking``), without reading any profile."""
+    labelled = _labelled(store, probe)
+    return _ranking(labelled.ok, labelled.summaries, probe, labelled.groups)
+
+
+def build(store: Store, probe: str = "grad_h0") -> ReportData:
+    runs, ok, varying, groups, summaries = _labelled(store, probe)
+    profiles = _profiles(store, set(ok.run_id))
 
     theories = {rid: json.loads(t) for rid, t in zip(ok.run_id, ok.theory, strict=True)
                 if isinstance(t, str) and t != "null"}
