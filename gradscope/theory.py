@@ -139,9 +139,7 @@ def predict(model: Model, u: Unrolled, measured: dict[str, float | None], *, k: 
     w = cell.weight_hh.detach().double().cpu()
     sigma_max = float(torch.linalg.matrix_norm(w, ord=2))
     exps = lyapunov(u, k) if exponents is None else exponents
-    predictions = [Prediction("lyapunov", "jacobian", float(exps[0] / LN10),
-                              measured.get("jacobian"),
-                              agrees(float(exps[0] / LN10), measured.get("jacobian")))]
+    predictions = [_lyapunov_prediction(exps, measured)]
     radius = gamma = pascanu = mf = gate_mean = None
     bound_holds = None
     if cell.keep_gate is None:  # vanilla RNN
@@ -188,14 +186,20 @@ def predict_module(u: Unrolled, measured: dict[str, float | None], *, k: int = 8
     ``jacobian`` (``measured`` maps probe -> slope). As ``Theory.to_dict``'s keys, where they
     apply."""
     exps = lyapunov(u, k)
-    predicted = float(exps[0] / LN10)
     caveats = []
     if any("@" in part for part in u.parts):
         caveats.append("stacked layers: the largest exponent may be a deeper layer's, while "
                        "jacobian measures the first layer's h")
-    prediction = Prediction("lyapunov", "jacobian", predicted, measured.get("jacobian"),
-                            agrees(predicted, measured.get("jacobian")), caveats)
+    prediction = _lyapunov_prediction(exps, measured, caveats)
     return json_safe({"lyapunov": [float(x) for x in exps], "predictions": [asdict(prediction)]})
+
+
+def _lyapunov_prediction(exps: np.ndarray, measured: dict[str, float | None],
+                         caveats: list[str] | None = None) -> Prediction:
+    """The largest exponent (ln per step) over ln 10 against the measured slope of jacobian."""
+    predicted = float(exps[0] / LN10)
+    return Prediction("lyapunov", "jacobian", predicted, measured.get("jacobian"),
+                      agrees(predicted, measured.get("jacobian")), caveats or [])
 
 
 def _gate_product(model: Model, u: Unrolled) -> tuple[float, float]:
