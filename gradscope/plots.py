@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from .check import CheckResult
 from .files import atomic_write
 from .results import ModelProfile, RunResult
-from .summary import DEFAULT_DROP
+from .summary import DEFAULT_DROP, zeros_from_start
 
 AXIS_LABEL = {"t": "t steps after h_0", "k": "k steps back from T"}
 
@@ -107,8 +107,7 @@ def check_figure(result: CheckResult) -> Figure:
     finite = np.isfinite(profile)
     shown = [profile[finite]]  # what the y range must keep in view
     ax.plot(steps[finite], profile[finite], lw=1.6, color="C0", label=f"{result.probe}, measured")
-    since = np.arange(len(profile)) >= (np.argmax(finite) if finite.any() else 0)  # as summarize
-    for mask, what in ((since & np.isneginf(profile), "exactly zero"),
+    for mask, what in ((zeros_from_start(profile), "exactly zero"),
                        (np.isnan(profile), "not computed")):
         if mask.any():
             ax.axvline(steps[np.argmax(mask)], color="C3", ls="--", lw=1,

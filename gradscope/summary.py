@@ -56,10 +56,7 @@ def summarize(
     slope = _slope(steps[finite], values[finite])
     start = float(values[finite][0]) if finite.any() else None
     end = float(values[computed][-1]) if computed.any() else None
-    # From the start on: exact zeros before the first finite value are no fall (a stacked
-    # module's adjoint of the first layer is exactly zero at k = 0, as the loss reads the top
-    # layer's state); a profile that is exactly zero wherever computed has fallen at once.
-    since = np.arange(len(values)) >= (np.argmax(finite) if finite.any() else 0)
+    since = _from_start(values)
     zero = since & np.isneginf(values)
     fallen = zero | (since & computed & (values <= (start if start is not None else 0) - drop))
     horizon = int(steps[np.argmax(fallen)]) if fallen.any() else None
@@ -73,6 +70,21 @@ def summarize(
     else:
         verdict = "stable"
     return Summary(slope, half_life, horizon, verdict, start, end)
+
+
+def _from_start(values: np.ndarray) -> np.ndarray:
+    """Where a profile counts, from its start (its first finite value) on: exact zeros before
+    it are no fall (a stacked module's adjoint of the first layer is exactly zero at k = 0, as
+    the loss reads the top layer's state); a profile that is exactly zero wherever computed
+    counts from its first step."""
+    finite = np.isfinite(values)
+    return np.arange(len(values)) >= (np.argmax(finite) if finite.any() else 0)
+
+
+def zeros_from_start(values: np.ndarray) -> np.ndarray:
+    """The steps where a profile is exactly zero from its start on: where ``summarize``
+    counts it as having fallen to zero."""
+    return _from_start(values) & np.isneginf(values)
 
 
 def steps_text(steps: float) -> str:
