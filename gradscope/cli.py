@@ -184,9 +184,7 @@ def profile_command(
     print_summary(f"{result.title()}, input size {result.input_size}", result)
     if result.theory is not None:
         print_theory(result.theory)
-    if result.nonfinite:
-        out_console.print(f"[magenta]{left_range(result.nonfinite)}; later steps are not "
-                          "computed[/]")
+    print_left_range(result)
     out_console.print(f"wrote {out / 'result.json'} and {out / 'profile.png'}")
 
 
@@ -505,6 +503,13 @@ def print_summary(title: str, result) -> None:
     out_console.print(table)
 
 
+def print_left_range(result) -> None:
+    """Where a result's forward pass left float range, if it did."""
+    if result.nonfinite:
+        out_console.print(f"[magenta]{left_range(result.nonfinite)}; later steps are not "
+                          "computed[/]")
+
+
 def print_result(result: RunResult) -> None:
     c = result.config
     print_summary(f"{c.label()}, task {c.task}, T={result.task['seq_len']}, H={c.hidden}, "
@@ -524,9 +529,7 @@ def print_result(result: RunResult) -> None:
         last = t.snapshots[-1]
         out_console.print("after training: " + ", ".join(
             f"{name} slope {_fmt(s.slope, '+.4f')}" for name, s in last.summary.items()))
-    if result.nonfinite:
-        out_console.print(f"[magenta]{left_range(result.nonfinite)}; later steps are not "
-                          "computed[/]")
+    print_left_range(result)
 
 
 def print_theory(theory: dict) -> None:
