@@ -50,11 +50,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         for name in ("seq_len", "hidden", "batch"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_count(value, 1):
                 raise ConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")
         for name in ("steps", "profile_every", "theory_k"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not is_count(value, 0):
                 raise ConfigError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
         _finite("lr", self.lr)
         if self.lr <= 0:
@@ -149,6 +149,11 @@ def describe(c: dict, context: tuple[str, ...] | list[str] = ()) -> str:
         parts.append(f"input {c['input_init']}")
     parts += [f"{k.replace('_', '-')} {c[k]}" for k in context]
     return " ".join(parts)
+
+
+def is_count(value: object, least: int) -> bool:
+    """Whether ``value`` is an int (not a bool) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def _flag(field_name: str) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from . import usermodel
 from .checkconfig import CheckSpec
+from .config import is_count
 from .engine import Unrolled, measure
 from .errors import ConfigError
 from .probes import PROBES, Probe, layer_probes, probes_for
@@ -81,11 +82,10 @@ def profile(spec: CheckSpec, module: object | None = None,
     ~sqrt(T)-th state and recomputes the rest; ``theory_k``: Lyapunov exponents beside the
     measurement (0: none).
     """
-    if not isinstance(theory_k, int) or isinstance(theory_k, bool) or theory_k < 0:
+    if not is_count(theory_k, 0):
         raise ConfigError(f"{spec.where('theory-k')} must be a non-negative integer, got "
                           f"{theory_k!r}")
-    if projections is not None and (not isinstance(projections, int)
-                                    or isinstance(projections, bool) or projections < 1):
+    if projections is not None and not is_count(projections, 1):
         raise ConfigError(f"{spec.where('projections')} must be a positive integer, got "
                           f"{projections!r}")
     if probes is not None:
