@@ -31,7 +31,13 @@ from .check import to_json, to_junit, to_markdown
 from .config import MAX_SEEDS, RunConfig
 from .errors import ConfigError, GradscopeError
 from .files import atomic_write_text, check_writable_dir
-from .summary import left_range, steps_text
+from .summary import (
+    SUMMARY_CAPTION,
+    SUMMARY_COLUMNS,
+    half_life_text,
+    number_text,
+    summary_row,
+)
 
 if TYPE_CHECKING:
     from .results import RunResult
@@ -229,8 +235,8 @@ def compare_command(
     for path, result in zip(runs, results, strict=True):
         s = result.summary[probe]
         horizon = str(s.horizon) if s.horizon is not None else f"> {len(result.profiles[probe])}"
-        table.add_row(str(path), result.label(), _fmt(s.slope, "+.4f"),
-                      _half_life(s.half_life), horizon, s.verdict)
+        table.add_row(str(path), result.label(), number_text(s.slope, "+.4f"),
+                      half_life_text(s.half_life), horizon, s.verdict)
     out_console.print(table)
     if out is not None:
         out_console.print(f"wrote {out}")
@@ -375,9 +381,9 @@ def print_ranking(rows, probe: str) -> None:
     for col in columns:
         table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
     for r in shown:
-        cells = {"seeds": str(r.seeds), "slope": _fmt(r.slope, "+.4f"),
-                 "half-life": _half_life(r.half_life),
-                 "horizon": "never" if r.horizon == math.inf else _fmt(r.horizon, ".0f"),
+        cells = {"seeds": str(r.seeds), "slope": number_text(r.slope, "+.4f"),
+                 "half-life": half_life_text(r.half_life),
+                 "horizon": "never" if r.horizon == math.inf else number_text(r.horizon, ".0f"),
                  "verdict": f"[{VERDICT_COLOUR[r.verdict]}]{r.verdict}[/]",
                  "learned": r.learned}
         table.add_row(r.label, *(cells[c] for c in columns))
@@ -489,25 +495,20 @@ VERDICT_COLOUR = {"vanishing": "red", "stable": "green", "exploding": "magenta"}
 
 def print_summary(title: str, result) -> None:
     """A result's summary per probe (a run's or a module's)."""
-    table = Table(title=title)
-    table.caption = ("slope: log10 per step; half-life, horizon: steps; last: log10 at the last "
-                     "step")
-    for col in ("probe", "slope", "half-life", "horizon", "last", "verdict"):
+    table = Table(title=title, caption=SUMMARY_CAPTION)
+    for col in SUMMARY_COLUMNS:
         table.add_column(col, justify="left" if col in ("probe", "verdict") else "right",
                          no_wrap=True)
     for name, s in result.summary.items():
-        horizon = str(s.horizon) if s.horizon is not None else f"> {len(result.profiles[name])}"
-        table.add_row(name, _fmt(s.slope, "+.4f"), _half_life(s.half_life), horizon,
-                      _fmt(s.end, ".1f", "-inf (exact 0)"),
-                      f"[{VERDICT_COLOUR[s.verdict]}]{s.verdict}[/]")
+        *cells, verdict = summary_row(name, s, len(result.profiles[name]))
+        table.add_row(*cells, f"[{VERDICT_COLOUR[verdict]}]{verdict}[/]")
     out_console.print(table)
 
 
 def print_left_range(result) -> None:
     """Where a result's forward pass left float range, if it did."""
-    if result.nonfinite:
-        out_console.print(f"[magenta]{left_range(result.nonfinite)}; later steps are not "
-                          "computed[/]")
+    if result.range_note():
+        out_console.print(f"[magenta]{result.range_note()}[/]")
 
 
 def print_result(result: RunResult) -> None:
@@ -518,17 +519,11 @@ def print_result(result: RunResult) -> None:
         print_theory(result.theory)
     t = result.training
     if t is not None:
-        if t.diverged_at is not None:
-            out_console.print(f"[magenta]training diverged at step {t.diverged_at} (loss or "
-                              "gradient not finite)[/]")
-        else:
-            acc = f", accuracy {t.accuracy:.3f}" if t.accuracy is not None else ""
-            verdict = "[green]learned[/]" if t.learned else "[red]not learned[/]"
-            out_console.print(f"trained {t.steps_done} steps: held-out loss {t.final_loss:.4g} "
-                              f"against chance {t.chance_loss:.4g}{acc}: {verdict}")
+        colour = "magenta" if t.diverged_at is not None else "green" if t.learned else "red"
+        out_console.print(f"[{colour}]{t.outcome()}[/]")
         last = t.snapshots[-1]
         out_console.print("after training: " + ", ".join(
-            f"{name} slope {_fmt(s.slope, '+.4f')}" for name, s in last.summary.items()))
+            f"{name} slope {number_text(s.slope, '+.4f')}" for name, s in last.summary.items()))
     print_left_range(result)
 
 
@@ -538,8 +533,8 @@ def print_theory(theory: dict) -> None:
         table.add_column(col, overflow="fold")
     for p in theory["predictions"]:
         agrees = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[p["agrees"]]
-        table.add_row(p["name"], p["probe"], _fmt(p["predicted"], "+.4f"),
-                      _fmt(p["measured"], "+.4f"), agrees, "; ".join(p["caveats"]))
+        table.add_row(p["name"], p["probe"], number_text(p["predicted"], "+.4f"),
+                      number_text(p["measured"], "+.4f"), agrees, "; ".join(p["caveats"]))
     out_console.print(table)
     line = "Lyapunov exponents (ln/step): " + ", ".join(
         f"{x:+.3f}" for x in theory["lyapunov"][:4] if x is not None)
@@ -551,16 +546,6 @@ def print_theory(theory: dict) -> None:
     out_console.print(line)
     if theory.get("bound_holds") is False:
         out_console.print("[red]the measured jacobian exceeds the Pascanu bound[/]")
-
-
-def _half_life(v: float | None) -> str:
-    return "inf" if v is None else steps_text(v)  # None: the profile does not shrink
-
-
-def _fmt(v: float | None, spec: str, none: str = "-") -> str:
-    if v is None or (isinstance(v, float) and math.isinf(v)):
-        return none
-    return format(v, spec)
 
 
 def _comma_list(value: str | None) -> tuple[str, ...] | None:

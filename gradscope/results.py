@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,15 @@ import pandas as pd
 
 from .config import RunConfig
 from .files import atomic_write_text
-from .summary import Summary, json_safe
+from .summary import (
+    SUMMARY_CAPTION,
+    SUMMARY_COLUMNS,
+    VERDICT_COLOURS,
+    Summary,
+    json_safe,
+    left_range,
+    summary_row,
+)
 
 SCHEMA = "gradscope.run/1"
 MODEL_SCHEMA = "gradscope.model/1"  # a user's own module: ModelProfile
@@ -53,7 +62,14 @@ def _log10_array(values: list[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
-@dataclass(frozen=True)
+def _verdicts(summary: dict[str, Summary]) -> str:
+    """Each probe's verdict and slope, for a line of text."""
+    return ", ".join(
+        name + f" {s.verdict}" + ("" if s.slope is None else f" ({s.slope:+.4f}/step)")
+        for name, s in summary.items())
+
+
+@dataclass(frozen=True, repr=False)
 class Snapshot:
     """Profiles measured once, on the probe batch, after ``step`` training steps."""
 
@@ -61,6 +77,9 @@ class Snapshot:
     profiles: dict[str, np.ndarray]  # probe -> (T,) log10; -inf exactly zero; NaN not computed
     summary: dict[str, Summary]
     nonfinite: dict | None  # {"step", "where"} when the forward pass left float range
+
+    def __repr__(self) -> str:
+        return f"<Snapshot at step {self.step}: {_verdicts(self.summary)}>"
 
     def to_dict(self) -> dict:
         return {"step": self.step,
@@ -74,7 +93,7 @@ class Snapshot:
                    {k: Summary(**s) for k, s in d["summary"].items()}, d["nonfinite"])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Training:
     """What BPTT training did: the loss curve, the outcome against chance, and snapshots."""
 
@@ -86,6 +105,20 @@ class Training:
     accuracy: float | None  # held-out accuracy (classification tasks)
     learned: bool  # final_loss <= LEARNED_FRACTION (0.5) of chance_loss
     snapshots: list[Snapshot]  # profiles during training (steps > 0)
+
+    def outcome(self) -> str:
+        """What training came to, in one line."""
+        if self.diverged_at is not None:
+            return (f"training diverged at step {self.diverged_at} (loss or gradient not "
+                    "finite)")
+        accuracy = f", accuracy {self.accuracy:.3f}" if self.accuracy is not None else ""
+        return (f"trained {self.steps_done} steps: held-out loss {self.final_loss:.4g} against "
+                f"chance {self.chance_loss:.4g}{accuracy}: "
+                f"{'learned' if self.learned else 'not learned'}")
+
+    def __repr__(self) -> str:
+        n = len(self.snapshots)
+        return f"<Training {self.outcome()}; {n} snapshot{'' if n == 1 else 's'}>"
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("steps_done", "diverged_at", "final_loss",
@@ -109,6 +142,40 @@ class Profiled:
 
     profiles: dict[str, np.ndarray]
     axes: dict[str, str]
+    summary: dict[str, Summary]
+    nonfinite: dict | None
+
+    def title(self) -> str:
+        raise NotImplementedError
+
+    def range_note(self) -> str | None:
+        """Where the measurement left float range, if it did."""
+        if self.nonfinite is None:
+            return None
+        return f"{left_range(self.nonfinite)}; later steps are not computed"
+
+    def notes(self) -> list[str]:
+        """What a summary table does not say, a line each."""
+        return [note for note in (self.range_note(),) if note]
+
+    def __repr__(self) -> str:
+        """One line: what was measured and each probe's verdict and slope (the arrays are in
+        ``profiles``)."""
+        return f"<{type(self).__name__} {self.title()}: {_verdicts(self.summary)}>"
+
+    def _repr_html_(self) -> str:
+        """A notebook's view: the summary table, as ``gradscope run`` prints it, and its notes
+        (``gradscope.plots.profile_figure`` draws the profiles)."""
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in cells[:-1])
+            + f'<td style="color: {VERDICT_COLOURS[cells[-1]]}">{cells[-1]}</td></tr>'
+            for cells in (summary_row(name, s, len(self.profiles[name]))
+                          for name, s in self.summary.items()))
+        head = "".join(f"<th>{column}</th>" for column in SUMMARY_COLUMNS)
+        notes = "".join(f"<br>{escape(note)}" for note in self.notes())
+        return (f"<div><b>{type(self).__name__}</b> {escape(self.title())}"
+                f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+                f"<small>{SUMMARY_CAPTION}{notes}</small></div>")
 
     def steps(self, probe: str) -> np.ndarray:
         first = FIRST_STEP[self.axes[probe]]
@@ -140,7 +207,7 @@ def _profiles_from(d: dict) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             {name: p["axis"] for name, p in d["profiles"].items()})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RunResult(Profiled):
     config: RunConfig
     task: dict  # name, variant, seq_len (steps actually run), chance_loss
@@ -170,6 +237,9 @@ class RunResult(Profiled):
         """The run in one line, for a figure: 'lstm pytorch, task recall, H=64, T=300'."""
         c = self.config
         return f"{c.label()}, task {c.task}, H={c.hidden}, T={self.task['seq_len']}"
+
+    def notes(self) -> list[str]:
+        return ([self.training.outcome()] if self.training else []) + super().notes()
 
     def to_dict(self) -> dict:
         return {
@@ -207,7 +277,7 @@ class RunResult(Profiled):
         return cls.from_dict(_read(path))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ModelProfile(Profiled):
     """A user's own module measured whole (``gradscope.profile``): every probe it offers,
     each deeper layer's initial state among them (``grad_h0@2``), on random N(0, 1) inputs

@@ -94,6 +94,32 @@ def steps_text(steps: float) -> str:
     return format(steps, ".1f" if abs(steps) < 1e5 else ".3g")
 
 
+VERDICT_COLOURS = {"vanishing": "#b42318", "stable": "#067647", "exploding": "#7a2e9b"}  # HTML
+SUMMARY_COLUMNS = ("probe", "slope", "half-life", "horizon", "last", "verdict")
+SUMMARY_CAPTION = ("slope: log10 per step; half-life, horizon: steps; last: log10 at the last "
+                   "step")
+
+
+def summary_row(probe: str, s: Summary, length: int) -> tuple[str, ...]:
+    """One profile's summary as the texts of a table's row (SUMMARY_COLUMNS), for a terminal
+    and a notebook alike; ``length``: the profile's number of steps."""
+    return (probe, number_text(s.slope, "+.4f"),
+            half_life_text(s.half_life),
+            str(s.horizon) if s.horizon is not None else f"> {length}",
+            number_text(s.end, ".1f", "-inf (exact 0)"), s.verdict)
+
+
+def half_life_text(v: float | None) -> str:
+    return "inf" if v is None else steps_text(v)  # None: the profile does not shrink
+
+
+def number_text(v: float | None, spec: str, none: str = "-") -> str:
+    """A number for a table; ``none`` where there is none or it is infinite."""
+    if v is None or (isinstance(v, float) and math.isinf(v)):
+        return none
+    return format(v, spec)
+
+
 def _slope(x: np.ndarray, y: np.ndarray) -> float | None:
     if len(x) < 2:
         return None

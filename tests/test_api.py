@@ -1,9 +1,12 @@
 """The Python API: results, determinism, exploding networks, round trips."""
 
 import json
+import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 import gradscope
 from gradscope import RunConfig, RunResult
@@ -91,6 +94,32 @@ def test_result_round_trips_through_json(tmp_path):
     assert back.config == r.config and back.summary == r.summary and back.meta == r.meta
     for name in r.profiles:
         np.testing.assert_array_equal(back.profiles[name], r.profiles[name])
+
+
+def test_a_result_shows_itself_in_one_line_and_in_a_notebook_as_its_summary_table():
+    r = gradscope.run(cell="gru", steps=3, **FAST)
+    line = repr(r)
+    assert "\n" not in line and "array" not in line and len(line) < 300
+    assert line.startswith("<RunResult gru pytorch, task adding, H=6, T=40: grad_h0 ")
+    for name, s in r.summary.items():
+        assert f"{name} {s.verdict} ({s.slope:+.4f}/step)" in line
+    html = r._repr_html_()
+    rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td>.*?>(\w+)</td></tr>", html)
+    assert [(name, verdict) for name, _, verdict in rows] \
+        == [(name, s.verdict) for name, s in r.summary.items()]
+    assert [float(slope) for _, slope, _ in rows] \
+        == pytest.approx([s.slope for s in r.summary.values()], abs=1e-4)
+    assert r.training.outcome() in html and r.training.outcome().startswith("trained 3 steps")
+    assert repr(r.training) == f"<Training {r.training.outcome()}; 1 snapshot>"
+    assert repr(r.snapshots[-1]).startswith("<Snapshot at step 3: grad_h0 ")
+    exploded = gradscope.run(cell="rnn", activation="relu", init="identity", gain=2.0,
+                             dtype="float32", hidden=4, batch=2, seq_len=300)
+    assert "adjoint exploding>" in repr(exploded)  # no slope: nothing computed
+    assert exploded.notes() == [f"the forward pass left float range (state not finite) at "
+                                f"step {exploded.nonfinite['step']}; later steps are not computed"]
+    foreign = replace(gradscope.profile(torch.nn.RNN(2, 4), seq_len=20), model="<b>x</b> & y")
+    assert "&lt;b&gt;x&lt;/b&gt; &amp; y" in foreign._repr_html_()
+    assert repr(foreign).startswith("<ModelProfile <b>x</b> & y, T=20, B=8: grad_h0 ")
 
 
 def test_exact_zero_is_null_in_json_and_inf_in_memory():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
-from ..summary import steps_text
+from ..summary import VERDICT_COLOURS, steps_text
 from .data import ReportData, Row
 
 CSS = """
@@ -22,11 +22,10 @@ table { border-collapse: collapse; width: 100%; font-size: 13px; margin: 10px 0;
 th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid #eceff3; }
 th { background: #f1f3f6; font-weight: 600; } td.num { text-align: right;
   font-variant-numeric: tabular-nums; }
-.vanishing { color: #b42318; font-weight: 600; } .stable { color: #067647; font-weight: 600; }
-.exploding { color: #7a2e9b; font-weight: 600; }
 nav a { margin-right: 14px; font-size: 14px; } code { background: #f1f3f6; padding: 1px 4px; }
 .muted { color: #6b7280; font-size: 13px; }
-"""
+""" + "".join(f".{verdict} {{ color: {colour}; font-weight: 600; }}\n"
+              for verdict, colour in VERDICT_COLOURS.items())
 
 CAPTIONS = {
     "activations": "Same matrix initialisation, different nonlinearities: the steeper the line, "
