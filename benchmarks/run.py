@@ -10,8 +10,10 @@ fused torch.nn kernel's forward+backward, measured side by side in one run, as r
     .venv/bin/python benchmarks/run.py --train-paths   # training: step loop against kernel
     .venv/bin/python benchmarks/run.py --user-models   # `gradscope check` on torch.nn modules
     .venv/bin/python benchmarks/run.py --keep-freed-memory  # no run pays for fresh pages
+    .venv/bin/python benchmarks/run.py --cases lstm:64:500,rnn:8:40 --no-memory  # other sizes
 
-Prints a markdown table (paste it into docs/benchmarks.md). Not part of the test suite.
+Prints a markdown table (paste it into docs/benchmarks.md). Not part of the test suite, which
+only dry-runs it at toy sizes (tests/test_benchmarks.py) and judges no timing.
 """
 
 from __future__ import annotations
@@ -295,6 +297,18 @@ def user_models_table() -> None:
                   f"| {t_generic / t_fast:.1f}x |", flush=True)
 
 
+def cases_arg(text: str) -> list[tuple[str, int, int]]:
+    """'lstm:128:1000,rnn:8:40' -> [("lstm", 128, 1000), ("rnn", 8, 40)]."""
+    try:
+        cases = [(cell, int(H), int(T)) for cell, H, T in
+                 (case.split(":") for case in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give CELL:H:T, comma-separated") from None
+    if any(cell not in ("lstm", "rnn") or H < 1 or T < 2 for cell, H, T in cases):
+        raise argparse.ArgumentTypeError(f"{text!r}: cells lstm or rnn, H >= 1, T >= 2")
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every case, not just the targets")
@@ -323,6 +337,9 @@ def main() -> None:
     parser.add_argument("--gpu-adjoint", default=engine.GPU_ADJOINT, choices=list(engine.GPU_PLANS),
                         help="the GPU's adjoint plan (engine.GPU_PLANS; benchmarks/gpu_parts.py "
                         "--pick names the fastest)")
+    parser.add_argument("--cases", type=cases_arg, metavar="CELL:H:T,...",
+                        help="these cases instead of the targets' (the tests' dry run: "
+                             "rnn:8:40)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc keeps freed memory (mallopt), so that no run pays for fresh "
                         "pages: the fused kernel's floor without that cost (CPU, Linux)")
@@ -345,6 +362,7 @@ def main() -> None:
         cases = [(c, H, T) for c in ("lstm", "rnn") for H in (128, 512) for T in (1000, 10000)]
     if args.device == "cuda":
         cases = [("lstm", 256, 10000), *cases]
+    cases = args.cases or cases
     memory = "glibc keeps freed memory" if args.keep_freed_memory else "glibc's default malloc"
     print(f"machine: {machine(args.device)}; torch {torch.__version__}; B = {B}; {dtype}; "
           f"forward probes on {args.samples} sequences, exact or from {args.projections} "
