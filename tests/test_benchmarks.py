@@ -51,3 +51,12 @@ def test_the_gpu_parts_dry_run_times_every_plan_and_picks_one(tmp_path):
     for plan in engine.GPU_PLANS:
         assert f"GPU plan '{plan}'" in out
     assert pick.read_text().strip() in engine.GPU_PLANS
+
+
+def test_the_gpu_check_script_parses_and_calls_scripts_that_exist():
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
+    called = re.findall(r"python3 (?:-m pytest \S+ \S+ \S+ \S+ --durations=\d+ )?(\S+\.py)",
+                        script)
+    assert called == ["tests/test_gpu.py", "benchmarks/gpu_parts.py", "benchmarks/run.py"]
+    assert all((ROOT / path).is_file() for path in called)
