@@ -100,7 +100,8 @@ class Training:
     curve: list[float]  # training loss after steps 1..steps_done
     steps_done: int
     diverged_at: int | None  # step whose loss or gradient was NaN/Inf; training stopped there
-    final_loss: float | None  # held-out loss at the end; None when training diverged
+    final_loss: float | None  # held-out loss at the end; None when training diverged or
+    # the trained model's held-out loss is not finite (its last update left float range)
     chance_loss: float
     accuracy: float | None  # held-out accuracy (classification tasks)
     learned: bool  # final_loss <= LEARNED_FRACTION (0.5) of chance_loss
@@ -111,10 +112,13 @@ class Training:
         if self.diverged_at is not None:
             return (f"training diverged at step {self.diverged_at} (loss or gradient not "
                     "finite)")
+        trained = f"trained {self.steps_done} step{'' if self.steps_done == 1 else 's'}"
+        if self.final_loss is None:  # every step's loss was finite, the trained model's is not
+            return (f"{trained}: the held-out loss is not finite (the trained model's forward "
+                    "pass left float range): not learned")
         accuracy = f", accuracy {self.accuracy:.3f}" if self.accuracy is not None else ""
-        return (f"trained {self.steps_done} steps: held-out loss {self.final_loss:.4g} against "
-                f"chance {self.chance_loss:.4g}{accuracy}: "
-                f"{'learned' if self.learned else 'not learned'}")
+        return (f"{trained}: held-out loss {self.final_loss:.4g} against chance "
+                f"{self.chance_loss:.4g}{accuracy}: {'learned' if self.learned else 'not learned'}")
 
     def __repr__(self) -> str:
         n = len(self.snapshots)

@@ -33,7 +33,8 @@ class TrainOutcome:
     curve: list[float]  # training loss at steps 1..steps_done
     steps_done: int  # optimiser steps taken (fewer than asked when training diverged)
     diverged_at: int | None  # the step whose loss or gradient was NaN or Inf
-    final_loss: float | None  # held-out loss after training; None when it diverged
+    final_loss: float | None  # held-out loss after training; None when it diverged or is
+    # not finite (the last update, which no training step checks, can leave float range)
     accuracy: float | None  # held-out accuracy for classification tasks
     learned: bool
 
@@ -96,7 +97,7 @@ def _train(model: Model, steps: int, optimizer: str, lr: float, clip: float | No
     for g in range(S):
         loss = final[g] if diverged[g] is None and math.isfinite(final[g]) else None
         learned = loss is not None and loss <= LEARNED_FRACTION * chance
-        scored = accuracy is not None and diverged[g] is None
+        scored = accuracy is not None and loss is not None
         outcomes.append(TrainOutcome(curves[g], len(curves[g]), diverged[g], loss,
                                      accuracy[g] if scored else None, learned))
     return outcomes

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import gradscope
+from gradscope.cli import main
 from gradscope.config import RunConfig
 from gradscope.errors import ConfigError
 
@@ -45,6 +46,21 @@ def test_divergence_is_recorded_and_training_stops():
     t = r.training
     assert t.diverged_at is not None and t.steps_done == t.diverged_at - 1
     assert t.final_loss is None and not t.learned
+
+
+def test_a_last_update_that_leaves_float_range_is_reported_not_raised(tmp_path, capsys):
+    # no training step checks the update after it: here it leaves the held-out loss not finite
+    options = ["--cell", "rnn", "--activation", "relu", "--init", "identity", "--task",
+               "recall", "--seq-len", "20", "--hidden", "4", "--batch", "2", "--steps", "1",
+               "--lr", "1e6", "--clip", "0", "--dtype", "float32", "--theory-k", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", *options, "--out", str(tmp_path)])
+    assert exit_info.value.code == 0
+    assert "trained 1 step: the held-out loss is not finite" in capsys.readouterr().out
+    t = gradscope.RunResult.load(tmp_path).training
+    assert t.diverged_at is None and np.isfinite(t.curve).all()  # every step was finite
+    assert t.final_loss is None and t.accuracy is None and not t.learned
+    assert t.snapshots[-1].nonfinite["where"] == "state"
 
 
 def test_snapshots_every_k_steps_and_at_the_end():
