@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -135,6 +136,20 @@ def rule_baseline(profile: np.ndarray, baseline: np.ndarray, tolerance: float,
 def _clip_zero(values: np.ndarray) -> np.ndarray:
     """Exact zeros (-inf) count as far below anything measured, but finitely."""
     return np.where(np.isneginf(values), -1e4, values)
+
+
+def figure_files(names: list[str]) -> list[str]:
+    """The file of each check's figure (``--plots``): its name with anything but letters,
+    digits, ``.``, ``_`` and ``-`` replaced by ``_``, and a number added where two names would
+    give the same file."""
+    files: list[str] = []
+    for name in names:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "check"
+        file, n = f"{stem}.png", 2
+        while file in files:
+            file, n = f"{stem}-{n}.png", n + 1
+        files.append(file)
+    return files
 
 
 def exit_code(results: list[CheckResult]) -> Exit:

@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .check import to_json, to_junit, to_markdown
+from .check import figure_files, to_json, to_junit, to_markdown
 from .config import MAX_SEEDS, RunConfig
 from .errors import ConfigError, GradscopeError
 from .files import atomic_write_text, check_writable_dir
@@ -444,7 +444,8 @@ def check_command(
         if update_baseline:
             out_console.print(f"baseline written: {checks.baseline}")
         if plots is not None:
-            out_console.print(f"plots written: {plots}{os.sep}<check>.png")
+            files = figure_files([r.name for r in results])
+            out_console.print("plots written: " + ", ".join(str(plots / f) for f in files))
     if junit_xml is not None:
         atomic_write_text(junit_xml, to_junit(results))
     summary_file = os.environ.get("GITHUB_STEP_SUMMARY")

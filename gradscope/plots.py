@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .check import CheckResult
+from .check import CheckResult, figure_files
 from .files import atomic_write
 from .results import ModelProfile, RunResult
 from .summary import DEFAULT_DROP, zeros_from_start
@@ -162,15 +161,8 @@ def _decades(n: float) -> str:
 
 
 def write_check_figures(results: list[CheckResult], folder: Path) -> list[Path]:
-    """``check_figure`` of every check as ``folder/<check>.png``: the check's name with
-    anything but letters, digits, ``.``, ``_`` and ``-`` replaced by ``_`` (and a number
-    added where two names would give the same file)."""
-    paths: list[Path] = []
-    for r in results:
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", r.name).strip(".") or "check"
-        path, n = folder / f"{stem}.png", 2
-        while path in paths:
-            path, n = folder / f"{stem}-{n}.png", n + 1
+    """``check_figure`` of every check into ``folder``, each named by ``check.figure_files``."""
+    paths = [folder / file for file in figure_files([r.name for r in results])]
+    for r, path in zip(results, paths, strict=True):
         save_figure(check_figure(r), path)
-        paths.append(path)
     return paths
