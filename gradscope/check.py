@@ -48,7 +48,7 @@ class RuleResult:
     shortfall: str = ""  # by how much it failed, short (for tables)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class CheckResult:
     name: str
     probe: str
@@ -63,6 +63,13 @@ class CheckResult:
     @property
     def passed(self) -> bool:
         return all(r.passed for r in self.rules)
+
+    def __repr__(self) -> str:
+        """One line: each rule's result and what it measured (the profile is ``profile``)."""
+        rules = ", ".join(f"{r.rule} {'pass' if r.passed else 'FAIL'} ({r.measured})"
+                          for r in self.rules)
+        return (f"<CheckResult {self.name} ({self.probe}): "
+                f"{'passed' if self.passed else 'failed'}: {rules}>")
 
 
 def rule_finite(nonfinite: dict | None) -> RuleResult:

@@ -252,7 +252,11 @@ def test_assert_gradient_health_raises_with_the_table():
     torch.manual_seed(0)
     healthy = torch.nn.RNN(4, 16)
     torch.nn.init.orthogonal_(healthy.weight_hh_l0)
-    gradscope.assert_gradient_health(healthy, seq_len=50, probe="jacobian", min_slope=-0.1)
+    passed = gradscope.assert_gradient_health(healthy, seq_len=50, probe="jacobian",
+                                              min_slope=-0.1)
+    slope = passed.summary.slope
+    assert repr(passed) == ("<CheckResult model (jacobian): passed: finite pass (finite at "
+                            f"every step), min-slope pass ({slope:+.4f} log10/step)>")
     small = torch.nn.RNN(4, 16)
     with torch.no_grad():
         small.weight_hh_l0.mul_(0.1)
