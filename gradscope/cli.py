@@ -131,7 +131,7 @@ def run_command(
         forget_bias=forget_bias, gate_init=gate_init, chrono_tmax=chrono_tmax, task=task,
         seq_len=seq_len, hidden=hidden, batch=batch, seed=seed, dtype=dtype, device=device,
         probes=_comma_list(probes), horizon_drop=horizon_drop, stable_decades=stable_decades,
-        steps=steps, optimizer=optimizer, lr=lr, clip=clip if clip != 0 else None,
+        steps=steps, optimizer=optimizer, lr=lr, clip=clip,
         profile_every=profile_every, theory_k=theory_k, jacobian_samples=jacobian_samples,
         projections=projections, checkpoint=checkpoint,
     )
@@ -485,7 +485,7 @@ def _parse_list(name: str, text: str) -> list:
         except ValueError:
             raise ConfigError(f"--{name.replace('_', '-')}: {item!r} is not "
                               f"{'an integer' if parse is int else 'a number'}") from None
-        values.append(None if name == "clip" and value == 0 else value)
+        values.append(value)
     if not values:
         raise ConfigError(f"--{name.replace('_', '-')} needs at least one value")
     return values

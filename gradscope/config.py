@@ -38,7 +38,7 @@ class RunConfig:
     steps: int = 0  # BPTT training steps (0: measure at initialisation only)
     optimizer: str = "adam"  # adam | rmsprop | sgd
     lr: float = 1e-3  # learning rate
-    clip: float | None = 1.0  # gradient-norm clipping threshold (Pascanu et al. 2013); None: off
+    clip: float | None = 1.0  # gradient-norm clipping (Pascanu et al. 2013); 0 or None: off
     profile_every: int = 0  # also measure every K training steps (0: at the start and end only)
     theory_k: int = 8  # Lyapunov exponents computed beside the theory; 0 turns theory off
     jacobian_samples: int | None = None  # forward probes on the first N sequences; None: all
@@ -59,11 +59,13 @@ class RunConfig:
         _finite("lr", self.lr)
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr!r}")
+        if self.clip == 0:  # off, wherever it is given: the command line, a sweep file, Python
+            object.__setattr__(self, "clip", None)
         if self.clip is not None:
             _finite("clip", self.clip)
-            if self.clip <= 0:
-                raise ConfigError(f"--clip must be positive (--clip 0 on the command line, or "
-                                  f"clip=None in Python, turns clipping off), got {self.clip!r}")
+            if self.clip < 0:
+                raise ConfigError(f"--clip must be positive, or 0 to turn clipping off; got "
+                                  f"{self.clip!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}")
         if self.dtype not in DTYPES:

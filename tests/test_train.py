@@ -85,11 +85,18 @@ def test_training_is_deterministic_and_round_trips(tmp_path):
 @pytest.mark.parametrize("options, message", [
     (dict(steps=-1), "--steps must be a non-negative integer"),
     (dict(lr=0.0), "--lr must be positive"),
-    (dict(clip=0.0), "--clip must be positive"),
+    (dict(clip=-1.0), "--clip must be positive, or 0 to turn clipping off"),
 ])
 def test_bad_training_options(options, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig(**options)
+
+
+def test_clip_0_turns_clipping_off_wherever_it_is_given(tmp_path):
+    assert RunConfig(clip=0).clip is None and RunConfig(clip=0) == RunConfig(clip=None)
+    (tmp_path / "sweep.toml").write_text("[base]\nclip = 0\n[grid]\nlr = [0.1]\n")
+    spec = gradscope.sweep_spec(config_file=tmp_path / "sweep.toml")
+    assert [c.clip for c in spec.runs] == [None]
 
 
 def test_unknown_optimizer():
