@@ -38,6 +38,8 @@ CONFIG_COLUMNS = ("cell", "activation", "init", "gain", "input_init", "forget_bi
                   "gate_init", "task", "seq_len", "hidden", "batch", "seed", "steps",
                   "optimizer", "lr", "clip", "dtype")
 
+COUNT_COLUMNS = ("seq_len", "hidden", "batch", "seed", "steps", "steps_done", "diverged_at",
+                 "learned", "train_step", "horizon")  # integers in frame()
 _TEXT_COLUMNS = {"cell", "activation", "init", "input_init", "gate_init", "task", "optimizer",
                  "dtype"}
 _CONFIG_DDL = ", ".join(f"{c} {'TEXT' if c in _TEXT_COLUMNS else 'REAL'}" for c in CONFIG_COLUMNS)
@@ -236,7 +238,10 @@ class Store:
         configuration, status and training outcome beside the summary. Failed runs appear
         once, with no probe."""
         runs = self.runs().drop(columns=["config", "task_info", "meta", "nonfinite", "theory"])
-        return runs.merge(self.summaries(), on="run_id", how="left")
+        frame = runs.merge(self.summaries(), on="run_id", how="left")
+        # counts as integers (SQLite keeps the config's as REAL, and a column with NULLs reads
+        # as floats): seq_len 20, not 20.0; <NA> where there is none
+        return frame.astype({c: "Int64" for c in COUNT_COLUMNS})
 
     def sweeps(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM sweeps", self.db)

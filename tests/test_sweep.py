@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 from helpers import count_finished
 
@@ -99,8 +100,14 @@ def test_load_and_export(tmp_path):
     assert set(frame.probe) == {"grad_h0", "jacobian", "adjoint", "grad_c0", "jacobian_c"}
     assert {"cell", "seed", "status", "final_loss", "learned", "slope", "verdict",
             "train_step"} <= set(frame.columns)
+    for column in ("seq_len", "hidden", "seed", "steps", "steps_done", "train_step", "horizon"):
+        assert frame[column].dtype == "Int64", column  # counts, not SQLite's REAL
+    assert frame.diverged_at.isna().all()  # <NA>: no run diverged
     paths = gradscope.export(tmp_path, "csv")
     assert [p.name for p in paths] == ["runs.csv", "profiles.csv", "curves.csv"]
+    runs = pd.read_csv(paths[0])
+    assert runs.seq_len.dtype == np.int64 and set(runs.seq_len) == {TINY["seq_len"]}
+    assert f",{TINY['seq_len']},{TINY['hidden']}," in paths[0].read_text()  # no 20.0
     assert paths[1].read_text().splitlines()[0] == "run_id,train_step,probe,axis,step,log10"
     with pytest.raises(ConfigError, match="unknown format 'xlsx'"):
         gradscope.export(tmp_path, "xlsx")
