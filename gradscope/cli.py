@@ -118,7 +118,9 @@ def run_command(
     stable_decades: float = typer.Option(
         DEFAULTS.stable_decades,
         help="Verdict band: a fitted change within +-this many decades is stable."),
-    out: Path = typer.Option(None, help="Result folder [default: runs/<cell>-<init>-<task>-T<T>]."),
+    out: Path = typer.Option(None, help="Result folder [default: runs/<cell>-<init>-<task>-T<T>"
+                                        "-s<seed>, or -2, -3, ... where that holds another "
+                                        "run's result]."),
 ) -> None:
     """Measure one configuration: per-step gradient magnitudes against time distance.
 
@@ -135,7 +137,9 @@ def run_command(
         profile_every=profile_every, theory_k=theory_k, jacobian_samples=jacobian_samples,
         projections=projections, checkpoint=checkpoint,
     )
-    out = out if out is not None else Path("runs") / _default_name(config)
+    if out is None:
+        out = _default_out(_default_name(config), lambda d: d.get("schema") == "gradscope.run/1"
+                           and RunConfig.from_dict(d["config"]) == config)
     with _phases() as on_phase:
         result = _api().run(config, out=out, command=" ".join(["gradscope", *_ARGV]),
                             on_phase=on_phase, on_note=lambda note: err_console.print(
@@ -167,7 +171,9 @@ def profile_command(
                                          "measurement; 0 turns theory off."),
     dtype: str = typer.Option("float64", help="float64 | float32."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    out: Path = typer.Option(None, help="Result folder [default: runs/<factory>-T<T>-s<seed>]."),
+    out: Path = typer.Option(None, help="Result folder [default: runs/<factory>-T<T>-s<seed>, "
+                                        "or -2, -3, ... where that holds another run's "
+                                        "result]."),
 ) -> None:
     """Measure your own model: every probe's per-step gradient magnitude against time distance.
 
@@ -177,16 +183,19 @@ def profile_command(
     probe; `gradscope compare` sets it beside other runs.
     """
     args = _json_object(model_args, "--model-args") if model_args is not None else None
-    if out is None:
+    command = " ".join(["gradscope", *_ARGV])
+    if out is None:  # the same module is the same command: its arguments are not all saved
         factory = model.rpartition(":")[2] or "model"
-        out = Path("runs") / f"{factory}-T{seq_len}-s{seed}"
+        out = _default_out(f"{factory}-T{seq_len}-s{seed}",
+                           lambda d: d.get("schema") == "gradscope.model/1"
+                           and d["meta"]["command"] == command)
     with _phases() as on_phase:
         on_phase(f"measuring {model}")
         result = _api().profile(
             model, model_args=args, seq_len=seq_len, batch=batch, input_size=input_size,
             seed=seed, probes=_comma_list(probes), projections=projections,
             checkpoint=checkpoint, theory_k=theory_k, dtype=dtype, device=device, out=out,
-            command=" ".join(["gradscope", *_ARGV]), source="gradscope profile")
+            command=command, source="gradscope profile")
     print_summary(f"{result.title()}, input size {result.input_size}", result)
     if result.theory is not None:
         print_theory(result.theory)
@@ -553,6 +562,27 @@ def _comma_list(value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _default_out(name: str, holds_this: Callable[[dict], bool]) -> Path:
+    """runs/NAME; or, where that holds the result of another run (a default name leaves most
+    options out), the first runs/NAME-2, -3, ... that is free or holds this run's
+    (``holds_this(result.json's data)``): a default folder never replaces another result."""
+    base = out = Path("runs") / name
+    n = 2
+    while (out / "result.json").exists() and not _holds(out, holds_this):
+        out, n = Path("runs") / f"{name}-{n}", n + 1
+    if out != base:
+        err_console.print(f"gradscope: note: {base} holds the result of another run; writing "
+                          f"{out}", markup=False, soft_wrap=True)
+    return out
+
+
+def _holds(folder: Path, holds_this: Callable[[dict], bool]) -> bool:
+    try:
+        return holds_this(json.loads((folder / "result.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):  # unreadable: keep it
+        return False
 
 
 def _default_name(c: RunConfig) -> str:

@@ -104,6 +104,30 @@ def test_a_failed_rerun_keeps_the_previous_result(tmp_path, capsys):
     assert (tmp_path / "result.json").read_bytes() == before
 
 
+def test_a_default_folder_never_replaces_another_runs_result(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default folders are runs/... below the current one
+    base = ["run", "--seq-len", "12", "--batch", "2", "--theory-k", "0"]
+    hidden = {}
+    for h in (3, 4, 3, 4):  # the default name leaves --hidden out
+        code, out, err = _main([*base, "--hidden", str(h)], capsys)
+        assert code == 0
+        folder = out.split("wrote ")[-1].split("/result.json")[0]
+        hidden.setdefault(h, folder)
+        assert folder == hidden[h]  # a rerun of the same configuration: the same folder
+        assert ("holds the result of another run" in err) == (h == 4)
+    assert hidden == {3: "runs/rnn-pytorch-adding-T12-s0", 4: "runs/rnn-pytorch-adding-T12-s0-2"}
+    for h, folder in hidden.items():
+        assert gradscope.RunResult.load(tmp_path / folder).config.hidden == h
+    # a user's module: the same command, the same folder; other arguments, another
+    profile = ["profile", "torch.nn:GRU", "--seq-len", "12", "--theory-k", "0"]
+    folders = []
+    for args in ('{"input_size": 2, "hidden_size": 3}', '{"input_size": 2, "hidden_size": 5}',
+                 '{"input_size": 2, "hidden_size": 3}'):
+        code, out, _ = _main([*profile, "--model-args", args], capsys)
+        folders.append(out.split("wrote ")[-1].split("/result.json")[0])
+    assert folders == ["runs/GRU-T12-s0", "runs/GRU-T12-s0-2", "runs/GRU-T12-s0"]
+
+
 def test_list_prints_every_registry(capsys):
     code, stdout, _ = _main(["list"], capsys)
     assert code == 0
