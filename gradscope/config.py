@@ -119,22 +119,28 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown run option(s) {', '.join(unknown)}; allowed: "
-                              + ", ".join(sorted(known)))
+        _known(d)
         d = dict(d)
         if d.get("probes") is not None:
             d["probes"] = tuple(d["probes"])
         return cls(**d)
 
     def replace(self, **changes) -> RunConfig:
+        _known(changes)
         return replace(self, **changes)
 
     def label(self, context: tuple[str, ...] = ()) -> str:
         """A short name for the model: 'rnn/tanh orthogonal', 'lstm pytorch forget-bias 3'."""
         return describe(self.to_dict(), context)
+
+
+def _known(options: dict) -> None:
+    """Refuse names that are not RunConfig's fields, in one line that lists them."""
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown run option(s) {', '.join(unknown)}; allowed: "
+                          + ", ".join(sorted(known)))
 
 
 def describe(c: dict, context: tuple[str, ...] | list[str] = ()) -> str:

@@ -37,6 +37,9 @@ def test_same_seed_same_numbers_other_seed_other_numbers():
 def test_config_and_options_combine():
     r = gradscope.run(RunConfig(cell="lstm", **FAST), forget_bias=2.0)
     assert r.config.cell == "lstm" and r.config.forget_bias == 2.0
+    with pytest.raises(gradscope.ConfigError, match=r"^unknown run option\(s\) hiden; "
+                                                    r"allowed: activation, batch, "):
+        gradscope.run(hiden=8)  # a typo: named, with every option allowed, before any work
 
 
 def test_a_run_tells_its_phases_in_order():
