@@ -242,10 +242,9 @@ def compare_command(
     for col in ("slope", "half-life", "horizon", "verdict"):
         table.add_column(col, no_wrap=True)
     for path, result in zip(runs, results, strict=True):
-        s = result.summary[probe]
-        horizon = str(s.horizon) if s.horizon is not None else f"> {len(result.profiles[probe])}"
-        table.add_row(str(path), result.label(), number_text(s.slope, "+.4f"),
-                      half_life_text(s.half_life), horizon, s.verdict)
+        _, slope, half_life, horizon, _, verdict = summary_row(
+            probe, result.summary[probe], len(result.profiles[probe]))
+        table.add_row(str(path), result.label(), slope, half_life, horizon, verdict)
     out_console.print(table)
     if out is not None:
         out_console.print(f"wrote {out}")
