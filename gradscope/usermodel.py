@@ -14,9 +14,10 @@ Accepted (``SUPPORTED``):
           def step(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
               ...                               # x (batch, input_size); same shapes back
 
-  ``step`` must broadcast over extra leading dimensions of the state (plain tensor ops do):
-  the engine pushes many directions through it at once. The state's tensors may differ in
-  width (h of 64 values, c of 128).
+  ``step`` takes tensors of the shapes that ``initial_state`` gives, as in training; the
+  engine pushes many directions through it at once as more sequences of its batch, so that
+  each sequence must be stepped on its own (no mixing across the batch, as batch norm
+  would). The state's tensors may differ in width (h of 64 values, c of 128).
 
 State parts: the first layer's are "h" (and "c"); a stacked model's layer k adds "h@k"
 ("c@k"). The loss is a fixed random projection of the top layer's h (seeded, unit norm):
@@ -235,6 +236,13 @@ def _protocol(m: nn.Module, where: str, dtype: torch.dtype | None) -> Adapted:
                           for t, k in zip(tensors, sizes, strict=True)], dim=-1)
 
     def step(x: Tensor, s: Tensor) -> Tensor:
+        # The engine pushes many directions at once as leading dimensions of the state (K, B,
+        # S); the module sees them as more sequences of its batch, (K*B, n) each, so that its
+        # step need only take what it takes in training (torch.cat([x, h], 1), h[:, :k]).
+        lead = s.shape[:-2]
+        if lead:
+            x = x.expand(*lead, *x.shape).reshape(-1, x.shape[-1])
+            s = s.reshape(-1, s.shape[-1])
         own = tuple(chunk[..., :k] for chunk, k in zip(s.split(H, dim=-1), sizes, strict=True))
         try:
             new = m.step(x, own)
@@ -243,11 +251,13 @@ def _protocol(m: nn.Module, where: str, dtype: torch.dtype | None) -> Adapted:
         if isinstance(new, Tensor) or not all(isinstance(t, Tensor) for t in new):
             raise ConfigError(f"{where}: step(x, state) must return a tuple of tensors, as "
                               f"initial_state does; it returned {_kind(new)}")
-        widths = [t.shape[-1] for t in new]
-        if widths != sizes:
-            raise ConfigError(f"{where}: step(x, state) returned tensors of widths {widths} "
-                              f"where initial_state gave {sizes}: return each as it came")
-        return padded(new)
+        shapes = [tuple(t.shape) for t in new]
+        if shapes != [(s.shape[0], k) for k in sizes]:
+            raise ConfigError(f"{where}: step(x, state) returned tensors of shapes {shapes} "
+                              f"for states of shapes {[tuple(t.shape) for t in own]}: return "
+                              "each as it came")
+        out = padded(new)
+        return out.reshape(*lead, -1, out.shape[-1]) if lead else out
 
     def initial(batch: int) -> Tensor:
         return padded(_cast(m.initial_state(batch), dtype))

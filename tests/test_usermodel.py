@@ -199,6 +199,41 @@ class Narrow(nn.Module):
         return torch.tanh(c @ self.o.T), c
 
 
+class Concatenated(nn.Module):
+    """The step protocol as cells are written for training: the input and the state joined
+    with torch.cat along dim 1, the new state split with [:, :k] (neither broadcasts over a
+    leading dimension, which the engine's directions once had to)."""
+
+    input_size = 2
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Linear(2 + 4 + 4, 8)
+
+    def initial_state(self, batch):
+        return (torch.full((batch, 4), 0.3, dtype=self.w.weight.dtype),
+                torch.full((batch, 4), -0.1, dtype=self.w.weight.dtype))
+
+    def step(self, x, state):
+        h, c = state
+        z = self.w(torch.cat([x, h, c], dim=1))
+        c = 0.7 * c + 0.3 * torch.tanh(z[:, :4])
+        return torch.sigmoid(z[:, 4:]) * torch.tanh(c), c
+
+
+def test_a_step_written_for_training_is_measured_exactly():
+    T, B = 25, 3
+    torch.manual_seed(1)
+    a = adapt(Concatenated().double(), "twin")
+    u = unroll(a, seq_len=T, batch=B, seed=4, input_size=None, device=torch.device("cpu"))
+    got = measure(u, [PROBES.get(n) for n in probes_for(a.parts)]).log10
+    want = _every_probe_by_autograd(a.module.step, a.module.initial_state(B),
+                                    inputs(a, T, B, 4), projection(4, 4))
+    assert set(got) == set(want)
+    for name, values in want.items():
+        assert_log10_close(got[name], values, name=name)
+
+
 def test_the_step_protocol_takes_state_tensors_of_different_widths():
     """Carried padded to the widest with zeros: every probe as autograd through the module's
     own step gives it, from its own nonzero initial state."""
@@ -418,13 +453,16 @@ class Faulty(Narrow):
         if self.fault == "raises":
             return {}["missing"]
         h, c = super().step(x, state)
-        return {"width": (h[..., :2], c), "tensor": h, "fine": (h, c)}[self.fault]
+        return {"width": (h[..., :2], c), "tensor": h, "mixed": (h.mean(0, keepdim=True), c),
+                "fine": (h, c)}[self.fault]
 
 
 @pytest.mark.parametrize("fault, message", [
     ("raises", r"the model's step raised KeyError: 'missing' \(at test_usermodel.py:\d+\)$"),
-    ("width", r"step\(x, state\) returned tensors of widths \[2, 5\] where initial_state "
-              r"gave \[3, 5\]: return each as it came$"),
+    ("width", r"step\(x, state\) returned tensors of shapes \[\(2, 2\), \(2, 5\)\] for "
+              r"states of shapes \[\(2, 3\), \(2, 5\)\]: return each as it came$"),
+    ("mixed", r"step\(x, state\) returned tensors of shapes \[\(1, 3\), \(2, 5\)\] for "
+              r"states of shapes \[\(2, 3\), \(2, 5\)\]: return each as it came$"),
     ("tensor", r"step\(x, state\) must return a tuple of tensors, as initial_state does; it "
                r"returned a Tensor$"),
 ])
