@@ -221,32 +221,30 @@ class Concatenated(nn.Module):
         return torch.sigmoid(z[:, 4:]) * torch.tanh(c), c
 
 
-def test_a_step_written_for_training_is_measured_exactly():
-    T, B = 25, 3
-    torch.manual_seed(1)
-    a = adapt(Concatenated().double(), "twin")
-    u = unroll(a, seq_len=T, batch=B, seed=4, input_size=None, device=torch.device("cpu"))
+def _assert_every_probe_of_its_twin(a, h_width, T, B, seed):
+    """The engine's every probe of a step module, against autograd through its own step from
+    its own initial state."""
+    u = unroll(a, seq_len=T, batch=B, seed=seed, input_size=None, device=torch.device("cpu"))
     got = measure(u, [PROBES.get(n) for n in probes_for(a.parts)]).log10
     want = _every_probe_by_autograd(a.module.step, a.module.initial_state(B),
-                                    inputs(a, T, B, 4), projection(4, 4))
+                                    inputs(a, T, B, seed), projection(h_width, seed))
     assert set(got) == set(want)
     for name, values in want.items():
         assert_log10_close(got[name], values, name=name)
+
+
+def test_a_step_written_for_training_is_measured_exactly():
+    torch.manual_seed(1)
+    _assert_every_probe_of_its_twin(adapt(Concatenated().double(), "twin"), 4, T=25, B=3,
+                                    seed=4)
 
 
 def test_the_step_protocol_takes_state_tensors_of_different_widths():
     """Carried padded to the widest with zeros: every probe as autograd through the module's
     own step gives it, from its own nonzero initial state."""
-    T, B = 30, 3
     a = adapt(Narrow().double(), "twin")
     assert (a.hidden, a.readout, a.parts) == (5, 3, ("h", "c"))
-    u = unroll(a, seq_len=T, batch=B, seed=5, input_size=None, device=torch.device("cpu"))
-    got = measure(u, [PROBES.get(n) for n in probes_for(a.parts)]).log10
-    want = _every_probe_by_autograd(a.module.step, a.module.initial_state(B),
-                                    inputs(a, T, B, 5), projection(3, 5))
-    assert set(got) == set(want)
-    for name, values in want.items():
-        assert_log10_close(got[name], values, name=name)
+    _assert_every_probe_of_its_twin(a, 3, T=30, B=3, seed=5)
 
 
 @pytest.mark.parametrize("module, seq_len", [
