@@ -390,7 +390,7 @@ def print_ranking(rows, probe: str) -> None:
         table.add_column(col, justify="left" if col == "verdict" else "right", no_wrap=True)
     for r in shown:
         cells = {"seeds": str(r.seeds), "slope": number_text(r.slope, "+.4f"),
-                 "half-life": half_life_text(r.half_life),
+                 "half-life": half_life_text(r.half_life, r.slope),
                  "horizon": "never" if r.horizon == math.inf else number_text(r.horizon, ".0f"),
                  "verdict": f"[{VERDICT_COLOUR[r.verdict]}]{r.verdict}[/]",
                  "learned": r.learned}

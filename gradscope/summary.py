@@ -104,13 +104,18 @@ def summary_row(probe: str, s: Summary, length: int) -> tuple[str, ...]:
     """One profile's summary as the texts of a table's row (SUMMARY_COLUMNS), for a terminal
     and a notebook alike; ``length``: the profile's number of steps."""
     return (probe, number_text(s.slope, "+.4f"),
-            half_life_text(s.half_life),
+            half_life_text(s.half_life, s.slope),
             str(s.horizon) if s.horizon is not None else f"> {length}",
             number_text(s.end, ".1f", "-inf (exact 0)"), s.verdict)
 
 
-def half_life_text(v: float | None) -> str:
-    return "inf" if v is None else steps_text(v)  # None: the profile does not shrink
+def half_life_text(half_life: float | None, slope: float | None) -> str:
+    """A half-life for a table: "inf" where the profile does not shrink (slope >= 0), "-"
+    where it has no slope (fewer than two finite values: exactly zero from its second step,
+    say)."""
+    if half_life is not None:
+        return steps_text(half_life)
+    return "-" if slope is None else "inf"
 
 
 def number_text(v: float | None, spec: str, none: str = "-") -> str:

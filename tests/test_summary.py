@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from gradscope.summary import steps_text, summarize
+from gradscope.summary import steps_text, summarize, summary_row
 
 t = np.arange(1, 101)
 
@@ -78,3 +78,13 @@ def test_zeros_before_the_start_are_no_fall():
     later_zero = np.where(k == 0, -np.inf, np.where(k < 50, -2.0, -np.inf))
     assert summarize(later_zero, k).horizon == 50
     assert summarize(later_zero, k).verdict == "vanishing"
+
+
+@pytest.mark.parametrize("profile, cells", [
+    (-0.3 * t[:30], ("p", "-0.3000", "1.0", "21", "-9.0", "vanishing")),  # 6 decades below -0.3
+    (0.01 * t[:30], ("p", "+0.0100", "inf", "> 30", "0.3", "stable")),  # does not shrink
+    # exactly zero from step 2 (a saturated tanh): no slope, so no half-life either
+    (np.r_[-1.0, np.full(29, -np.inf)], ("p", "-", "-", "2", "-inf (exact 0)", "vanishing")),
+])
+def test_a_summarys_table_row(profile, cells):
+    assert summary_row("p", summarize(profile, t[:30]), 30) == cells

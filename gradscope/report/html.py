@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
-from ..summary import VERDICT_COLOURS, steps_text
+from ..summary import VERDICT_COLOURS, half_life_text
 from .data import ReportData, Row
 
 CSS = """
@@ -42,8 +42,8 @@ def _num(v: float | None, spec: str) -> str:
     return "&ndash;" if v is None else escape(format(v, spec))
 
 
-def _steps(v: float | None) -> str:
-    return "&ndash;" if v is None else escape(steps_text(v))
+def _dash(text: str) -> str:
+    return "&ndash;" if text == "-" else escape(text)
 
 
 def _img(name: str, data: bytes, alt: str) -> str:
@@ -60,7 +60,7 @@ def _ranking_rows(rows: list[Row]) -> str:
         out.append(
             f"<tr><td>{escape(r.label)}</td><td class=num>{r.seeds}</td>"
             f"<td class=num>{_num(r.slope, '+.4f')}</td>"
-            f"<td class=num>{_steps(r.half_life)}</td>"
+            f"<td class=num>{_dash(half_life_text(r.half_life, r.slope))}</td>"
             f"<td class=num>{'never' if r.horizon == float('inf') else _num(r.horizon, '.0f')}"
             "</td>"
             f"<td class={escape(r.verdict)}>{escape(r.verdict)}</td>"
