@@ -22,13 +22,12 @@ def profile_figure(result: RunResult | ModelProfile) -> Figure:
     fig, ax = new_figure((8, 4.8), 110)
     for name, values in result.profiles.items():
         steps = result.steps(name)
-        finite = np.isfinite(values)
-        if not finite.any():
+        if not np.isfinite(values).any():
             ax.plot([], [], label=f"{name} (exactly zero)" if np.isneginf(values).any()
                     else f"{name} (not computed)")
             continue
-        ax.plot(steps[finite], values[finite], lw=1.6,
-                label=f"{name} [{AXIS_LABEL[result.axes[name]]}]")
+        _measured(ax, steps, values, f"{name} [{AXIS_LABEL[result.axes[name]]}]")
+    _whole_axis(ax, [result.steps(name) for name in result.profiles])
     _theory_lines(ax, result)
     if result.nonfinite:
         where, step = result.nonfinite["where"], result.nonfinite["step"]
@@ -64,6 +63,25 @@ def _theory_lines(ax: Axes, result: RunResult | ModelProfile) -> None:
     ax.set_ylim(lo - pad, hi + pad)
 
 
+def _measured(ax: Axes, steps: np.ndarray, values: np.ndarray, label: str,
+              zeros: bool = True, **style) -> None:
+    """A measured profile's finite values, and (``zeros``) in its label the step from which it
+    is exactly zero, which no point of a log plot shows; a lone finite value as a dot, which a
+    line would not show."""
+    finite, zero = np.isfinite(values), zeros_from_start(values)
+    if zeros and zero.any():
+        label += f", exactly zero from step {steps[np.argmax(zero)]}"
+    ax.plot(steps[finite], values[finite], lw=1.6, label=label,
+            marker="o" if finite.sum() == 1 else None, ms=5, **style)
+
+
+def _whole_axis(ax: Axes, steps: list[np.ndarray]) -> None:
+    """Every step measured in view, the exactly-zero and not-computed ones too."""
+    lo, hi = min(s[0] for s in steps), max(s[-1] for s in steps)
+    pad = 0.02 * (hi - lo) + 0.5
+    ax.set_xlim(lo - pad, hi + pad)
+
+
 def new_figure(size: tuple[float, float], dpi: int, rows: int = 1, cols: int = 1,
                **subplots) -> tuple[Figure, Axes | np.ndarray]:
     """A figure and its axes, outside pyplot: no backend is chosen and no global figure list
@@ -80,10 +98,8 @@ def comparison_figure(results: list[RunResult | ModelProfile], probe: str) -> Fi
     """One probe of several runs on one axis: which configuration keeps its gradient longest."""
     fig, ax = new_figure((8, 4.8), 110)
     for result in results:
-        values = result.profiles[probe]
-        steps = result.steps(probe)
-        finite = np.isfinite(values)
-        ax.plot(steps[finite], values[finite], lw=1.6, label=result.label())
+        _measured(ax, result.steps(probe), result.profiles[probe], result.label())
+    _whole_axis(ax, [result.steps(probe) for result in results])
     axis = results[0].axes[probe]
     ax.set_title(f"{probe}: log10 magnitude against time distance", fontsize=10)
     ax.set_xlabel(f"{AXIS_LABEL[axis]}")
@@ -105,7 +121,9 @@ def check_figure(result: CheckResult) -> Figure:
     steps = np.arange(len(profile)) + result.first_step
     finite = np.isfinite(profile)
     shown = [profile[finite]]  # what the y range must keep in view
-    ax.plot(steps[finite], profile[finite], lw=1.6, color="C0", label=f"{result.probe}, measured")
+    _measured(ax, steps, profile, f"{result.probe}, measured", zeros=False,  # a line below
+              color="C0")
+    _whole_axis(ax, [steps])
     for mask, what in ((zeros_from_start(profile), "exactly zero"),
                        (np.isnan(profile), "not computed")):
         if mask.any():

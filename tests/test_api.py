@@ -125,6 +125,19 @@ def test_a_result_shows_itself_in_one_line_and_in_a_notebook_as_its_summary_tabl
     assert repr(foreign).startswith("<ModelProfile <b>x</b> & y, T=20, B=8: grad_h0 ")
 
 
+def test_a_profile_with_one_finite_value_is_drawn_as_a_dot_over_the_whole_axis():
+    from gradscope.plots import comparison_figure, profile_figure
+    r = gradscope.run(gain=1e10, theory_k=0, **FAST)  # tanh saturates: exactly 0 from step 2
+    assert np.isfinite(r.profiles["grad_h0"]).sum() == 1
+    for fig in (profile_figure(r), comparison_figure([r], "grad_h0")):
+        ax = fig.axes[0]
+        drawn = [line for line in ax.get_lines() if len(line.get_xdata())]
+        assert drawn and all(line.get_marker() == "o" for line in drawn)
+        assert "exactly zero from step 2" in ax.get_legend().get_texts()[0].get_text()
+        lo, hi = ax.get_xlim()
+        assert lo < 1 and hi > FAST["seq_len"]  # the steps of exact zeros are in view too
+
+
 def test_exact_zero_is_null_in_json_and_inf_in_memory():
     r = RunResult(RunConfig(), {}, {"jacobian": np.array([0.0, -np.inf])}, {"jacobian": "t"},
                   {}, None, {})
