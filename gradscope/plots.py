@@ -26,7 +26,7 @@ def profile_figure(result: RunResult | ModelProfile) -> Figure:
             ax.plot([], [], label=f"{name} (exactly zero)" if np.isneginf(values).any()
                     else f"{name} (not computed)")
             continue
-        _measured(ax, steps, values, f"{name} [{AXIS_LABEL[result.axes[name]]}]")
+        draw_measured(ax, steps, values, f"{name} [{AXIS_LABEL[result.axes[name]]}]")
     _whole_axis(ax, [result.steps(name) for name in result.profiles])
     _theory_lines(ax, result)
     if result.nonfinite:
@@ -63,7 +63,7 @@ def _theory_lines(ax: Axes, result: RunResult | ModelProfile) -> None:
     ax.set_ylim(lo - pad, hi + pad)
 
 
-def _measured(ax: Axes, steps: np.ndarray, values: np.ndarray, label: str,
+def draw_measured(ax: Axes, steps: np.ndarray, values: np.ndarray, label: str,
               zeros: bool = True, **style) -> None:
     """A measured profile's finite values, and (``zeros``) in its label the step from which it
     is exactly zero, which no point of a log plot shows; a lone finite value as a dot, which a
@@ -71,8 +71,9 @@ def _measured(ax: Axes, steps: np.ndarray, values: np.ndarray, label: str,
     finite, zero = np.isfinite(values), zeros_from_start(values)
     if zeros and zero.any():
         label += f", exactly zero from step {steps[np.argmax(zero)]}"
-    ax.plot(steps[finite], values[finite], lw=1.6, label=label,
-            marker="o" if finite.sum() == 1 else None, ms=5, **style)
+    style = {"lw": 1.6, "ms": 5, **style}
+    ax.plot(steps[finite], values[finite], label=label,
+            marker="o" if finite.sum() == 1 else None, **style)
 
 
 def _whole_axis(ax: Axes, steps: list[np.ndarray]) -> None:
@@ -98,7 +99,7 @@ def comparison_figure(results: list[RunResult | ModelProfile], probe: str) -> Fi
     """One probe of several runs on one axis: which configuration keeps its gradient longest."""
     fig, ax = new_figure((8, 4.8), 110)
     for result in results:
-        _measured(ax, result.steps(probe), result.profiles[probe], result.label())
+        draw_measured(ax, result.steps(probe), result.profiles[probe], result.label())
     _whole_axis(ax, [result.steps(probe) for result in results])
     axis = results[0].axes[probe]
     ax.set_title(f"{probe}: log10 magnitude against time distance", fontsize=10)
@@ -121,7 +122,7 @@ def check_figure(result: CheckResult) -> Figure:
     steps = np.arange(len(profile)) + result.first_step
     finite = np.isfinite(profile)
     shown = [profile[finite]]  # what the y range must keep in view
-    _measured(ax, steps, profile, f"{result.probe}, measured", zeros=False,  # a line below
+    draw_measured(ax, steps, profile, f"{result.probe}, measured", zeros=False,  # a line below
               color="C0")
     _whole_axis(ax, [steps])
     for mask, what in ((zeros_from_start(profile), "exactly zero"),

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ..plots import new_figure
+from ..plots import draw_measured, new_figure
 from .data import Comparison, Line
 
 AXIS = {"grad_h0": "t (steps after h_0)", "jacobian": "t (steps after h_0)",
@@ -23,8 +23,8 @@ def _lines(ax: Axes, lines: list[Line], bands: bool = True) -> None:
     for i, line in enumerate(lines):
         colour = colours[i % len(colours)]
         finite = np.isfinite(line.median)
-        ax.plot(line.steps[finite], line.median[finite], color=colour, lw=1.8,
-                label=f"{line.label} ({line.seeds} seed{'s' if line.seeds > 1 else ''})")
+        draw_measured(ax, line.steps, line.median, color=colour, lw=1.8,
+                      label=f"{line.label} ({line.seeds} seed{'s' if line.seeds > 1 else ''})")
         band = np.isfinite(line.low) & np.isfinite(line.high)
         if bands and line.seeds > 1 and band.any():
             ax.fill_between(line.steps[band], line.low[band], line.high[band], color=colour,
@@ -91,9 +91,7 @@ def over_training(panels: dict[str, list[Line]], probe: str) -> Figure:
     for ax, (label, lines) in zip(axes.flat, panels.items(), strict=False):
         colours = matplotlib.colormaps["plasma"](np.linspace(0, 0.85, len(lines)))
         for colour, line in zip(colours, lines, strict=True):
-            finite = np.isfinite(line.median)
-            ax.plot(line.steps[finite], line.median[finite], color=colour, lw=1.3,
-                    label=line.label)
+            draw_measured(ax, line.steps, line.median, line.label, color=colour, lw=1.3, ms=3)
         ax.set_title(label, fontsize=8)
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelsize=7)
