@@ -243,7 +243,7 @@ def compare_command(
         table.add_column(col, no_wrap=True)
     for path, result in zip(runs, results, strict=True):
         _, slope, half_life, horizon, _, verdict = summary_row(
-            probe, result.summary[probe], len(result.profiles[probe]))
+            probe, result.summary[probe], result.profiles[probe])
         table.add_row(str(path), result.label(), slope, half_life, horizon, verdict)
     out_console.print(table)
     if out is not None:
@@ -509,7 +509,7 @@ def print_summary(title: str, result) -> None:
         table.add_column(col, justify="left" if col in ("probe", "verdict") else "right",
                          no_wrap=True)
     for name, s in result.summary.items():
-        *cells, verdict = summary_row(name, s, len(result.profiles[name]))
+        *cells, verdict = summary_row(name, s, result.profiles[name])
         table.add_row(*cells, f"[{VERDICT_COLOUR[verdict]}]{verdict}[/]")
     out_console.print(table)
 

@@ -173,7 +173,7 @@ class Profiled:
         rows = "".join(
             "<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in cells[:-1])
             + f'<td style="color: {VERDICT_COLOURS[cells[-1]]}">{cells[-1]}</td></tr>'
-            for cells in (summary_row(name, s, len(self.profiles[name]))
+            for cells in (summary_row(name, s, self.profiles[name])
                           for name, s in self.summary.items()))
         head = "".join(f"<th>{column}</th>" for column in SUMMARY_COLUMNS)
         notes = "".join(f"<br>{escape(note)}" for note in self.notes())

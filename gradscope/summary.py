@@ -100,13 +100,17 @@ SUMMARY_CAPTION = ("slope: log10 per step; half-life, horizon: steps; last: log1
                    "step")
 
 
-def summary_row(probe: str, s: Summary, length: int) -> tuple[str, ...]:
+def summary_row(probe: str, s: Summary, log10: np.ndarray) -> tuple[str, ...]:
     """One profile's summary as the texts of a table's row (SUMMARY_COLUMNS), for a terminal
-    and a notebook alike; ``length``: the profile's number of steps."""
-    return (probe, number_text(s.slope, "+.4f"),
-            half_life_text(s.half_life, s.slope),
-            str(s.horizon) if s.horizon is not None else f"> {length}",
-            number_text(s.end, ".1f", "-inf (exact 0)"), s.verdict)
+    and a notebook alike; ``log10``: the profile."""
+    if s.end is not None:
+        last = "-inf (exact 0)" if s.end == -math.inf else format(s.end, ".1f")
+    elif np.isfinite(log10).any():  # a saved result's: JSON's null for its exactly zero end
+        last = "-inf (exact 0)"
+    else:  # nothing computed (or, saved, nothing but exact zeros: null tells them not apart)
+        last = "-"
+    return (probe, number_text(s.slope, "+.4f"), half_life_text(s.half_life, s.slope),
+            str(s.horizon) if s.horizon is not None else f"> {len(log10)}", last, s.verdict)
 
 
 def half_life_text(half_life: float | None, slope: float | None) -> str:

@@ -138,6 +138,19 @@ def test_a_profile_with_one_finite_value_is_drawn_as_a_dot_over_the_whole_axis()
         assert lo < 1 and hi > FAST["seq_len"]  # the steps of exact zeros are in view too
 
 
+def test_the_tables_last_value_tells_exact_zero_from_not_computed_fresh_or_saved(tmp_path):
+    from gradscope.summary import summary_row
+    exploded = gradscope.run(cell="rnn", activation="relu", init="identity", gain=2.0,
+                             dtype="float32", hidden=4, batch=2, seq_len=300, theory_k=0,
+                             out=tmp_path / "exploded")  # the adjoint is not computed at all
+    saturated = gradscope.run(gain=1e10, theory_k=0, out=tmp_path / "saturated", **FAST)
+    for r in (exploded, RunResult.load(tmp_path / "exploded")):
+        assert summary_row("adjoint", r.summary["adjoint"], r.profiles["adjoint"])[4] == "-"
+    for r in (saturated, RunResult.load(tmp_path / "saturated")):  # exactly 0 from step 2
+        assert summary_row("grad_h0", r.summary["grad_h0"], r.profiles["grad_h0"])[4] \
+            == "-inf (exact 0)"
+
+
 def test_exact_zero_is_null_in_json_and_inf_in_memory():
     r = RunResult(RunConfig(), {}, {"jacobian": np.array([0.0, -np.inf])}, {"jacobian": "t"},
                   {}, None, {})

@@ -85,6 +85,8 @@ def test_zeros_before_the_start_are_no_fall():
     (0.01 * t[:30], ("p", "+0.0100", "inf", "> 30", "0.3", "stable")),  # does not shrink
     # exactly zero from step 2 (a saturated tanh): no slope, so no half-life either
     (np.r_[-1.0, np.full(29, -np.inf)], ("p", "-", "-", "2", "-inf (exact 0)", "vanishing")),
+    # not computed at all (the loss of a forward pass that overflowed): no last value
+    (np.full(30, np.nan), ("p", "-", "-", "> 30", "-", "stable")),
 ])
 def test_a_summarys_table_row(profile, cells):
-    assert summary_row("p", summarize(profile, t[:30]), 30) == cells
+    assert summary_row("p", summarize(profile, t[:30]), profile) == cells
