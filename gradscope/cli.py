@@ -516,8 +516,9 @@ def print_summary(title: str, result) -> None:
 
 def print_left_range(result) -> None:
     """Where a result's forward pass left float range, if it did."""
-    if result.range_note():
-        out_console.print(f"[magenta]{result.range_note()}[/]")
+    note = result.range_note()
+    if note:
+        out_console.print(f"[magenta]{note}[/]")
 
 
 def print_result(result: RunResult) -> None:

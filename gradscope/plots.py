@@ -64,7 +64,7 @@ def _theory_lines(ax: Axes, result: RunResult | ModelProfile) -> None:
 
 
 def draw_measured(ax: Axes, steps: np.ndarray, values: np.ndarray, label: str,
-              zeros: bool = True, **style) -> None:
+                  zeros: bool = True, **style) -> None:
     """A measured profile's finite values, and (``zeros``) in its label the step from which it
     is exactly zero, which no point of a log plot shows; a lone finite value as a dot, which a
     line would not show."""
@@ -122,8 +122,8 @@ def check_figure(result: CheckResult) -> Figure:
     steps = np.arange(len(profile)) + result.first_step
     finite = np.isfinite(profile)
     shown = [profile[finite]]  # what the y range must keep in view
-    draw_measured(ax, steps, profile, f"{result.probe}, measured", zeros=False,  # a line below
-              color="C0")
+    # exact zeros and steps not computed get a line each below, not a note in this label
+    draw_measured(ax, steps, profile, f"{result.probe}, measured", zeros=False, color="C0")
     _whole_axis(ax, [steps])
     for mask, what in ((zeros_from_start(profile), "exactly zero"),
                        (np.isnan(profile), "not computed")):

@@ -60,7 +60,7 @@ def summarize(
     zero = since & np.isneginf(values)
     fallen = zero | (since & computed & (values <= (start if start is not None else 0) - drop))
     horizon = int(steps[np.argmax(fallen)]) if fallen.any() else None
-    half_life = math.log10(2) / -slope if slope is not None and slope < 0 else None
+    half_life = half_life_of(slope)
     reached_zero = bool(zero.any())
     change = 0.0 if slope is None else slope * float(np.ptp(steps[finite]))  # decades
     if overflowed or change > band:
@@ -70,6 +70,12 @@ def summarize(
     else:
         verdict = "stable"
     return Summary(slope, half_life, horizon, verdict, start, end)
+
+
+def half_life_of(slope: float | None) -> float | None:
+    """Steps per halving of a profile of this slope (log10 per step); None where it does not
+    shrink or has no slope."""
+    return math.log10(2) / -slope if slope is not None and slope < 0 else None
 
 
 def _from_start(values: np.ndarray) -> np.ndarray:

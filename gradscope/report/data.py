@@ -18,6 +18,7 @@ import pandas as pd
 from ..config import describe
 from ..errors import ConfigError
 from ..store import Store
+from ..summary import half_life_of
 
 # Options that name a configuration, in the order a label shows them.
 NAMING = ("cell", "activation", "init", "gain", "forget_bias", "gate_init", "input_init")
@@ -273,8 +274,7 @@ def _ranking(ok: pd.DataFrame, summaries: pd.DataFrame, probe: str, groups) -> l
         slope = _median(s.slope)
         rows.append(Row(
             label=label, seeds=len(frame),
-            slope=slope, half_life=(np.log10(2) / -slope if slope is not None and slope < 0
-                                    else None),
+            slope=slope, half_life=half_life_of(slope),
             horizon=_median(s.horizon.fillna(np.inf)),  # never reached counts as infinite
             verdict=Counter(s.verdict).most_common(1)[0][0],
             final_loss=_median(trained.final_loss) if len(trained) else None,
