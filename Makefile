@@ -26,7 +26,7 @@ test: $(STAMP)  ## set up, then run the test suite
 	$(BIN)/pytest -q
 
 lint: $(STAMP)  ## ruff
-	$(BIN)/ruff check gradscope tests
+	$(BIN)/ruff check gradscope tests benchmarks
 
 clean:  ## remove the virtual environment and outputs
 	rm -rf $(VENV) reports runs

@@ -66,6 +66,7 @@ class CheckSpec:
     windows: int = 4  # baseline rule: the profile is compared in this many windows
     device: str = "auto"
     dtype: str = "float64"
+    flags: bool = field(default=False, compare=False, repr=False)  # from flags: keys are --key
 
     def __post_init__(self) -> None:
         """The one place a check's values are validated, from a file or from Python
@@ -100,7 +101,10 @@ class CheckSpec:
                                   "choose from: " + ", ".join(allowed))
 
     def where(self, key: str | None = None) -> str:
-        """Where a message points: the source, the check (none for a profile), the key."""
+        """Where a message points: the source, the check (none for a profile), the key; a flag
+        (``flags``) names itself."""
+        if self.flags and key:
+            return f"--{key}"
         head = f"{self.source}: check {self.name!r}" if self.name else self.source
         return head + (f": {key}" if key else "")
 
@@ -126,7 +130,9 @@ def find(folder: Path) -> Path:
 
 def load(path: Path, overrides: dict | None = None) -> CheckFile:
     """Read and validate every check in ``path``; ``overrides`` (check options, from flags)
-    replace the file's values in every check."""
+    replace the file's values in every check; a bad one is named as the flag it came from."""
+    if overrides:
+        _check_flags(overrides)
     data = _read(path)
     if path.name == "pyproject.toml":
         if "gradscope" not in data.get("tool", {}):
@@ -160,6 +166,14 @@ def _read(path: Path) -> dict:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
+
+
+def _check_flags(overrides: dict) -> None:
+    values = {}
+    for key, value in overrides.items():
+        if key.replace("_", "-") in CHECK_OPTIONS:  # the rest: _check's message
+            values[key.replace("-", "_")] = value
+    replace(CheckSpec("", "flags", flags=True), **values)  # CheckSpec validates the values
 
 
 def _check(name: str, source: str, table: dict, overrides: dict) -> CheckSpec:

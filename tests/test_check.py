@@ -401,9 +401,17 @@ def test_assert_gradient_health_refuses_bad_options_by_name(options, message):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--device", "tpu"], "device: unknown device 'tpu'"),
-    (["--dtype", "float16"], "dtype: unknown dtype 'float16'"),
+    (["--device", "tpu"], "--device: unknown device 'tpu'"),
+    (["--dtype", "float16"], "--dtype: unknown dtype 'float16'"),
+    (["--tolerance", "-1"], "--tolerance must be >= 0, got -1.0"),
+    (["--tolerance", "nan"], "--tolerance must be a finite number"),
+    (["--seq-len", "0"], "--seq-len must be positive, got 0"),
+    (["--batch", "0"], "--batch must be positive, got 0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
 ])
 def test_bad_flags_are_one_line_not_a_traceback(project, capsys, flags, message):
+    """A bad flag is named as the flag, not as a key of the file's first check (which it
+    was, as "gradscope.toml: check 'enc': seq-len must be positive")."""
     code, _, err = _main(["check", *flags], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
+    assert "check '" not in err
