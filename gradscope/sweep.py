@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .batched import group_seeds
 from .cells import CELLS
-from .config import MAX_SEEDS, RunConfig
+from .config import MAX_SEEDS, RunConfig, is_count
 from .errors import ConfigError
 from .executors import Executor, Outcome
 from .registry import Registry
@@ -106,23 +106,37 @@ def from_mapping(data: dict, source: str, *, overrides: dict[str, list] | None =
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: "
                           + ", ".join(sorted(allowed)))
-    seeds = data.get("seeds", 1) if seeds is None else seeds
-    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
-        raise ConfigError(f"{source}: seeds must be a positive integer, got {seeds!r}")
+    if seeds is None:
+        seeds = data.get("seeds", 1)
+        if not is_count(seeds, 1):
+            raise ConfigError(f"{source}: seeds must be a positive integer, got {seeds!r}")
+    elif not is_count(seeds, 1):
+        raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
     try:
-        base = _config(RunConfig(), {_key(k): v for k, v in _table(data, "base", source).items()})
-        grid = {}
-        for k, v in _table(data, "grid", source).items():
-            if not isinstance(v, list) or not v:
-                raise ConfigError(f"grid.{k} must be a non-empty list, got {v!r}")
-            grid[_key(k)] = v
-        runs = [{_key(k): v for k, v in run.items()} for run in data.get("runs", [])]
-        if not grid and not runs:
-            runs = [{}]
-        spec = expand(base, grid, range(seeds), runs, overrides or {})
+        return _expand_data(data, source, seeds, overrides)
     except ConfigError as e:
+        if overrides:  # the file or preset alone: is the fault its own, or the flags'?
+            try:
+                _expand_data(data, source, seeds, None)
+            except ConfigError:
+                pass
+            else:
+                raise  # the flags' values (each names its flag), or with the file's
         raise ConfigError(f"{source}: {e}") from None
-    return spec
+
+
+def _expand_data(data: dict, source: str, seeds: int,
+                 overrides: dict[str, list] | None) -> SweepSpec:
+    base = _config(RunConfig(), {_key(k): v for k, v in _table(data, "base", source).items()})
+    grid = {}
+    for k, v in _table(data, "grid", source).items():
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"grid.{k} must be a non-empty list, got {v!r}")
+        grid[_key(k)] = v
+    runs = [{_key(k): v for k, v in run.items()} for run in data.get("runs", [])]
+    if not grid and not runs:
+        runs = [{}]
+    return expand(base, grid, range(seeds), runs, overrides or {})
 
 
 def _table(data: dict, key: str, source: str) -> dict:

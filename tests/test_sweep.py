@@ -71,6 +71,30 @@ def test_bad_sweep_files_name_the_file_and_the_key(tmp_path, text, message):
     assert "bad.toml" in str(info.value)
 
 
+@pytest.mark.parametrize("options, seeds, message", [
+    ({"lr": [-1.0]}, None, "--lr must be positive, got -1.0"),
+    ({"seq_len": [5, 0]}, None, "--seq-len must be a positive integer, got 0"),
+    ({}, 0, "--seeds must be a positive integer, got 0"),
+])
+def test_bad_flags_over_a_good_file_name_the_flag_not_the_file(tmp_path, options, seeds,
+                                                              message):
+    """A flag's bad value used to be blamed on the file ("good.toml: --lr must be positive"),
+    as if the file held it."""
+    path = tmp_path / "good.toml"
+    path.write_text("seeds = 2\n[base]\nseq_len = 12\n")
+    for source in ({"config_file": path}, {"preset": "smoke"}, {}):
+        with pytest.raises(ConfigError) as info:
+            gradscope.sweep_spec(**source, options=options, seeds=seeds)
+        assert str(info.value) == message
+
+
+def test_a_bad_file_is_named_even_under_good_flags(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[grid]\nseq_len = [0]\n")
+    with pytest.raises(ConfigError, match="bad.toml: --seq-len must be a positive"):
+        gradscope.sweep_spec(config_file=path, options={"lr": [0.1]})
+
+
 def test_presets_expand():
     assert len(preset("smoke").runs) == 3
     standard = preset("standard")
