@@ -19,7 +19,7 @@ from .checkconfig import CheckFile
 from .config import MAX_SEEDS, RunConfig
 from .errors import ConfigError
 from .executors import DEFAULT_RETRIES, Outcome, make_executor
-from .files import atomic_write, check_writable_dir, ensure_writable_dir
+from .files import atomic_write, check_output_file, check_writable_dir, ensure_writable_dir
 from .gate import judge, run_checks
 from .modelprofile import profile as profile_module
 from .plots import (
@@ -96,9 +96,8 @@ def compare(runs: list[str | Path], probe: str, out: str | Path | None = None
     """
     if not runs:
         raise ConfigError("give at least one result folder to compare")
-    if out is not None and Path(out).is_dir():
-        raise ConfigError(f"--out {out} is a directory; give the PNG file to write, such as "
-                          f"{Path(out) / f'{probe}.png'}")
+    if out is not None:
+        check_output_file(Path(out), ".png", "--out")
     results = []
     for path in runs:
         try:
@@ -331,7 +330,7 @@ def assert_gradient_health(model: object, *, seq_len: int = 100, batch: int = 8,
         max_growth=max_growth, finite=finite, input_size=input_size, seed=seed, dtype=dtype,
         device=device)
     if plot is not None:
-        check_writable_dir(Path(plot).absolute().parent, "plot")
+        check_output_file(Path(plot), ".png", "plot")
     result = judge(spec, None, module=model)
     if plot is not None:
         ensure_writable_dir(Path(plot).absolute().parent, "plot")

@@ -30,7 +30,7 @@ from rich.table import Table
 from .check import figure_files, to_json, to_junit, to_markdown
 from .config import MAX_SEEDS, RunConfig
 from .errors import ConfigError, GradscopeError
-from .files import atomic_write_text, check_writable_dir
+from .files import atomic_write_text, check_output_file
 from .summary import (
     SUMMARY_CAPTION,
     SUMMARY_COLUMNS,
@@ -436,7 +436,7 @@ def check_command(
     if format not in ("table", "json"):
         raise ConfigError(f"unknown format {format!r} for --format; choose from: table, json")
     if junit_xml is not None:
-        check_writable_dir(junit_xml.absolute().parent, "--junit-xml")
+        check_output_file(junit_xml, ".xml", "--junit-xml")
     overrides = {k: v for k, v in {"tolerance": tolerance, "seq-len": seq_len, "batch": batch,
                                    "seed": seed, "device": device, "dtype": dtype}.items()
                  if v is not None}

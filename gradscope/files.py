@@ -77,6 +77,20 @@ def check_writable_dir(path: Path, option: str = "--out") -> None:
     _prove_writable(existing, path, option)
 
 
+def check_output_file(path: Path, suffix: str, option: str) -> None:
+    """Raise ConfigError unless ``path`` names a ``suffix`` file (``.png``) in a folder that is,
+    or could be made, writable: a typo must not put a figure over a result.json or a
+    pyproject.toml. Creates nothing."""
+    path = Path(path)
+    if path.suffix.lower() != suffix:
+        raise ConfigError(f"{option} {path} is not a {suffix} file; give a file name ending in "
+                          f"{suffix}, such as {path.with_suffix(suffix).name}")
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a directory; give the {suffix} file to write, "
+                          f"such as {path / ('out' + suffix)}")
+    check_writable_dir(path.absolute().parent, option)
+
+
 def ensure_writable_dir(path: Path, option: str = "--out") -> Path:
     """Create ``path`` if needed and prove that files can be created in it, or raise ConfigError."""
     path = Path(path)

@@ -167,8 +167,15 @@ def test_compare_loads_runs_and_checks_the_probe(tmp_path):
         gradscope.compare([tmp_path / "a", tmp_path / "b"], "jacobian_c")
     with pytest.raises(gradscope.ConfigError, match="holds no readable gradscope result"):
         gradscope.compare([tmp_path / "missing"], "jacobian")
-    with pytest.raises(gradscope.ConfigError, match="is a directory; give the PNG file"):
-        gradscope.compare([tmp_path / "a"], "jacobian", tmp_path)  # was an OSError, exit 1
+    (tmp_path / "d.png").mkdir()
+    with pytest.raises(gradscope.ConfigError, match="is a directory; give the .png file"):
+        gradscope.compare([tmp_path / "a"], "jacobian", tmp_path / "d.png")  # was an OSError
+    # a slip of --out wrote the figure over a run's result.json
+    saved = (tmp_path / "a" / "result.json").read_bytes()
+    for out in (tmp_path / "a" / "result.json", tmp_path):
+        with pytest.raises(gradscope.ConfigError, match="is not a .png file"):
+            gradscope.compare([tmp_path / "a"], "jacobian", out)
+    assert (tmp_path / "a" / "result.json").read_bytes() == saved
 
 
 def test_jacobian_samples_measure_forward_probes_on_the_first_sequences(make):

@@ -277,6 +277,8 @@ def test_assert_gradient_health_draws_its_plot_pass_or_fail(tmp_path):
     (tmp_path / "taken").write_text("")
     with pytest.raises(gradscope.ConfigError, match="plot .*taken"):
         gradscope.assert_gradient_health(small, seq_len=50, plot=tmp_path / "taken" / "x.png")
+    with pytest.raises(gradscope.ConfigError, match="plot .*small.json is not a .png file"):
+        gradscope.assert_gradient_health(small, seq_len=50, plot=tmp_path / "small.json")
 
 
 def test_exit_codes_have_names():
@@ -408,10 +410,14 @@ def test_assert_gradient_health_refuses_bad_options_by_name(options, message):
     (["--seq-len", "0"], "--seq-len must be positive, got 0"),
     (["--batch", "0"], "--batch must be positive, got 0"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--junit-xml", "pyproject.toml"], "--junit-xml pyproject.toml is not a .xml file"),
 ])
 def test_bad_flags_are_one_line_not_a_traceback(project, capsys, flags, message):
     """A bad flag is named as the flag, not as a key of the file's first check (which it
     was, as "gradscope.toml: check 'enc': seq-len must be positive")."""
+    folder = project[0]
+    before = {p: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     code, _, err = _main(["check", *flags], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
     assert "check '" not in err
+    assert {p: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
