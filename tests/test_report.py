@@ -5,6 +5,8 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 import gradscope
@@ -150,7 +152,7 @@ def test_render_escapes_every_label():
     from gradscope.report.data import ReportData, Row
     data = ReportData("grad_h0", [], [], None, [Row("<i>x</i>", 1, -0.1, 3.0, 5.0, "vanishing",
                                                     None, None, "-", None)], [], {},
-                      [("<u>y</u>", "<err>")], {"command": "<b>"})
+                      [("<u>y</u>", "<err>")], meta={"command": "<b>"})
     page = report_html.render(data, {}, "<title>")
     assert "<i>" not in page and "<u>" not in page and "<err>" not in page and "<b>" not in page
 
@@ -174,3 +176,48 @@ def test_the_ranking_alone_is_the_reports_ranking(sweep_folder):
     with Store(sweep_folder, create=False) as store:
         for probe in ("grad_h0", "adjoint"):
             assert gradscope.ranking(sweep_folder, probe) == build(store, probe).ranking
+
+
+def test_comparisons_say_which_configurations_lack_the_probe():
+    """--probe grad_c0 drew the gated cells "against the rnn/tanh pytorch baseline" with no
+    baseline in sight (a vanilla RNN has no c), and dropped the activation and initialisation
+    comparisons without a word."""
+    from gradscope.report.data import Line, _comparisons
+    labels = {"rnn/tanh pytorch": ("rnn", "tanh", "pytorch"),
+              "rnn/relu pytorch": ("rnn", "relu", "pytorch"),
+              "rnn/tanh orthogonal": ("rnn", "tanh", "orthogonal"),
+              "lstm pytorch": ("lstm", None, "pytorch"),
+              "lstm pytorch forget-bias 3": ("lstm", None, "pytorch"),
+              "gru pytorch": ("gru", None, "pytorch")}
+    ok = pd.DataFrame([{"label": k, "cell": c, "activation": a, "init": i}
+                       for k, (c, a, i) in labels.items()])
+
+    def line(label, probe):
+        if probe in ("grad_c0", "jacobian_c") and not label.startswith("lstm"):
+            return None
+        return Line(label, np.arange(1, 4), np.zeros(3), np.zeros(3), np.zeros(3), 1)
+
+    by_key = {c.key: c for c in _comparisons(ok, "grad_c0", line)}
+    assert not by_key["activations"].shown() and not by_key["initialisations"].shown()
+    assert by_key["activations"].missing == ["rnn/tanh pytorch", "rnn/relu pytorch"]
+    gated = by_key["gated"]
+    assert gated.shown() and [x.label for x in gated.lines] == [
+        "lstm pytorch", "lstm pytorch forget-bias 3"]
+    assert gated.missing == ["rnn/tanh pytorch", "gru pytorch"]
+    assert "baseline" not in gated.fixed and "no grad_c0" in gated.fixed
+    # with the probe every cell has, the baseline is drawn and named, nothing missing
+    gated = {c.key: c for c in _comparisons(ok, "grad_h0", line)}["gated"]
+    assert gated.fixed == "against the rnn/tanh pytorch baseline" and gated.missing == []
+    assert len(gated.lines) == 4
+
+
+def test_a_report_on_a_probe_some_cells_lack_says_what_it_left_out(sweep_folder):
+    page = gradscope.write_report(sweep_folder, probe="grad_c0").read_text()
+    assert 'id="activations"' not in page and 'id="cell-state"' in page
+    note = page[page.index("Not drawn: "):]
+    note = note[:note.index("</p>")]
+    for title in ("Activation functions", "Initialisations", "Gated cells"):
+        assert title in note
+    assert "rnn/tanh pytorch" in note and "gru pytorch" in note
+    gradscope.write_report(sweep_folder)  # as the other tests expect it
+    assert "Not drawn" not in (sweep_folder / "report" / "index.html").read_text()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -45,6 +45,11 @@ class Comparison:
     probe: str
     fixed: str  # what the lines share, in words
     lines: list[Line]
+    missing: list[str] = field(default_factory=list)  # configurations without ``probe``
+
+    def shown(self) -> bool:
+        """Whether it compares anything: two lines (the cell-state path: one)."""
+        return len(self.lines) >= (1 if self.key == "cell-state" else 2)
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class ReportData:
     curves: list[Line]  # training loss / chance, per configuration
     over_training: dict[str, list[Line]]  # label -> one line per training step measured
     failed: list[tuple[str, str]]  # (configuration, error) for runs that failed
+    skipped: list[Comparison] = field(default_factory=list)  # too few lines with the probe
     meta: dict = field(default_factory=dict)
     theory: list[TheoryRow] = field(default_factory=list)
 
@@ -139,7 +145,7 @@ def build(store: Store, probe: str = "grad_h0") -> ReportData:
         theory = float(np.median(slopes)) if slopes and step == 0 else None
         return _with_theory(_aggregate(label, arrays), theory)
 
-    comparisons = [c for c in _comparisons(ok, probe, line) if c.lines]
+    comparisons = _comparisons(ok, probe, line)
     order = _ranking(ok, summaries, probe, groups)
     heat_lines = [line(row.label, probe) for row in order]
     heat_labels = [row.label for row, hl in zip(order, heat_lines, strict=True) if hl]
@@ -169,8 +175,10 @@ def build(store: Store, probe: str = "grad_h0") -> ReportData:
 
     failed = [(describe(json.loads(r.config), varying) + f" seed {r.seed:g}", r.error or "")
               for r in runs[runs.status != "ok"].itertuples()]
-    return ReportData(probe, comparisons, heat_labels, heatmap, order, curve_lines,
-                      over_training, failed, _meta(store, runs), _theory_rows(groups, theories))
+    return ReportData(probe, [c for c in comparisons if c.shown()], heat_labels, heatmap, order,
+                      curve_lines, over_training, failed,
+                      [c for c in comparisons if not c.shown()], _meta(store, runs),
+                      _theory_rows(groups, theories))
 
 
 def _theory_rows(groups: dict, theories: dict[str, dict]) -> list[TheoryRow]:
@@ -244,8 +252,9 @@ def _comparisons(ok: pd.DataFrame, probe: str, line) -> list[Comparison]:
     lstm = ok[ok.cell == "lstm"]
 
     def comparison(key, title, which, fixed, frame):
-        lines = [line(label, which) for label in labels(frame)]
-        return Comparison(key, title, which, fixed, [x for x in lines if x is not None])
+        drawn = {label: line(label, which) for label in labels(frame)}
+        return Comparison(key, title, which, fixed, [x for x in drawn.values() if x],
+                          [label for label, x in drawn.items() if x is None])
 
     result = []
     if activations.label.nunique() >= 2:
@@ -255,8 +264,11 @@ def _comparisons(ok: pd.DataFrame, probe: str, line) -> list[Comparison]:
         result.append(comparison("initialisations", "Initialisations", probe,
                                  "vanilla RNN, per activation", inits_frame))
     if ok[ok.cell != "rnn"].label.nunique() >= 1 and gated.label.nunique() >= 2:
-        result.append(comparison("gated", "Gated cells", probe,
-                                 f"against the rnn/{ref_act} {ref_init} baseline", gated))
+        c = comparison("gated", "Gated cells", probe,
+                       f"against the rnn/{ref_act} {ref_init} baseline", gated)
+        if set(labels(gated[gated.cell == "rnn"])) <= set(c.missing):  # no baseline drawn
+            c = replace(c, fixed=f"gated cells alone: the vanilla RNN has no {probe}")
+        result.append(c)
     if lstm.label.nunique() >= 1:
         result.append(comparison("cell-state", "LSTM cell-state path", "jacobian_c",
                                  "||dc_t/dc_0||: where the LSTM keeps its memory", lstm))

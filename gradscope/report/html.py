@@ -7,7 +7,7 @@ import base64
 from html import escape
 
 from ..summary import VERDICT_COLOURS, half_life_text
-from .data import ReportData, Row
+from .data import Comparison, ReportData, Row
 
 CSS = """
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1d2330;
@@ -52,6 +52,13 @@ def _img(name: str, data: bytes, alt: str) -> str:
             f'data-file="{escape(name)}">')
 
 
+def _missing(c: Comparison, head: str = " Not drawn, with no {probe}: ", tail: str = ".") -> str:
+    """The configurations of a comparison that have no profile of its probe, in words."""
+    if not c.missing:
+        return ""
+    return head.format(probe=escape(c.probe)) + escape(", ".join(c.missing)) + tail
+
+
 def _ranking_rows(rows: list[Row]) -> str:
     out = []
     for r in rows:
@@ -78,8 +85,13 @@ def render(data: ReportData, images: dict[str, bytes], title: str) -> str:
             f'<section id="{escape(c.key)}"><h2>{escape(c.title)}</h2><figure>'
             f"{_img(name, images[name], c.title)}<figcaption>{escape(CAPTIONS.get(c.key, ''))}"
             f" Lines: median over seeds; bands: min&ndash;max. {escape(c.fixed)}."
-            f"</figcaption></figure></section>")
-    if not data.comparisons:
+            f"{_missing(c)}</figcaption></figure></section>")
+    if data.skipped:
+        sections.insert(0, "<p class=muted>Not drawn: " + "; ".join(
+            f"{escape(c.title)}, too few of its configurations measured "
+            f"<code>{escape(c.probe)}</code>{_missing(c, ' (not: ', ')')}" for c in data.skipped)
+            + ".</p>")
+    elif not data.comparisons:
         sections.append("<p class=muted>No comparison applies: the sweep varied neither the "
                         "activation, the initialisation, nor the cell.</p>")
     ranking = (
