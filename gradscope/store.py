@@ -95,6 +95,10 @@ class Store:
     def __init__(self, folder: Path, *, create: bool = True) -> None:
         self.path = Path(folder) / FILENAME
         if not create and not self.path.exists():
+            if (Path(folder) / "result.json").is_file():
+                raise ConfigError(f"{folder} holds one run's result.json, not a sweep's "
+                                  f"{FILENAME}; set runs side by side with `gradscope compare "
+                                  f"{folder} OTHER`, or sweep with `gradscope sweep --out DIR`")
             raise ConfigError(f"{folder} holds no results ({FILENAME} not found); run "
                               "`gradscope sweep --out DIR` first")
         try:

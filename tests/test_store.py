@@ -77,3 +77,12 @@ def test_reading_a_folder_without_a_store(tmp_path):
     with pytest.raises(ConfigError, match="holds no results"):
         gradscope.load(tmp_path)
     assert not (tmp_path / "gradscope.sqlite").exists()
+
+
+def test_reading_a_run_folder_as_a_sweep_points_to_compare(tmp_path):
+    (tmp_path / "result.json").write_text("{}")
+    for read in (gradscope.load, gradscope.write_report):
+        with pytest.raises(ConfigError, match="one run's result.json, not a sweep's .*"
+                                              "gradscope compare"):
+            read(tmp_path)
+    assert not (tmp_path / "gradscope.sqlite").exists()
