@@ -71,4 +71,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    """The API (``__all__``), for completion in a notebook: not this file's own imports."""
+    return sorted(__all__)

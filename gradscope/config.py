@@ -106,8 +106,9 @@ class RunConfig:
         if self.stable_decades < 0:
             raise ConfigError(f"--stable-decades must be >= 0, got {self.stable_decades!r}")
         if self.probes is not None:
-            if isinstance(self.probes, str):
-                object.__setattr__(self, "probes", (self.probes,))
+            if isinstance(self.probes, str):  # "grad_h0,adjoint", as on the command line
+                object.__setattr__(self, "probes", tuple(
+                    name.strip() for name in self.probes.split(",") if name.strip()))
             if len(self.probes) == 0:
                 raise ConfigError("--probes must name at least one probe")
 

@@ -236,6 +236,17 @@ def test_api_functions_keep_the_names_of_the_submodules_check_and_sweep():
         "from gradscope.check import to_json;"
         "print(gradscope.check.__module__, gradscope.sweep.__module__, gradscope.run.__name__)")
     assert out == "gradscope.api gradscope.api run"
-    assert set(gradscope.__all__) <= set(dir(gradscope))
+    assert sorted(gradscope.__all__) == dir(gradscope)  # not its imports: sys, importlib, ...
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         gradscope.nope  # noqa: B018
+
+
+def test_probes_as_a_comma_list_in_python_as_on_the_command_line():
+    """gradscope.profile took "grad_h0,adjoint" and gradscope.run refused it as one unknown
+    probe name."""
+    assert gradscope.RunConfig(probes="grad_h0, adjoint").probes == ("grad_h0", "adjoint")
+    assert gradscope.RunConfig(probes="adjoint").probes == ("adjoint",)
+    with pytest.raises(gradscope.ConfigError, match="at least one probe"):
+        gradscope.RunConfig(probes=" , ")
+    result = gradscope.run(probes="grad_h0,adjoint", **FAST)
+    assert list(result.profiles) == ["grad_h0", "adjoint"]
