@@ -36,6 +36,7 @@ from .summary import (
     SUMMARY_COLUMNS,
     half_life_text,
     number_text,
+    slope_text,
     summary_row,
 )
 
@@ -533,7 +534,8 @@ def print_result(result: RunResult) -> None:
         out_console.print(f"[{colour}]{t.outcome()}[/]")
         last = t.snapshots[-1]
         out_console.print("after training: " + ", ".join(
-            f"{name} slope {number_text(s.slope, '+.4f')}" for name, s in last.summary.items()))
+            f"{name} {slope_text(s, last.profiles[name], int(result.steps(name)[0]))}"
+            for name, s in last.summary.items()))
     print_left_range(result)
 
 

@@ -128,6 +128,17 @@ def half_life_text(half_life: float | None, slope: float | None) -> str:
     return "-" if slope is None else "inf"
 
 
+def slope_text(s: Summary, log10: np.ndarray, first: int) -> str:
+    """A profile's slope for a line of prose; where it has none, why: "exactly 0 from step N"
+    (``first``: the step of ``log10[0]``) or, nothing finite computed, "slope -"."""
+    if s.slope is not None:
+        return f"slope {s.slope:+.4f}"
+    zeros = zeros_from_start(np.asarray(log10, dtype=float))
+    if zeros.any():
+        return f"exactly 0 from step {first + int(np.argmax(zeros))}"
+    return "slope -"
+
+
 def number_text(v: float | None, spec: str, none: str = "-") -> str:
     """A number for a table; ``none`` where there is none or it is infinite."""
     if v is None or (isinstance(v, float) and math.isinf(v)):

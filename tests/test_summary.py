@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from gradscope.summary import steps_text, summarize, summary_row
+from gradscope.summary import slope_text, steps_text, summarize, summary_row
 
 t = np.arange(1, 101)
 
@@ -90,3 +90,30 @@ def test_zeros_before_the_start_are_no_fall():
 ])
 def test_a_summarys_table_row(profile, cells):
     assert summary_row("p", summarize(profile, t[:30]), profile) == cells
+
+
+def test_slope_text_says_why_a_profile_has_no_slope():
+    """A saturated tanh after training is exactly zero from step 1: the line under the table
+    said "grad_h0 slope -", as if nothing had been measured."""
+    def text(log10, first=1):
+        log10 = np.array(log10)
+        steps = np.arange(first, first + len(log10))
+        return slope_text(summarize(log10, steps), log10, first)
+
+    assert text([-1.0, -2.0, -3.0]) == "slope -1.0000"
+    assert text([-np.inf] * 5) == "exactly 0 from step 1"
+    assert text([-1.0, -2.0, -np.inf, -np.inf]) == "slope -1.0000"  # a slope: said as such
+    # the loss's own gradient at k = 0, then exactly 0
+    assert text([2.0, -np.inf, -np.inf], first=0) == "exactly 0 from step 1"
+    assert text([np.nan] * 4) == "slope -"  # not computed
+
+
+def test_run_after_a_saturating_training_says_exactly_zero(tmp_path, capsys):
+    from gradscope.cli import main
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--steps", "20", "--optimizer", "sgd", "--lr", "1e6", "--clip", "0",
+              "--seq-len", "20", "--hidden", "8", "--batch", "4", "--theory-k", "0",
+              "--out", str(tmp_path / "r")])
+    out = " ".join(capsys.readouterr().out.split())
+    assert info.value.code in (0, None)
+    assert "after training: grad_h0 exactly 0 from step 1" in out
