@@ -16,8 +16,10 @@ Accepted (``SUPPORTED``):
 
   ``step`` takes tensors of the shapes that ``initial_state`` gives, as in training; the
   engine pushes many directions through it at once as more sequences of its batch, so that
-  each sequence must be stepped on its own (no mixing across the batch, as batch norm
-  would). The state's tensors may differ in width (h of 64 values, c of 128).
+  each sequence must be stepped on its own (no mixing across the batch, as batch norm in
+  training mode would), and alike each time (no noise): ``_check_steps_alone`` tries it on
+  two sequences and refuses it otherwise. The state's tensors may differ in width (h of 64
+  values, c of 128).
 
 State parts: the first layer's are "h" (and "c"); a stacked model's layer k adds "h@k"
 ("c@k"). The loss is a fixed random projection of the top layer's h (seeded, unit norm):
@@ -256,14 +258,47 @@ def _protocol(m: nn.Module, where: str, dtype: torch.dtype | None) -> Adapted:
             raise ConfigError(f"{where}: step(x, state) returned tensors of shapes {shapes} "
                               f"for states of shapes {[tuple(t.shape) for t in own]}: return "
                               "each as it came")
+        if not all(t.is_floating_point() for t in new):
+            raise ConfigError(f"{where}: step(x, state) returned tensors of dtypes "
+                              f"{[str(t.dtype) for t in new]}; return floating-point ones, as "
+                              "the state came")
         out = padded(new)
         return out.reshape(*lead, -1, out.shape[-1]) if lead else out
 
     def initial(batch: int) -> Tensor:
         return padded(_cast(m.initial_state(batch), dtype))
 
+    _check_steps_alone(step, initial(2), int(m.input_size), where)
     return Adapted(m, int(m.input_size), H, parts, step, initial, "h",
                    readout=sizes[0] if sizes[0] < H else None)
+
+
+def _check_steps_alone(step: Callable[[Tensor, Tensor], Tensor], s: Tensor, input_size: int,
+                       where: str) -> None:
+    """Refuse a step whose answer for one sequence depends on the others in its batch (batch
+    norm, a mean over the batch) or on chance (noise that eval() leaves on): the engine pushes
+    its directions through as more sequences of the batch, and steps a trajectory more than
+    once, so that either would make every probe silently wrong. Three steps of 2 sequences."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, input_size, generator=g, dtype=torch.float64).to(s)
+    other = x.clone()
+    other[1] = torch.randn(input_size, generator=g, dtype=torch.float64).to(s) * 3 + 1
+    with torch.no_grad():
+        first, again, changed = step(x, s), step(x, s), step(other, s)
+
+    def same(a: Tensor, b: Tensor) -> bool:
+        scale = float(a.abs().nan_to_num(0.0, 0.0, 0.0).max())  # a NaN: the engine's to say
+        return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6 * scale + 1e-30, equal_nan=True))
+
+    if not same(first, again):
+        raise ConfigError(f"{where}: step(x, state) gave two different next states for the "
+                          "same x and state (noise, or dropout that eval() does not switch "
+                          "off?); gradscope needs a step that gives the same answer each time")
+    if not same(first[0], changed[0]):
+        raise ConfigError(f"{where}: step(x, state) mixes the sequences of its batch: the "
+                          "first one's next state changed when only the second one's input "
+                          "did (as batch norm would); gradscope pushes its directions through "
+                          "as more sequences of the batch, so each must step on its own")
 
 
 def _cast(tensors: tuple[Tensor, ...], dtype: torch.dtype | None) -> tuple[Tensor, ...]:

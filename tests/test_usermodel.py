@@ -452,7 +452,9 @@ class Faulty(Narrow):
             return {}["missing"]
         h, c = super().step(x, state)
         return {"width": (h[..., :2], c), "tensor": h, "mixed": (h.mean(0, keepdim=True), c),
-                "fine": (h, c)}[self.fault]
+                "batch-mean": (h - h.mean(0, keepdim=True), c),
+                "noise": (h + 0.01 * torch.randn_like(h), c),
+                "integer": (h.long(), c), "fine": (h, c)}[self.fault]
 
 
 @pytest.mark.parametrize("fault, message", [
@@ -463,12 +465,37 @@ class Faulty(Narrow):
               r"states of shapes \[\(2, 3\), \(2, 5\)\]: return each as it came$"),
     ("tensor", r"step\(x, state\) must return a tuple of tensors, as initial_state does; it "
                r"returned a Tensor$"),
+    ("integer", r"step\(x, state\) returned tensors of dtypes \['torch.int64', "
+                r"'torch.float64'\]; return floating-point ones"),
+    # measured without a word before: every probe silently wrong
+    ("batch-mean", r"step\(x, state\) mixes the sequences of its batch: the first one's next "
+                   r"state changed when only the second one's input did"),
+    ("noise", r"step\(x, state\) gave two different next states for the same x and state"),
 ])
 def test_a_step_that_goes_wrong_is_one_line_naming_it(fault, message):
-    a = adapt(Faulty(fault).double(), "here")
     with pytest.raises(ConfigError, match=r"^here: " + message):
+        a = adapt(Faulty(fault).double(), "here")  # the step is tried here, on 2 sequences
         measure(unroll(a, seq_len=5, batch=2, seed=0, input_size=None,
                        device=torch.device("cpu")), [PROBES.get("jacobian")])
+
+
+def test_batch_norm_in_eval_mode_steps_each_sequence_alone_and_is_measured():
+    class Normed(Narrow):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(3)
+
+        def step(self, x, state):
+            h, c = super().step(x, state)
+            return self.norm(h), c
+
+    module = Normed()
+    a = adapt(module.double(), "here")  # adapt puts it in eval mode: running statistics
+    u = unroll(a, seq_len=5, batch=2, seed=0, input_size=None, device=torch.device("cpu"))
+    assert np.isfinite(measure(u, [PROBES.get("jacobian")]).log10["jacobian"]).all()
+    module.norm.train = lambda mode=True: module.norm  # stays in training mode: refused
+    with pytest.raises(ConfigError, match="mixes the sequences of its batch"):
+        adapt(module, "here")
 
 
 def test_a_step_modules_float32_initial_state_is_cast_to_its_weights_dtype():
