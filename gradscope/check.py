@@ -116,8 +116,10 @@ def rule_max_growth(profile: np.ndarray, limit: float) -> RuleResult:
 
 
 def rule_baseline(profile: np.ndarray, baseline: np.ndarray, tolerance: float,
-                  windows: int) -> RuleResult:
-    """Mean difference from the baseline in each of ``windows`` windows; the worst decides."""
+                  windows: int, first_step: int = 1) -> RuleResult:
+    """Mean difference from the baseline in each of ``windows`` windows; the worst decides.
+    ``first_step``: the step of ``profile[0]`` (the adjoint's k starts at 0), for the window
+    named."""
     if len(baseline) != len(profile):
         raise ConfigError(f"the baseline has {len(baseline)} steps and the profile "
                           f"{len(profile)}: run `gradscope check --update-baseline`")
@@ -131,7 +133,8 @@ def rule_baseline(profile: np.ndarray, baseline: np.ndarray, tolerance: float,
         mean = float(values.mean()) if values.size else 0.0
         if mean < worst:
             worst = mean
-            where = f"window {k}/{windows} (steps {chunk[0] + 1}-{chunk[-1] + 1})"
+            where = f"window {k}/{windows} (steps {chunk[0] + first_step}-" \
+                    f"{chunk[-1] + first_step})"
     ok = worst >= -tolerance
     return RuleResult("baseline", ok, f"{worst:+.2f} decades in {where}",
                       f">= -{tolerance:g} decades",

@@ -25,7 +25,7 @@ from .modelprofile import prepare
 from .probes import PROBES, Probe, probes_for
 from .results import FIRST_STEP
 from .runner import check_config, resolve_device
-from .summary import summarize
+from .summary import slope_text, summarize
 
 
 def run_checks(checks: CheckFile, *, only: list[str] | None = None,
@@ -79,13 +79,13 @@ def judge(spec: CheckSpec, baseline: np.ndarray | None, module: object | None = 
     notes = []
     if baseline is not None:
         try:
-            rules.append(rule_baseline(profile, baseline, spec.tolerance, spec.windows))
+            rules.append(rule_baseline(profile, baseline, spec.tolerance, spec.windows,
+                                       FIRST_STEP[main.axis]))
         except ConfigError as e:
             raise ConfigError(f"{spec.where()}: {e}") from None
     for p in extra:
         s = summarize(profiles.log10[p.name], steps, overflowed=overflowed)
-        notes.append(f"{p.name} slope {s.slope:+.4f}" if s.slope is not None
-                     else f"{p.name}: no slope")
+        notes.append(f"{p.name} {slope_text(s, profiles.log10[p.name], FIRST_STEP[p.axis])}")
     return CheckResult(spec.name, main.name, rules, profile, summary, tuple(notes), spec,
                        baseline, FIRST_STEP[main.axis])
 

@@ -71,7 +71,7 @@ def _ranking_rows(rows: list[Row]) -> str:
             f"<td class=num>{'never' if r.horizon == float('inf') else _num(r.horizon, '.0f')}"
             "</td>"
             f"<td class={escape(r.verdict)}>{escape(r.verdict)}</td>"
-            f"<td class=num>{loss}</td><td class=num>{escape(r.learned)}</td>"
+            f"<td class=num>{loss}</td><td class=num>{_dash(r.learned)}</td>"
             f"<td class=num>{_num(r.accuracy, '.3f')}</td></tr>")
     return "\n".join(out)
 
