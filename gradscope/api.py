@@ -37,6 +37,7 @@ from .results import ModelProfile, RunResult, load_result
 from .runner import check_config, execute, forward_cost_note
 from .store import Store, run_id
 from .sweep import PRESETS, SweepReport, SweepSpec, from_mapping, load_toml, run_sweep
+from .usermodel import importable_from
 
 
 def run(config: RunConfig | None = None, *, out: str | Path | None = None,
@@ -304,8 +305,9 @@ def check(config: str | Path | None = None, *, only: list[str] | None = None,
     checks = checkconfig.load(path, overrides)
     if plots is not None:
         check_writable_dir(Path(plots), "--plots")
-    results = run_checks(checks, only=only, update_baseline=update_baseline,
-                         on_phase=on_phase)
+    with importable_from(path.parent):  # a factory beside the file, wherever CI runs
+        results = run_checks(checks, only=only, update_baseline=update_baseline,
+                             on_phase=on_phase)
     if plots is not None:
         write_check_figures(results, ensure_writable_dir(Path(plots), "--plots"))
     return results, exit_code(results), checks

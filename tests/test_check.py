@@ -421,3 +421,16 @@ def test_bad_flags_are_one_line_not_a_traceback(project, capsys, flags, message)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
     assert "check '" not in err
     assert {p: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
+def test_a_factory_beside_a_config_in_another_folder_is_imported(tmp_path, monkeypatch, capsys):
+    """`gradscope check --config services/enc/pyproject.toml` from the repository's root: the
+    factory's module lies beside the file, as the baseline does, and could not be imported."""
+    module = "models_beside_the_config"
+    (tmp_path / "svc").mkdir()
+    _project(tmp_path / "svc", module=module)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main(["check", "--config", "svc/pyproject.toml"], capsys)
+    assert code == 0, err
+    assert "1 check passed" in out
+    assert str((tmp_path / "svc").resolve()) not in sys.path  # only while the checks ran
