@@ -166,7 +166,10 @@ def save_run(result: RunResult | ModelProfile, out_dir: Path) -> None:
 
 
 def registries() -> dict[str, list[tuple[str, str]]]:
-    """Every registry: kind -> [(name, one-line help)], for `gradscope list`."""
+    """Every registry: kind -> [(name, one-line help)], for `gradscope list`.
+
+    >>> [name for name, _ in registries()["inits"]]   # ['pytorch', 'xavier-uniform', ...]
+    """
     return {kind: [(e.name, e.help) for e in reg] for kind, reg in ALL.items()}
 
 
@@ -252,7 +255,10 @@ EXPORT_FORMATS = ("csv", "parquet")
 
 def export(folder: str | Path, fmt: str = "csv") -> list[Path]:
     """Write the store's tables as files into ``folder/export/``: runs (tidy, with summaries),
-    profiles (one row per step), curves. Parquet needs pyarrow."""
+    profiles (one row per step), curves. Parquet needs pyarrow.
+
+    >>> export("reports", "csv")   # [reports/export/runs.csv, .../profiles.csv, .../curves.csv]
+    """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"unknown format {fmt!r} for --format; choose from: "
                           + ", ".join(EXPORT_FORMATS))

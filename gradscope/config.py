@@ -19,6 +19,13 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class RunConfig:
+    """What ``gradscope run`` measures, one field per option; invalid values raise ConfigError
+    naming the option. ``gradscope.run(**fields)`` builds one.
+
+    >>> RunConfig(cell="rnn", activation="relu", init="identity", seq_len=500)
+    >>> RunConfig().replace(hidden=128, probes="grad_h0,adjoint")
+    """
+
     cell: str = "rnn"  # cell registry name: rnn | lstm | gru
     activation: str | None = None  # rnn only; None means tanh
     init: str = "pytorch"  # recurrent-matrix initialisation (applied per gate block)

@@ -213,6 +213,15 @@ def _profiles_from(d: dict) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 @dataclass(frozen=True, repr=False)
 class RunResult(Profiled):
+    """One built-in configuration measured (``gradscope.run``): each probe's per-step log10
+    profile, its summary, the theory beside it and, with ``steps``, the training run.
+
+    >>> r = gradscope.run(cell="lstm", forget_bias=3.0, seq_len=200)
+    >>> r.summary["grad_h0"].slope, r.summary["grad_h0"].verdict   # log10 per step
+    >>> r.to_frame()                      # tidy: probe, axis, step, log10
+    >>> RunResult.load("runs/lstm-pytorch-adding-T200-s0/result.json")
+    """
+
     config: RunConfig
     task: dict  # name, variant, seq_len (steps actually run), chance_loss
     profiles: dict[str, np.ndarray]  # probe -> (T,) log10 magnitudes; -inf zero, NaN not computed
