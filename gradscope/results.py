@@ -294,7 +294,11 @@ class RunResult(Profiled):
 class ModelProfile(Profiled):
     """A user's own module measured whole (``gradscope.profile``): every probe it offers,
     each deeper layer's initial state among them (``grad_h0@2``), on random N(0, 1) inputs
-    with the loss a fixed random projection of the top layer's h (as `gradscope check`)."""
+    with the loss a fixed random projection of the top layer's h (as `gradscope check`).
+
+    >>> p = gradscope.profile(torch.nn.GRU(8, 32, num_layers=2), seq_len=300)
+    >>> p.summary["grad_h0@2"].horizon    # steps until the second layer's h_0 fell 6 decades
+    """
 
     model: str  # what was measured: the factory's import path, or the module's repr
     seq_len: int  # steps measured

@@ -250,3 +250,12 @@ def test_probes_as_a_comma_list_in_python_as_on_the_command_line():
         gradscope.RunConfig(probes=" , ")
     result = gradscope.run(probes="grad_h0,adjoint", **FAST)
     assert list(result.profiles) == ["grad_h0", "adjoint"]
+
+
+def test_the_public_api_has_docstrings_with_an_example():
+    """STYLE.md: docstrings on the public API with an example."""
+    import inspect
+    lacking = [name for name in gradscope.__all__
+               if name not in ("ConfigError", "GradscopeError", "__version__")
+               and ">>>" not in (inspect.getdoc(getattr(gradscope, name)) or "")]
+    assert lacking == []
