@@ -22,7 +22,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import DEVICES, DTYPES, RunConfig
+from .config import DEVICES, DTYPES, MAX_SEED, RunConfig
 from .errors import ConfigError
 
 DEFAULT_BASELINE = "gradscope-baseline.json"
@@ -82,8 +82,9 @@ class CheckSpec:
             value = getattr(self, key.replace("-", "_"))
             if value is not None and value < 1:
                 raise ConfigError(f"{self.where(key)} must be positive, got {value!r}")
-        if self.seed < 0:
-            raise ConfigError(f"{self.where('seed')} must be >= 0, got {self.seed!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"{self.where('seed')} must be from 0 to {MAX_SEED} (torch's "
+                              f"generator keeps 32 bits of it), got {self.seed!r}")
         for key in ("min-slope", "max-growth", "tolerance"):
             value = getattr(self, key.replace("-", "_"))
             if value is not None and not math.isfinite(value):

@@ -14,6 +14,7 @@ from .errors import ConfigError
 
 DTYPES = ("float64", "float32")
 MAX_SEEDS = 8  # seeds per stack: more buys little on a CPU and multiplies peak memory
+MAX_SEED = 2**32 - 1  # torch's CPU generator keeps 32 bits of a seed: 2**32 would replay 0
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -73,8 +74,9 @@ class RunConfig:
             if self.clip < 0:
                 raise ConfigError(f"--clip must be positive, or 0 to turn clipping off; got "
                                   f"{self.clip!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        if not is_count(self.seed, 0) or self.seed > MAX_SEED:
+            raise ConfigError(f"--seed must be an integer from 0 to {MAX_SEED} (torch's "
+                              f"generator keeps 32 bits of it), got {self.seed!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r} for --dtype; choose from: "
                               + ", ".join(DTYPES))

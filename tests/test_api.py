@@ -259,3 +259,16 @@ def test_the_public_api_has_docstrings_with_an_example():
                if name not in ("ConfigError", "GradscopeError", "__version__")
                and ">>>" not in (inspect.getdoc(getattr(gradscope, name)) or "")]
     assert lacking == []
+
+
+def test_seeds_beyond_32_bits_are_refused_not_aliased():
+    """torch's CPU generator keeps 32 bits of a seed: seed 2**32 replayed seed 0's weights and
+    data exactly, as a different run; 2**64 was a ValueError from torch."""
+    import torch
+    same = [torch.rand(3, generator=torch.Generator().manual_seed(s)) for s in (0, 2**32)]
+    assert torch.equal(*same)  # why the bound is there
+    gradscope.RunConfig(seed=2**32 - 1)
+    for seed in (2**32, 2**64, -1, True):
+        with pytest.raises(gradscope.ConfigError, match="--seed must be an integer from 0 to "
+                                                        "4294967295"):
+            gradscope.RunConfig(seed=seed)

@@ -385,7 +385,8 @@ def test_check_figure_marks_where_the_profile_stops(fill, label):
     ({"seq_len": "100"}, "seq-len must be int, got '100'"),
     ({"batch": True}, "batch must be int, got True"),
     ({"input_size": 0}, "input-size must be positive"),
-    ({"seed": -1}, "seed must be >= 0"),
+    ({"seed": -1}, "seed must be from 0 to 4294967295"),
+    ({"seed": 2**32}, "seed must be from 0 to 4294967295"),
     ({"min_slope": float("nan")}, "min-slope must be a finite number"),
     ({"max_growth": -1.0}, "max-growth must be >= 0"),
     ({"min_horizon": 0}, "min-horizon must be positive"),
@@ -409,7 +410,8 @@ def test_assert_gradient_health_refuses_bad_options_by_name(options, message):
     (["--tolerance", "nan"], "--tolerance must be a finite number"),
     (["--seq-len", "0"], "--seq-len must be positive, got 0"),
     (["--batch", "0"], "--batch must be positive, got 0"),
-    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--seed", "-1"], "--seed must be from 0 to 4294967295 (torch's generator keeps 32 bits "
+                       "of it), got -1"),
     (["--junit-xml", "pyproject.toml"], "--junit-xml pyproject.toml is not a .xml file"),
 ])
 def test_bad_flags_are_one_line_not_a_traceback(project, capsys, flags, message):
