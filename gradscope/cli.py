@@ -284,8 +284,9 @@ def sweep_command(
     dtype: str = typer.Option(None, help="float32 | float64."),
     seeds: int = typer.Option(None, help="Seeds per configuration [default: the preset's, "
                                          "or 1]."),
-    workers: int = typer.Option(None, help="Worker processes [default: the CPU count]; with "
-                                           "ray, the CPUs of a local Ray instance."),
+    workers: int = typer.Option(None, help="Worker processes, no more than there are "
+                                           "runs [default: the CPU count]; with ray, the "
+                                           "CPUs of a local Ray instance."),
     executor: str = typer.Option("local", help="local | ray (pip install 'gradscope[ray]')."),
     address: str = typer.Option(None, help="ray: auto or ray://host:port joins a cluster "
                                            "[default: a local Ray instance]."),

@@ -135,8 +135,10 @@ class LocalExecutor:
 
         try:
             while queue or any(w.job for w in pool):
-                while queue and len(pool) < self.workers:
+                idle = sum(w.job is None for w in pool)
+                while len(queue) > idle and len(pool) < self.workers:  # no more than work
                     pool.append(start())
+                    idle += 1
                 for w in pool:
                     if w.job is None and queue:
                         w.job = queue.popleft()

@@ -242,3 +242,26 @@ def test_a_gpu_slice_and_its_memory_estimate_shrink_on_a_small_card(monkeypatch)
     assert usermodel.memory_estimate(users, 10_000, 2, torch.device("cpu"), reverse=False) \
         == sizes[141][2] - 5 * 8 * 2**27  # no slices counted off a GPU
     assert stacked_gpu(torch.device("cpu")) == STACKED_GPU  # the GPU's plan thrown on the CPU
+
+
+def test_more_workers_than_runs_start_no_more_processes_than_runs(tmp_path, monkeypatch):
+    """--workers 1000 on the 3 runs of the smoke preset started 1000 processes, each importing
+    torch, before the first run was handed out: minutes, and gigabytes."""
+    import multiprocessing
+
+    from gradscope import executors
+    started = []
+    real = multiprocessing.get_context("spawn")
+
+    class Counting:
+        Pipe = staticmethod(real.Pipe)
+
+        @staticmethod
+        def Process(*args, **kwargs):  # noqa: N802 (multiprocessing's name)
+            started.append(1)
+            return real.Process(*args, **kwargs)
+
+    monkeypatch.setattr(executors, "get_context", lambda method: Counting)
+    spec = gradscope.sweep_spec(options={"cell": ["rnn", "gru"], **TINY})
+    outcome, _ = gradscope.sweep(spec, tmp_path, workers=64, seed_stack=1, report=False)
+    assert outcome.finished == 2 and len(started) == 2
