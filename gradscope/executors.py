@@ -202,7 +202,9 @@ class RayExecutor:
         ray = import_ray()
         started = not ray.is_initialized()
         if started:
-            options = {"num_cpus": self.num_cpus} if self.address is None else {}
+            options = {}
+            if self.address is None and self.num_cpus is not None:  # no more CPUs than work
+                options["num_cpus"] = min(self.num_cpus, max(1, len(jobs)))
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                      **options)
         task = ray.remote(num_cpus=1, num_gpus=self.gpus_per_run,

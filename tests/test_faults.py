@@ -265,3 +265,31 @@ def test_more_workers_than_runs_start_no_more_processes_than_runs(tmp_path, monk
     spec = gradscope.sweep_spec(options={"cell": ["rnn", "gru"], **TINY})
     outcome, _ = gradscope.sweep(spec, tmp_path, workers=64, seed_stack=1, report=False)
     assert outcome.finished == 2 and len(started) == 2
+
+
+def test_a_local_ray_instance_gets_no_more_cpus_than_runs(monkeypatch):
+    """The same for --executor ray --workers N: the local Ray instance it starts is sized by
+    N, and Ray may start a worker process per CPU."""
+    from gradscope import executors
+
+    class Stop(Exception):
+        pass
+
+    asked = {}
+
+    class FakeRay:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**options):
+            asked.update(options)
+            raise Stop
+
+    monkeypatch.setattr(executors, "import_ray", lambda: FakeRay)
+    jobs = [[gradscope.RunConfig(seed=s)] for s in range(3)]
+    for workers, cpus in ((64, 3), (2, 2)):
+        with pytest.raises(Stop):
+            list(executors.RayExecutor(num_cpus=workers).run(jobs))
+        assert asked["num_cpus"] == cpus
