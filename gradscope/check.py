@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import NamedTuple
 from xml.etree import ElementTree
 
 import numpy as np
@@ -168,24 +169,32 @@ def exit_code(results: list[CheckResult]) -> Exit:
 
 # --- baselines --------------------------------------------------------------------------------
 
-def read_baseline(path: Path) -> dict[str, np.ndarray]:
-    """check name -> log10 profile; {} when there is no baseline file yet."""
+class Baseline(NamedTuple):
+    """One check's recorded profile."""
+
+    probe: str | None  # the probe it was recorded for; None in files that lost it (<= 0.x)
+    log10: np.ndarray  # per step; -inf exactly zero
+
+
+def read_baseline(path: Path) -> dict[str, Baseline]:
+    """check name -> its recorded profile; {} when there is no baseline file yet."""
     if not path.exists():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("schema") != BASELINE_SCHEMA:
             raise ValueError(f"schema {data.get('schema')!r}")
-        return {name: np.array([-np.inf if v is None else v for v in c["log10"]])
+        return {name: Baseline(c.get("probe"), np.array(
+                    [-np.inf if v is None else v for v in c["log10"]], dtype=float))
                 for name, c in data["checks"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{path} is not a gradscope baseline ({e}); rewrite it with "
                           "`gradscope check --update-baseline`") from None
 
 
-def write_baseline(path: Path, results: list[CheckResult], keep: dict[str, np.ndarray]) -> None:
+def write_baseline(path: Path, results: list[CheckResult], keep: dict[str, Baseline]) -> None:
     """Write the measured profiles (other checks' entries in ``keep`` stay), atomically."""
-    checks = {name: {"probe": None, "log10": json_safe(v)} for name, v in keep.items()}
+    checks = {name: {"probe": b.probe, "log10": json_safe(b.log10)} for name, b in keep.items()}
     for r in results:
         checks[r.name] = {"probe": r.probe, "log10": json_safe(r.profile)}
     atomic_write_text(path, json.dumps({"schema": BASELINE_SCHEMA, "checks": checks},

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .check import (
+    Baseline,
     CheckResult,
     read_baseline,
     rule_baseline,
@@ -40,13 +41,25 @@ def run_checks(checks: CheckFile, *, only: list[str] | None = None,
             raise ConfigError(f"no check {name!r} in {checks.path}; it has: " + ", ".join(names))
     selected = [c for c in checks.checks if not only or c.name in only]
     baseline = read_baseline(checks.baseline)
+    compared = {} if update_baseline else {
+        spec.name: _recorded(spec, baseline[spec.name]) for spec in selected
+        if spec.name in baseline}  # all before anything is measured
     results = []
     for i, spec in enumerate(selected, 1):
         on_phase(f"check {spec.name}, {i} of {len(selected)}")
-        results.append(judge(spec, None if update_baseline else baseline.get(spec.name)))
+        results.append(judge(spec, compared.get(spec.name)))
     if update_baseline:
         write_baseline(checks.baseline, results, keep=baseline)
     return results
+
+
+def _recorded(spec: CheckSpec, baseline: Baseline) -> np.ndarray:
+    """The baseline's profile, if it was recorded for the probe the check measures."""
+    if baseline.probe not in (None, spec.probe):
+        raise ConfigError(f"{spec.where('probe')} is {spec.probe!r}, but the baseline was "
+                          f"recorded for {baseline.probe!r}: run `gradscope check "
+                          "--update-baseline`")
+    return baseline.log10
 
 
 def judge(spec: CheckSpec, baseline: np.ndarray | None, module: object | None = None

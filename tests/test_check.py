@@ -220,6 +220,36 @@ def test_baseline_then_a_regression_fails_by_window(project, capsys):
     assert code == 0
 
 
+def test_a_baseline_of_another_probe_is_refused_and_kept_for_the_checks_not_updated(
+        tmp_path, monkeypatch, capsys):
+    """Changing a check's probe and not its baseline compared, say, jacobian with grad_h0's
+    recorded profile (the same length) without a word; and `--update-baseline --check a`
+    wrote the other checks' entries back without their probe."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "gradscope.toml"
+    config.write_text(textwrap.dedent('''
+        [checks.a]
+        cell = "rnn"
+        seq-len = 30
+        [checks.b]
+        cell = "gru"
+        seq-len = 30
+    '''))
+    assert _main(["check", "--update-baseline"], capsys)[0] == 0
+    assert _main(["check", "--update-baseline", "--check", "a"], capsys)[0] == 0
+    recorded = json.loads((tmp_path / "gradscope-baseline.json").read_text())["checks"]
+    assert {name: c["probe"] for name, c in recorded.items()} == {"a": "grad_h0",
+                                                                  "b": "grad_h0"}
+    config.write_text(config.read_text().replace('cell = "gru"', 'cell = "gru"\nprobe = '
+                                                                 '"jacobian"'))
+    code, _, err = _main(["check"], capsys)
+    assert code == 2 and "check 'b': probe is 'jacobian', but the baseline was recorded for " \
+                         "'grad_h0': run `gradscope check --update-baseline`" in err
+    assert _main(["check", "--check", "a"], capsys)[0] == 0  # a's own baseline is still good
+    assert _main(["check", "--update-baseline"], capsys)[0] == 0
+    assert _main(["check"], capsys)[0] == 0
+
+
 def test_builtin_configurations_can_be_checked(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "gradscope.toml").write_text(textwrap.dedent('''
