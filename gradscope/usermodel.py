@@ -5,7 +5,8 @@ Accepted (``SUPPORTED``):
 - ``torch.nn.RNN`` / ``LSTM`` / ``GRU``: any ``num_layers``, ``batch_first`` either way, with or
   without biases, an LSTM's ``proj_size`` too; unidirectional; inter-layer dropout is not
   applied (the module is measured as in eval mode).
-- ``torch.nn.RNNCell`` / ``LSTMCell`` / ``GRUCell``.
+- ``torch.nn.RNNCell`` / ``LSTMCell`` / ``GRUCell``. A subclass of any of these that
+  overrides ``forward`` is refused: its forward would not be measured.
 - Any module that follows the step protocol::
 
       class MyCell(torch.nn.Module):
@@ -131,17 +132,29 @@ def adapt(module: object, where: str, dtype: torch.dtype | None = None) -> Adapt
         if not torch.isfinite(p).all():
             raise ConfigError(f"{where}: the model's weight {name} holds NaN or Inf values")
     module.requires_grad_(False)
-    if isinstance(module, nn.RNNBase):
-        return _stacked(module, where)
-    if isinstance(module, nn.RNNCellBase):
-        return _cell(module)
     if all(hasattr(module, a) for a in ("initial_state", "step", "input_size")):
-        return _protocol(module, where, dtype)
+        return _protocol(module, where, dtype)  # explicit, even on a torch.nn.LSTM subclass
+    if isinstance(module, nn.RNNBase | nn.RNNCellBase):
+        _check_own_forward(module, where)
+        return _stacked(module, where) if isinstance(module, nn.RNNBase) else _cell(module)
     inner = [f"{name} ({type(m).__name__})" for name, m in module.named_modules()
              if isinstance(m, nn.RNNBase | nn.RNNCellBase)]
     hint = f"; it holds {', '.join(inner[:3])}{', ...' if len(inner) > 3 else ''}: let the " \
         "factory return that" if inner else ""
     raise ConfigError(f"{where}: the model is {_kind(module)}; expected {SUPPORTED}{hint}")
+
+
+def _check_own_forward(module: nn.Module, where: str) -> None:
+    """Refuse a subclass of torch.nn.LSTM (RNN, GRU, a cell) that overrides ``forward``: the
+    recurrence is unrolled from the weights, as torch.nn's own forward runs it, so a forward
+    of its own would not be measured."""
+    base = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn."))
+    if type(module).forward is not base.forward:
+        raise ConfigError(
+            f"{where}: {type(module).__name__} overrides torch.nn.{base.__name__}'s forward, "
+            f"which gradscope does not run (it unrolls torch.nn.{base.__name__}'s recurrence "
+            "from the weights): return a plain torch.nn module if your forward only reshapes "
+            "or packs, or give the module input_size, initial_state(batch) and step(x, state)")
 
 
 def _kind(value: object) -> str:

@@ -293,6 +293,49 @@ def test_unsupported_models_are_config_errors(module, message):
         adapt(module, "here")
 
 
+class NormedLSTM(nn.LSTM):
+    def forward(self, x, hx=None):
+        out, state = super().forward(x, hx)
+        return torch.layer_norm(out, out.shape[-1:]), state
+
+
+class HalvedRNN(nn.RNN):
+    """A torch.nn.RNN subclass with the step protocol: h' = tanh(...) / 2, not nn.RNN's."""
+
+    def initial_state(self, batch):
+        return (torch.zeros(batch, self.hidden_size, dtype=self.weight_hh_l0.dtype),)
+
+    def step(self, x, state):
+        pre = x @ self.weight_ih_l0.T + state[0] @ self.weight_hh_l0.T
+        return (torch.tanh(pre) / 2,)
+
+
+def test_a_subclass_with_its_own_forward_is_refused_and_one_with_a_step_is_stepped():
+    """A subclass of torch.nn.LSTM that overrides forward (here: a layer norm on every
+    output) was measured as a plain LSTM of its weights, its own forward silently left out;
+    one that defines the step protocol was unrolled as torch.nn.RNN all the same."""
+    with pytest.raises(ConfigError, match="NormedLSTM overrides torch.nn.LSTM's forward, which "
+                                          "gradscope does not run"):
+        adapt(NormedLSTM(3, 4), "here")
+    assert adapt(type("Plain", (nn.GRU,), {})(3, 4), "here").parts == ("h",)  # no override
+
+    torch.manual_seed(0)
+    module = HalvedRNN(3, 4, bias=False).double()
+    a = adapt(module, "here")
+    assert a.cells == ()  # the step protocol, not the built-in cell's back end
+    u = unroll(a, seq_len=12, batch=2, seed=0, input_size=None, device=torch.device("cpu"))
+    got = measure(u, [PROBES.get("grad_h0")]).log10["grad_h0"]
+    x = inputs(a, 12, 2, 0).double()
+    h0 = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+    h, want = h0, []
+    r = projection(4, 0).double()
+    for t in range(12):  # autograd through the module's own step, one backward per step
+        h = module.step(x[t], (h,))[0]
+        (g,) = torch.autograd.grad((h @ r).mean(), h0, retain_graph=True)
+        want.append(math.log10(g.norm()))
+    np.testing.assert_allclose(got, want, atol=1e-9)
+
+
 def test_a_model_that_holds_a_recurrent_module_is_told_to_return_it():
     class Encoder(nn.Module):
         def __init__(self):
