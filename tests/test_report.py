@@ -221,3 +221,17 @@ def test_a_report_on_a_probe_some_cells_lack_says_what_it_left_out(sweep_folder)
     assert "rnn/tanh pytorch" in note and "gru pytorch" in note
     gradscope.write_report(sweep_folder)  # as the other tests expect it
     assert "Not drawn" not in (sweep_folder / "report" / "index.html").read_text()
+
+
+def test_a_report_on_the_adjoint_draws_it_from_k_0(sweep_folder):
+    """The report drew every probe from step 1: the adjoint, whose k starts at 0 (the loss's
+    own step), sat one step to the right of where it was measured, in its lines, its
+    Lyapunov line and its heatmap."""
+    from gradscope.report.data import build
+    with Store(sweep_folder) as store:
+        adjoint, grad = build(store, "adjoint"), build(store, "grad_h0")
+    for c in adjoint.comparisons:
+        if c.probe == "adjoint":
+            assert all(line.steps[0] == 0 for line in c.lines), c.key
+    assert adjoint.heatmap_first == 0 and grad.heatmap_first == 1
+    assert all(line.steps[0] == 1 for c in grad.comparisons for line in c.lines)

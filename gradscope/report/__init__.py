@@ -43,7 +43,7 @@ def _images(data: ReportData) -> dict[str, bytes]:
               for c in data.comparisons}
     if data.heatmap_labels:
         images["heatmap.png"] = figures.png(
-            figures.heatmap(data.heatmap_labels, data.heatmap, data.probe))
+            figures.heatmap(data.heatmap_labels, data.heatmap, data.probe, data.heatmap_first))
     if data.curves:
         images["training-curves.png"] = figures.png(figures.training_curves(data.curves))
     if data.over_training:

@@ -95,6 +95,7 @@ class ReportData:
     skipped: list[Comparison] = field(default_factory=list)  # too few lines with the probe
     meta: dict = field(default_factory=dict)
     theory: list[TheoryRow] = field(default_factory=list)
+    heatmap_first: int = 1  # the step of the heatmap's first column (the adjoint's k: 0)
 
 
 class _Labelled(NamedTuple):
@@ -136,14 +137,15 @@ def build(store: Store, probe: str = "grad_h0") -> ReportData:
                 if isinstance(t, str) and t != "null"}
 
     def line(label: str, which: str, step: int = 0) -> Line | None:
-        arrays = [profiles.get((rid, step, which)) for rid in groups[label].run_id]
-        arrays = [a for a in arrays if a is not None]
-        if not arrays:
+        found = [profiles.get((rid, step, which)) for rid in groups[label].run_id]
+        found = [f for f in found if f is not None]
+        if not found:
             return None
+        first, arrays = found[0][0], [values for _, values in found]  # one axis per probe
         slopes = [theories[rid]["lyapunov"][0] / np.log(10) for rid in groups[label].run_id
                   if rid in theories and theories[rid]["lyapunov"][0] is not None]
         theory = float(np.median(slopes)) if slopes and step == 0 else None
-        return _with_theory(_aggregate(label, arrays), theory)
+        return _with_theory(_aggregate(label, arrays, first), theory)
 
     comparisons = _comparisons(ok, probe, line)
     order = _ranking(ok, summaries, probe, groups)
@@ -178,7 +180,8 @@ def build(store: Store, probe: str = "grad_h0") -> ReportData:
     return ReportData(probe, [c for c in comparisons if c.shown()], heat_labels, heatmap, order,
                       curve_lines, over_training, failed,
                       [c for c in comparisons if not c.shown()], _meta(store, runs),
-                      _theory_rows(groups, theories))
+                      _theory_rows(groups, theories),
+                      int(heat_lines[0].steps[0]) if heat_lines else 1)
 
 
 def _theory_rows(groups: dict, theories: dict[str, dict]) -> list[TheoryRow]:
@@ -203,9 +206,11 @@ def _with_theory(line: Line, theory: float | None) -> Line:
     return Line(line.label, line.steps, line.median, line.low, line.high, line.seeds, theory)
 
 
-def _profiles(store: Store, run_ids: set[str]) -> dict[tuple[str, int, str], np.ndarray]:
-    return {(rid, step, probe): values for rid, step, probe, _, _, values in store.profiles()
-            if rid in run_ids}
+def _profiles(store: Store, run_ids: set[str]
+              ) -> dict[tuple[str, int, str], tuple[int, np.ndarray]]:
+    """(run, training step, probe) -> (the step of the profile's first value, log10)."""
+    return {(rid, step, probe): (first, values)
+            for rid, step, probe, _, first, values in store.profiles() if rid in run_ids}
 
 
 def _aggregate(label: str, arrays: list[np.ndarray], first: int = 1, log: bool = True) -> Line:

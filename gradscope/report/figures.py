@@ -49,12 +49,14 @@ def comparison(c: Comparison) -> Figure:
     return fig
 
 
-def heatmap(labels: list[str], matrix: np.ndarray, probe: str) -> Figure:
-    """Configuration x timestep, colour = log10 magnitude (median over seeds)."""
+def heatmap(labels: list[str], matrix: np.ndarray, probe: str, first: int = 1) -> Figure:
+    """Configuration x timestep, colour = log10 magnitude (median over seeds); ``first``: the
+    step of the first column."""
     fig, ax = new_figure((8.5, 0.9 + 0.32 * max(len(labels), 2)), 100)
     masked = np.ma.masked_invalid(matrix)
     image = ax.imshow(masked, aspect="auto", cmap="viridis", interpolation="nearest",
-                      extent=(0.5, matrix.shape[1] + 0.5, len(labels) - 0.5, -0.5))
+                      extent=(first - 0.5, first + matrix.shape[1] - 0.5, len(labels) - 0.5,
+                              -0.5))
     ax.set_yticks(range(len(labels)), labels, fontsize=7.5)
     ax.set_xlabel(AXIS.get(probe, "step"))
     ax.set_title(f"log10 {probe} per configuration and step (best first)", fontsize=10)
