@@ -5,8 +5,9 @@ Accepted (``SUPPORTED``):
 - ``torch.nn.RNN`` / ``LSTM`` / ``GRU``: any ``num_layers``, ``batch_first`` either way, with or
   without biases, an LSTM's ``proj_size`` too; unidirectional; inter-layer dropout is not
   applied (the module is measured as in eval mode).
-- ``torch.nn.RNNCell`` / ``LSTMCell`` / ``GRUCell``. A subclass of any of these that
-  overrides ``forward`` is refused: its forward would not be measured.
+- ``torch.nn.RNNCell`` / ``LSTMCell`` / ``GRUCell``.
+- A subclass of any of the above that overrides ``forward`` is refused (its forward would not
+  be measured); one that follows the step protocol is stepped through its own ``step``.
 - Any module that follows the step protocol::
 
       class MyCell(torch.nn.Module):
