@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pandas as pd
@@ -151,6 +152,16 @@ class Profiled:
 
     def title(self) -> str:
         raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Profiled:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        """Read a result.json (or the folder that holds one) of this kind: a run's
+        (``RunResult.load``) or a module's (``ModelProfile.load``)."""
+        return cls.from_dict(_read(path))
 
     def range_note(self) -> str | None:
         """Where the measurement left float range, if it did."""
@@ -283,11 +294,6 @@ class RunResult(Profiled):
             training=None if d.get("training") is None else Training.from_dict(d["training"]),
             theory=d.get("theory"),
         )
-
-    @classmethod
-    def load(cls, path: Path) -> RunResult:
-        """Read a result.json (or the folder that holds one)."""
-        return cls.from_dict(_read(path))
 
 
 @dataclass(frozen=True, repr=False)

@@ -78,6 +78,11 @@ def test_saved_profiles_load_and_compare_beside_a_run(tmp_path):
     results = gradscope.compare([tmp_path / "r", tmp_path / "p"], "grad_h0", tmp_path / "c.png")
     assert [type(r).__name__ for r in results] == ["RunResult", "ModelProfile"]
     assert results[1].label() == "mymodels_saved:make, seq-len 20"
+    # each kind loads as itself (ModelProfile had no load), and not as the other
+    assert gradscope.ModelProfile.load(tmp_path / "p").summary == got.summary
+    assert gradscope.RunResult.load(tmp_path / "r" / "result.json").config.hidden == 7
+    with pytest.raises(ValueError, match="not a gradscope.run/1 result"):
+        gradscope.RunResult.load(tmp_path / "p")
 
 
 @pytest.mark.parametrize("options, message", [
