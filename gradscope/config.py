@@ -56,6 +56,11 @@ class RunConfig:
     stable_decades: float = 1.0  # a profile whose fitted change stays within +-this is "stable"
 
     def __post_init__(self) -> None:
+        for name in ("cell", "activation", "init", "input_init", "gate_init", "task",
+                     "optimizer"):  # registry names (a sweep file may hold anything)
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (name == "activation" and value is None):
+                raise ConfigError(f"{_flag(name)} must be a name, got {value!r}")
         for name in ("seq_len", "hidden", "batch"):
             value = getattr(self, name)
             if not is_count(value, 1):
@@ -118,6 +123,12 @@ class RunConfig:
             if isinstance(self.probes, str):  # "grad_h0,adjoint", as on the command line
                 object.__setattr__(self, "probes", tuple(
                     name.strip() for name in self.probes.split(",") if name.strip()))
+            elif isinstance(self.probes, list):  # a TOML array: a config must stay hashable
+                object.__setattr__(self, "probes", tuple(self.probes))
+            if not isinstance(self.probes, tuple) or not all(
+                    isinstance(name, str) for name in self.probes):
+                raise ConfigError(f"--probes must be probe names (a comma list), got "
+                                  f"{self.probes!r}")
             if len(self.probes) == 0:
                 raise ConfigError("--probes must name at least one probe")
 

@@ -61,6 +61,10 @@ forget-bias = 3.0
     ("[grid]\ncell = 'rnn'", "grid.cell must be a non-empty list"),
     ("[grid]\nhue = ['a']", "unknown sweep axis 'hue'"),
     ("[base]\nseq_len = -3", "--seq-len must be a positive integer, got -3"),
+    # TOML arrays and tables where a name goes were TypeErrors ("unhashable type: 'list'")
+    ("[base]\ncell = ['rnn']", r"--cell must be a name, got \['rnn'\]"),
+    ("[base]\ninit = {a = 1}", r"--init must be a name, got \{'a': 1\}"),
+    ("[base]\nprobes = [1, 2]", r"--probes must be probe names \(a comma list\), got \(1, 2\)"),
     ("[base\n", "is not valid TOML"),
 ])
 def test_bad_sweep_files_name_the_file_and_the_key(tmp_path, text, message):
@@ -93,6 +97,17 @@ def test_a_bad_file_is_named_even_under_good_flags(tmp_path):
     path.write_text("[grid]\nseq_len = [0]\n")
     with pytest.raises(ConfigError, match="bad.toml: --seq-len must be a positive"):
         gradscope.sweep_spec(config_file=path, options={"lr": [0.1]})
+
+
+def test_probes_in_a_sweep_file_as_an_array_or_a_comma_list(tmp_path):
+    """probes = ["grad_h0", "adjoint"] ended the sweep in a traceback (a list in a frozen
+    config cannot be hashed)."""
+    for value in ('["grad_h0", "adjoint"]', '"grad_h0, adjoint"'):
+        path = tmp_path / "probes.toml"
+        path.write_text(f"[base]\nprobes = {value}\n[grid]\ncell = ['rnn', 'gru']\n")
+        spec = gradscope.sweep_spec(config_file=path)
+        assert [c.probes for c in spec.runs] == [("grad_h0", "adjoint")] * 2
+        assert len({hash(c) for c in spec.runs}) == 2
 
 
 def test_presets_expand():
