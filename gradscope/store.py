@@ -39,7 +39,9 @@ CONFIG_COLUMNS = ("cell", "activation", "init", "gain", "input_init", "forget_bi
                   "optimizer", "lr", "clip", "dtype")
 
 COUNT_COLUMNS = ("seq_len", "hidden", "batch", "seed", "steps", "steps_done", "diverged_at",
-                 "learned", "train_step", "horizon")  # integers in frame()
+                 "train_step", "horizon")  # integers in frame()
+REAL_COLUMNS = ("gain", "forget_bias", "lr", "clip", "final_loss", "chance_loss", "accuracy",
+                "duration_s", "slope", "half_life", "start", "end")  # floats, NaN for none
 _TEXT_COLUMNS = {"cell", "activation", "init", "input_init", "gate_init", "task", "optimizer",
                  "dtype"}
 _CONFIG_DDL = ", ".join(f"{c} {'TEXT' if c in _TEXT_COLUMNS else 'REAL'}" for c in CONFIG_COLUMNS)
@@ -244,8 +246,11 @@ class Store:
         runs = self.runs().drop(columns=["config", "task_info", "meta", "nonfinite", "theory"])
         frame = runs.merge(self.summaries(), on="run_id", how="left")
         # counts as integers (SQLite keeps the config's as REAL, and a column with NULLs reads
-        # as floats): seq_len 20, not 20.0; <NA> where there is none
-        return frame.astype({c: "Int64" for c in COUNT_COLUMNS})
+        # as floats): seq_len 20, not 20.0; <NA> where there is none. Numbers as floats even
+        # where every value is NULL (an accuracy of a regression task is not an object
+        # column of Nones), and learned as true/false (<NA>: not trained)
+        return frame.astype({**{c: "Int64" for c in COUNT_COLUMNS},
+                             **{c: "float64" for c in REAL_COLUMNS}, "learned": "boolean"})
 
     def sweeps(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM sweeps", self.db)

@@ -142,6 +142,10 @@ def test_load_and_export(tmp_path):
     for column in ("seq_len", "hidden", "seed", "steps", "steps_done", "train_step", "horizon"):
         assert frame[column].dtype == "Int64", column  # counts, not SQLite's REAL
     assert frame.diverged_at.isna().all()  # <NA>: no run diverged
+    # an adding task has no accuracy: a float column of NaN, not an object column of Nones
+    for column in ("accuracy", "final_loss", "forget_bias", "slope", "duration_s"):
+        assert frame[column].dtype == np.float64, column
+    assert frame.learned.dtype == "boolean" and not frame.learned.any()  # 2 steps: no
     paths = gradscope.export(tmp_path, "csv")
     assert [p.name for p in paths] == ["runs.csv", "profiles.csv", "curves.csv"]
     runs = pd.read_csv(paths[0])
