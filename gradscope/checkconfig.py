@@ -197,6 +197,12 @@ def _check(name: str, source: str, table: dict, overrides: dict) -> CheckSpec:
     if spec.model is None and not builtin:
         raise ConfigError(f"{spec.where()}: give a model: model = \"package.module:factory\", "
                           "or built-in options such as cell = \"lstm\"")
+    for key, given in (("input-size", spec.input_size is not None),
+                       ("model-args", bool(spec.model_args))):
+        if spec.model is None and given:  # a built-in's inputs are its task's
+            raise ConfigError(f"{spec.where(key)} applies to a model factory (model = ...); "
+                              "a built-in configuration takes its task's inputs and the run "
+                              "options (hidden, ...)")
     if spec.model is not None and ":" not in spec.model:
         raise ConfigError(f"{spec.where('model')} must look like \"package.module:factory\", "
                           f"got {spec.model!r}")

@@ -272,6 +272,15 @@ def test_builtin_configurations_can_be_checked(tmp_path, monkeypatch, capsys):
     assert code == 0
     code, _, err = _main(["check", "--check", "nope"], capsys)
     assert code == 2 and "no check 'nope'" in err
+    # a factory's options on a built-in were ignored without a word
+    config = tmp_path / "gradscope.toml"
+    text = config.read_text()
+    for extra in ("input-size = 5", "model-args = {hidden = 3}"):
+        config.write_text(text.replace('init = "identity"', f'init = "identity"\n{extra}'))
+        code, _, err = _main(["check"], capsys)
+        key = extra.split(" ")[0]
+        assert code == 2 and f"check 'irnn': {key} applies to a model factory" in err
+    config.write_text(text)
     phases = []
     results, _, _ = gradscope.check(only=["default-tanh", "irnn"], on_phase=phases.append)
     assert phases == ["check irnn, 1 of 2", "check default-tanh, 2 of 2"]  # the file's order
