@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .cells import CELLS, Cell, affine
 from .config import RunConfig
 from .engine import Unrolled
+from .errors import ConfigError
 from .inits import check_schemes, initialise
 from .linear import Linearization, kernel_trains_faster
 from .tasks import TASKS, Batch, Task
@@ -228,6 +229,10 @@ def validate(config: RunConfig) -> None:
     cell.check_activation(config.activation)
     check_schemes(cell, init=config.init, input_init=config.input_init,
                   forget_bias=config.forget_bias, gate_init=config.gate_init)
+    if config.chrono_tmax is not None and config.gate_init != "chrono":
+        raise ConfigError(f"--chrono-tmax applies to --gate-init chrono, not to "
+                          f"--gate-init {config.gate_init}; add --gate-init chrono or leave "
+                          "--chrono-tmax out")
 
 
 def build(config: RunConfig, device: torch.device) -> Built:

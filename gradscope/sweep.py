@@ -33,18 +33,24 @@ class SweepSpec:
     notes: tuple[str, ...] = ()  # combinations that were skipped or collapsed, in words
 
 
-def normalise(config: RunConfig) -> tuple[RunConfig, str | None]:
-    """Drop options that do not apply to the cell; say what was dropped."""
+def normalise(config: RunConfig) -> tuple[RunConfig, list[str]]:
+    """Drop options that do not apply to the cell (or to its gate scheme); say what was
+    dropped."""
     gated = CELLS.get(config.cell).keep_gate is not None
+    notes = []
     if not gated and config.activation is None:
         config = config.replace(activation="tanh")  # the default, named: one run, one id
     if gated and config.activation is not None:
-        return config.replace(activation=None), \
-            f"--activation does not apply to {config.cell}: ran it once without"
+        config = config.replace(activation=None)
+        notes.append(f"--activation does not apply to {config.cell}: ran it once without")
     if not gated and (config.forget_bias is not None or config.gate_init != "none"):
-        return config.replace(forget_bias=None, gate_init="none"), \
-            "gate options (--forget-bias, --gate-init) do not apply to rnn: ran it without"
-    return config, None
+        config = config.replace(forget_bias=None, gate_init="none")
+        notes.append("gate options (--forget-bias, --gate-init) do not apply to rnn: ran it "
+                     "without")
+    if config.chrono_tmax is not None and config.gate_init != "chrono":
+        config = config.replace(chrono_tmax=None)
+        notes.append("--chrono-tmax applies to --gate-init chrono: ran the others without")
+    return config, notes
 
 
 def expand(base: RunConfig, grid: dict[str, list], seeds: Iterable[int],
@@ -63,9 +69,8 @@ def expand(base: RunConfig, grid: dict[str, list], seeds: Iterable[int],
             if config.forget_bias is not None and config.gate_init != "none":
                 notes["--forget-bias with --gate-init chrono: skipped (both set the bias)"] = None
                 continue
-            config, note = normalise(config)
-            if note:
-                notes[note] = None
+            config, said = normalise(config)
+            notes.update(dict.fromkeys(said))
             runs.setdefault(run_id(config), config)
     if not runs:
         raise ConfigError("the sweep has no runs")

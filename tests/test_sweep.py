@@ -34,6 +34,20 @@ def test_grid_product_with_collapsed_nonsense_and_notes():
     assert any("do not apply to rnn" in n for n in spec.notes)
 
 
+def test_chrono_tmax_goes_with_chrono_alone():
+    """--chrono-tmax without --gate-init chrono was silently ignored by `gradscope run`; a
+    sweep over gate-init none and chrono drops it from the others, with a note."""
+    with pytest.raises(ConfigError, match="--chrono-tmax applies to --gate-init chrono, not "
+                                          "to --gate-init none"):
+        gradscope.run(cell="lstm", chrono_tmax=5, hidden=3, batch=2, seq_len=10)
+    spec = from_mapping({"base": {"chrono_tmax": 5}}, "options", overrides={
+        "cell": ["rnn", "lstm"], "gate_init": ["none", "chrono"]})
+    runs = {(c.cell, c.gate_init, c.chrono_tmax) for c in spec.runs}
+    assert runs == {("rnn", "none", None), ("lstm", "none", None), ("lstm", "chrono", 5)}
+    assert "--chrono-tmax applies to --gate-init chrono: ran the others without" in spec.notes
+    assert any("do not apply to rnn" in n for n in spec.notes)
+
+
 def test_toml_file_with_base_grid_and_runs(tmp_path):
     path = tmp_path / "sweep.toml"
     path.write_text("""
