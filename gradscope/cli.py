@@ -93,7 +93,7 @@ def run_command(
     seq_len: int = typer.Option(DEFAULTS.seq_len, help="The task's length T."),
     hidden: int = typer.Option(DEFAULTS.hidden, help="Hidden size H."),
     batch: int = typer.Option(DEFAULTS.batch, help="Sequences measured at once."),
-    seed: int = typer.Option(DEFAULTS.seed, help="Seeds weights and data."),
+    seed: int = typer.Option(DEFAULTS.seed, help="Seeds weights and data (0 to 2**32 - 1)."),
     dtype: str = typer.Option(DEFAULTS.dtype, help="float64 | float32."),
     device: str = typer.Option(DEFAULTS.device, help="auto | cpu | cuda."),
     probes: str = typer.Option(None, help="Comma list of probes [default: all the cell has]."),
@@ -161,7 +161,8 @@ def profile_command(
     batch: int = typer.Option(8, help="Sequences measured at once."),
     input_size: int = typer.Option(None, help="Features per step of the random inputs "
                                               "[default: the model's own]."),
-    seed: int = typer.Option(0, help="Seeds the inputs and the loss's random projection."),
+    seed: int = typer.Option(0, help="Seeds the inputs and the loss's random projection (0 "
+                                     "to 2**32 - 1)."),
     probes: str = typer.Option(None, help="Comma list of probes [default: all the model "
                                           "offers, each deeper layer's grad_h0@k among them]."),
     projections: int = typer.Option(None, help="Estimate the forward probes from P random "
