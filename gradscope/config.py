@@ -141,10 +141,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
         _known(d)
-        d = dict(d)
-        if d.get("probes") is not None:
-            d["probes"] = tuple(d["probes"])
-        return cls(**d)
+        return cls(**d)  # probes: to_dict's list becomes a tuple in __post_init__
 
     def replace(self, **changes) -> RunConfig:
         _known(changes)

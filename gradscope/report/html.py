@@ -52,11 +52,9 @@ def _img(name: str, data: bytes, alt: str) -> str:
             f'data-file="{escape(name)}">')
 
 
-def _missing(c: Comparison, head: str = " Not drawn, with no {probe}: ", tail: str = ".") -> str:
-    """The configurations of a comparison that have no profile of its probe, in words."""
-    if not c.missing:
-        return ""
-    return head.format(probe=escape(c.probe)) + escape(", ".join(c.missing)) + tail
+def _missing(c: Comparison) -> str:
+    """The configurations of a comparison that have no profile of its probe, escaped."""
+    return escape(", ".join(c.missing))
 
 
 def _ranking_rows(rows: list[Row]) -> str:
@@ -85,11 +83,13 @@ def render(data: ReportData, images: dict[str, bytes], title: str) -> str:
             f'<section id="{escape(c.key)}"><h2>{escape(c.title)}</h2><figure>'
             f"{_img(name, images[name], c.title)}<figcaption>{escape(CAPTIONS.get(c.key, ''))}"
             f" Lines: median over seeds; bands: min&ndash;max. {escape(c.fixed)}."
-            f"{_missing(c)}</figcaption></figure></section>")
+            + (f" Not drawn, with no {escape(c.probe)}: {_missing(c)}." if c.missing else "")
+            + "</figcaption></figure></section>")
     if data.skipped:
         sections.insert(0, "<p class=muted>Not drawn: " + "; ".join(
             f"{escape(c.title)}, too few of its configurations measured "
-            f"<code>{escape(c.probe)}</code>{_missing(c, ' (not: ', ')')}" for c in data.skipped)
+            f"<code>{escape(c.probe)}</code>" + (f" (not: {_missing(c)})" if c.missing else "")
+            for c in data.skipped)
             + ".</p>")
     elif not data.comparisons:
         sections.append("<p class=muted>No comparison applies: the sweep varied neither the "
