@@ -122,7 +122,7 @@ def profile(model: object, *, seq_len: int = 100, batch: int = 8,
             projections: int | None = None, checkpoint: bool = False, theory_k: int = 8,
             dtype: str = "float64", device: str = "auto", model_args: dict | None = None,
             out: str | Path | None = None, command: str | None = None,
-            source: str = "gradscope.profile") -> ModelProfile:
+            source: str = "gradscope.profile", flags: bool = False) -> ModelProfile:
     """Measure your own module's per-step gradient-flow profiles: every probe it offers
     (``probes`` to choose), each deeper layer's initial state among them, by the exact engine,
     on random N(0, 1) inputs with the loss a fixed random projection of the top layer's h.
@@ -132,7 +132,8 @@ def profile(model: object, *, seq_len: int = 100, batch: int = 8,
     called with ``model_args``). With ``out``, writes ``out/result.json`` (schema
     ``gradscope.model/1``) and ``out/profile.png``. ``theory_k``: the top Lyapunov exponents
     of its recurrence beside the measurement, the largest predicting the slope of
-    ``jacobian`` (0: none). ``source`` starts every error message.
+    ``jacobian`` (0: none). ``source`` starts every error message; with ``flags``, messages
+    name the options as command-line flags (``--seq-len``).
 
     >>> p = profile(torch.nn.LSTM(16, 64, num_layers=2), seq_len=200)
     >>> p.summary["grad_h0@2"].slope  # the second layer's initial state, log10 per step
@@ -149,7 +150,7 @@ def profile(model: object, *, seq_len: int = 100, batch: int = 8,
     spec = checkconfig.CheckSpec(
         name="", source=source, model=model if factory else "<object>",
         model_args=model_args or {}, input_size=input_size, seq_len=seq_len, batch=batch,
-        seed=seed, device=device, dtype=dtype)
+        seed=seed, device=device, dtype=dtype, flags=flags)
     if out is not None:
         check_writable_dir(Path(out))  # creates nothing: a failed run leaves no folder behind
     result = profile_module(spec, None if factory else model, probes, projections=projections,

@@ -103,10 +103,10 @@ class CheckSpec:
 
     def where(self, key: str | None = None) -> str:
         """Where a message points: the source, the check (none for a profile), the key; a flag
-        (``flags``) names itself."""
-        if self.flags and key:
-            return f"--{key}"
+        (``flags``) names itself, but the model is `gradscope profile`'s argument."""
         head = f"{self.source}: check {self.name!r}" if self.name else self.source
+        if self.flags and key:
+            return head if key == "model" else f"--{key}"
         return head + (f": {key}" if key else "")
 
 

@@ -102,7 +102,8 @@ def run_command(
     lr: float = typer.Option(DEFAULTS.lr, help="Learning rate."),
     clip: float = typer.Option(DEFAULTS.clip, help="Gradient-norm clipping; 0 turns it off."),
     profile_every: int = typer.Option(DEFAULTS.profile_every,
-                                      help="Also measure every K training steps."),
+                                      help="Also measure every K training steps (with "
+                                           "--steps)."),
     theory_k: int = typer.Option(DEFAULTS.theory_k, help="Lyapunov exponents to compute beside "
                                                          "the theory; 0 turns theory off."),
     projections: int = typer.Option(None, help="Estimate the forward probes from P random "
@@ -197,7 +198,7 @@ def profile_command(
             model, model_args=args, seq_len=seq_len, batch=batch, input_size=input_size,
             seed=seed, probes=_comma_list(probes), projections=projections,
             checkpoint=checkpoint, theory_k=theory_k, dtype=dtype, device=device, out=out,
-            command=command, source="gradscope profile")
+            command=command, source="gradscope profile", flags=True)
     print_summary(f"{result.title()}, input size {result.input_size}", result)
     if result.theory is not None:
         print_theory(result.theory)

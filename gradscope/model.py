@@ -17,6 +17,7 @@ from .engine import Unrolled
 from .errors import ConfigError
 from .inits import check_schemes, initialise
 from .linear import Linearization, kernel_trains_faster
+from .probes import PROBES, READ_BY, unread, unread_applies_to
 from .tasks import TASKS, Batch, Task
 
 EMBEDDING_DIM = 32  # token tasks: size of the embedding that feeds the cell
@@ -229,10 +230,45 @@ def validate(config: RunConfig) -> None:
     cell.check_activation(config.activation)
     check_schemes(cell, init=config.init, input_init=config.input_init,
                   forget_bias=config.forget_bias, gate_init=config.gate_init)
+    for idle in idle_options(config)[:1]:
+        raise ConfigError(idle.error())
+
+
+@dataclass(frozen=True)
+class Idle:
+    """An option of a run given a value that nothing reads (``--checkpoint`` with no adjoint
+    probe): ``validate`` refuses it, a sweep drops it with a note."""
+
+    field: str  # the RunConfig field
+    option: str  # where it was given: "--checkpoint", "gradscope.profile: checkpoint"
+    applies_to: str  # what reads it, in words: "the adjoint probe"
+    not_to: str  # what the run has instead: "--probes grad_h0"
+    remedy: str  # "add adjoint to --probes"
+
+    def error(self) -> str:
+        return (f"{self.option} applies to {self.applies_to}, not to {self.not_to}; "
+                f"{self.remedy} or leave it out")
+
+    def note(self) -> str:
+        return f"{self.option} applies to {self.applies_to}: ran the others without"
+
+
+def idle_options(config: RunConfig) -> list[Idle]:
+    """The options of ``config`` given a value that nothing in its run reads."""
+    idle = []
     if config.chrono_tmax is not None and config.gate_init != "chrono":
-        raise ConfigError(f"--chrono-tmax applies to --gate-init chrono, not to "
-                          f"--gate-init {config.gate_init}; add --gate-init chrono or leave "
-                          "--chrono-tmax out")
+        idle.append(Idle("chrono_tmax", "--chrono-tmax", "--gate-init chrono",
+                         f"--gate-init {config.gate_init}", "add --gate-init chrono"))
+    if config.profile_every and not config.steps:
+        idle.append(Idle("profile_every", "--profile-every", "training", "a run with --steps 0",
+                         "add --steps N"))
+    if config.probes is not None and all(name in PROBES for name in config.probes):
+        chosen = [PROBES.get(name) for name in config.probes]
+        for name in unread(chosen, {f: getattr(config, f) for f in READ_BY}):
+            applies_to, add = unread_applies_to(name)
+            idle.append(Idle(name, "--" + name.replace("_", "-"), applies_to,
+                             "--probes " + ",".join(config.probes), f"add {add} to --probes"))
+    return idle
 
 
 def build(config: RunConfig, device: torch.device) -> Built:

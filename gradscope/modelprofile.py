@@ -20,7 +20,8 @@ from .checkconfig import CheckSpec
 from .config import is_count
 from .engine import Unrolled, measure
 from .errors import ConfigError
-from .probes import PROBES, Probe, layer_probes, probes_for
+from .model import Idle
+from .probes import PROBES, Probe, layer_probes, probes_for, unread, unread_applies_to
 from .results import FIRST_STEP, ModelProfile
 from .runner import check_fits, resolve_device, run_meta
 from .summary import summarize
@@ -47,12 +48,15 @@ def prepare(spec: CheckSpec, module: object | None, device: torch.device, *, rev
     else:
         name = describe(module)
     adapted = usermodel.adapt(module, spec.where("model"), getattr(torch, spec.dtype))
+    if spec.input_size is not None and spec.input_size != adapted.input_size:
+        raise ConfigError(f"{spec.where('input-size')} {spec.input_size} does not match the "
+                          f"model's input_size {adapted.input_size}")
     check_fits(usermodel.memory_estimate(adapted, spec.seq_len, spec.batch, device,
                                          reverse=reverse),
                device, f"{spec.where()}: measuring the model",
                f"seq-len {spec.seq_len} x batch {spec.batch} x its state of "
                f"{len(adapted.parts)} x {adapted.hidden} values, {spec.dtype}",
-               "lower seq-len or batch")
+               "lower --seq-len or --batch" if spec.flags else "lower seq-len or batch")
     try:
         unrolled = usermodel.unroll(adapted, seq_len=spec.seq_len, batch=spec.batch,
                                     seed=spec.seed, input_size=spec.input_size, device=device)
@@ -102,6 +106,10 @@ def profile(spec: CheckSpec, module: object | None = None,
             raise ConfigError(f"{spec.where('probes')}: {wanted!r} does not apply to this "
                               "model; it offers: " + ", ".join(by_name))
     chosen = ready.probes if probes is None else [by_name[n] for n in probes]
+    for name in unread(chosen, {"projections": projections, "checkpoint": checkpoint})[:1]:
+        applies_to, add = unread_applies_to(name)
+        raise ConfigError(Idle(name, spec.where(name), applies_to, "probes " + ",".join(probes),
+                               f"add {add} to the probes").error())
     measured = measure(unrolled, chosen, projections=projections, seed=spec.seed,
                        checkpoint=checkpoint)
     left = measured.nonfinite

@@ -184,3 +184,23 @@ def layer_probes(parts: tuple[str, ...]) -> list[Probe]:
     layer's initial state, ``grad_h0@2`` = ||dL_t/dh^(2)_0||, and likewise ``grad_c0@2``."""
     return [Probe(f"grad_{p.split('@')[0]}0@{p.split('@')[1]}", "forward", p, p, "t", _grad)
             for p in parts if "@" in p]
+
+
+# Options of a run that only one pass reads: given with no probe of that pass, they do nothing.
+READ_BY = {"projections": "forward", "jacobian_samples": "forward", "checkpoint": "reverse"}
+_PASS_WORDS = {"forward": ("the forward probes", "grad_h0 or jacobian"),
+               "reverse": ("the adjoint probe", "adjoint")}
+
+
+def unread(chosen: list[Probe], options: dict[str, object]) -> list[str]:
+    """The ``options`` (READ_BY field -> value; None or False: not given) that no probe of
+    ``chosen`` reads: the forward probes' with no forward probe, the adjoint's with no
+    adjoint."""
+    passes = {p.pass_ for p in chosen}
+    return [name for name, value in options.items()
+            if value is not None and value is not False and READ_BY[name] not in passes]
+
+
+def unread_applies_to(name: str) -> tuple[str, str]:
+    """What an option of READ_BY applies to, and the probe names to add for it, in words."""
+    return _PASS_WORDS[READ_BY[name]]

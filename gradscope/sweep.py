@@ -21,10 +21,12 @@ from .cells import CELLS
 from .config import MAX_SEEDS, RunConfig, is_count
 from .errors import ConfigError
 from .executors import Executor, Outcome
+from .model import idle_options
 from .registry import Registry
 from .store import Store, run_id
 
 RUN_FIELDS = {f.name for f in fields(RunConfig)}
+_DEFAULTS = RunConfig()
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,9 @@ def normalise(config: RunConfig) -> tuple[RunConfig, list[str]]:
         config = config.replace(forget_bias=None, gate_init="none")
         notes.append("gate options (--forget-bias, --gate-init) do not apply to rnn: ran it "
                      "without")
-    if config.chrono_tmax is not None and config.gate_init != "chrono":
-        config = config.replace(chrono_tmax=None)
-        notes.append("--chrono-tmax applies to --gate-init chrono: ran the others without")
+    for idle in idle_options(config):
+        config = config.replace(**{idle.field: getattr(_DEFAULTS, idle.field)})
+        notes.append(idle.note())
     return config, notes
 
 

@@ -115,10 +115,16 @@ def test_the_command_line_writes_the_result_and_refuses_bad_input(tmp_path, monk
         "    return torch.nn.LSTM(4, 6, num_layers=layers)\n")
     for argv, message in (
             (["mymodels_cli"], 'look like "package.module:factory"'),
-            (["mymodels_cli:nothing"], "mymodels_cli has no callable 'nothing'"),
+            (["mymodels_cli:nothing"], "gradscope profile: mymodels_cli has no callable "
+                                       "'nothing'"),
+            (["mymodels_cli:encoder", "--seq-len", "0"], "error: --seq-len must be positive"),
+            (["mymodels_cli:encoder", "--probes", "adjoint", "--projections", "4"],
+             "error: --projections applies to the forward probes, not to probes adjoint"),
+            (["mymodels_cli:encoder", "--probes", "grad_h0", "--checkpoint"],
+             "error: --checkpoint applies to the adjoint probe, not to probes grad_h0"),
             (["mymodels_cli:encoder", "--model-args", "[2]"], "must be a JSON object"),
             (["mymodels_cli:encoder", "--input-size", "5"],
-             "gradscope profile: input-size 5 does not match the model's"),
+             "--input-size 5 does not match the model's"),
             (["mymodels_cli:encoder", "--probes", "grad_h0@2"], "'grad_h0@2' does not apply")):
         code, _, err = _main(["profile", *argv], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err

@@ -48,6 +48,44 @@ def test_chrono_tmax_goes_with_chrono_alone():
     assert any("do not apply to rnn" in n for n in spec.notes)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"profile_every": 5}, "--profile-every applies to training, not to a run with --steps 0; "
+                           "add --steps N or leave it out"),
+    ({"probes": "adjoint", "projections": 4},
+     "--projections applies to the forward probes, not to --probes adjoint; add grad_h0 or "
+     "jacobian to --probes or leave it out"),
+    ({"probes": "adjoint", "jacobian_samples": 1},
+     "--jacobian-samples applies to the forward probes, not to --probes adjoint; add grad_h0 "
+     "or jacobian to --probes or leave it out"),
+    ({"probes": "grad_h0,jacobian", "checkpoint": True},
+     "--checkpoint applies to the adjoint probe, not to --probes grad_h0,jacobian; add adjoint "
+     "to --probes or leave it out"),
+])
+def test_an_option_that_nothing_reads_is_refused(options, message, tmp_path):
+    """These were silently ignored: a user who forgot --steps got no profiles in training."""
+    with pytest.raises(ConfigError) as info:
+        gradscope.run(**TINY, **options, out=tmp_path / "run")
+    assert str(info.value) == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_drops_what_its_runs_do_not_read_with_a_note():
+    spec = from_mapping({"base": {"profile_every": 5, "probes": ["grad_h0", "adjoint"],
+                                  "projections": 4, "checkpoint": True}}, "options",
+                        overrides={"steps": [0, 10], "probes": [["adjoint"], ["grad_h0"],
+                                                                ["grad_h0", "adjoint"]]})
+    runs = {(c.steps, c.profile_every, c.probes, c.projections, c.checkpoint)
+            for c in spec.runs}
+    assert runs == {(s, s and 5, probes, None if probes == ("adjoint",) else 4,
+                     probes != ("grad_h0",))
+                    for s in (0, 10)
+                    for probes in (("adjoint",), ("grad_h0",), ("grad_h0", "adjoint"))}
+    assert set(spec.notes) == {
+        "--profile-every applies to training: ran the others without",
+        "--projections applies to the forward probes: ran the others without",
+        "--checkpoint applies to the adjoint probe: ran the others without"}
+
+
 def test_toml_file_with_base_grid_and_runs(tmp_path):
     path = tmp_path / "sweep.toml"
     path.write_text("""
