@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.box import SIMPLE
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,6 +27,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from .check import figure_files, to_json, to_junit, to_markdown
 from .config import MAX_SEEDS, RunConfig
@@ -248,7 +250,7 @@ def compare_command(
         _, slope, half_life, horizon, _, verdict = summary_row(
             probe, result.summary[probe], result.profiles[probe])
         table.add_row(str(path), result.label(), slope, half_life, horizon, verdict)
-    out_console.print(table)
+    print_table(table)
     if out is not None:
         out_console.print(f"wrote {out}")
 
@@ -399,7 +401,7 @@ def print_ranking(rows, probe: str) -> None:
                  "verdict": f"[{VERDICT_COLOUR[r.verdict]}]{r.verdict}[/]",
                  "learned": r.learned}
         table.add_row(r.label, *(cells[c] for c in columns))
-    out_console.print(table)
+    print_table(table)
 
 
 @app.command("export", epilog="Example:  gradscope export reports --format csv")
@@ -477,7 +479,7 @@ def print_checks(results) -> None:
         for x in r.rules:
             verdict = "[green]pass[/]" if x.passed else f"[red]FAIL[/] by {x.shortfall}"
             table.add_row(f"{r.name} ({r.probe})", x.rule, x.measured, x.limit, verdict)
-    out_console.print(table)
+    print_table(table)
     for r in results:
         for note in r.notes:
             out_console.print(f"{r.name}: {note}")
@@ -515,7 +517,40 @@ def print_summary(title: str, result) -> None:
     for name, s in result.summary.items():
         *cells, verdict = summary_row(name, s, result.profiles[name])
         table.add_row(*cells, f"[{VERDICT_COLOUR[verdict]}]{verdict}[/]")
-    out_console.print(table)
+    print_table(table)
+
+
+def print_table(table: Table) -> None:
+    """Print ``table`` with every value whole: on a terminal too narrow for its frame, without
+    the frame; too narrow even for that, each row as one "column: value" line."""
+    width = out_console.width
+    if _least_width(table) > width:
+        table.box, table.show_edge, table.pad_edge = None, False, False
+    if _least_width(table) <= width:
+        out_console.print(table)
+        return
+    if table.title:
+        out_console.print(table.title, style="italic")
+    headers = [str(c.header) for c in table.columns]
+    for row in zip(*(c.cells for c in table.columns), strict=True):
+        line = Text()  # a row's pairs, a line broken between pairs, its later lines indented
+        for header, cell in zip(headers, row, strict=True):
+            if not str(cell):
+                continue
+            pair = Text.from_markup(f"{header}: {cell}" if header else str(cell))
+            if line and line.cell_len + 2 + pair.cell_len > width:
+                out_console.print(line)
+                line = Text("  ")
+            line.append("  " if line.plain.strip() else "").append_text(pair)
+        out_console.print(line)
+    if table.caption:
+        out_console.print(table.caption, style="dim")
+
+
+def _least_width(table: Table) -> int:
+    """The narrowest the table renders without cutting a value or splitting a word."""
+    options = out_console.options.update_width(10**4)
+    return Measurement.get(out_console, options, table).minimum
 
 
 def print_left_range(result) -> None:
@@ -545,12 +580,12 @@ def print_result(result: RunResult) -> None:
 def print_theory(theory: dict) -> None:
     table = Table(title="theory vs measurement (slopes, log10 per step)")
     for col in ("prediction", "probe", "predicted", "measured", "agrees", "caveats"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col != "caveats")
     for p in theory["predictions"]:
         agrees = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[p["agrees"]]
         table.add_row(p["name"], p["probe"], number_text(p["predicted"], "+.4f"),
                       number_text(p["measured"], "+.4f"), agrees, "; ".join(p["caveats"]))
-    out_console.print(table)
+    print_table(table)
     line = "Lyapunov exponents (ln/step): " + ", ".join(
         f"{x:+.3f}" for x in theory["lyapunov"][:4] if x is not None)
     if "sigma_max" in theory:  # a built-in configuration's (a module's theory has no more)

@@ -231,3 +231,24 @@ def test_outputs_get_the_umasks_permissions_and_a_replaced_file_keeps_its_own(tm
         assert stat.S_IMODE((run / "result.json").stat().st_mode) == 0o604
     finally:
         os.umask(mask)
+
+
+@pytest.mark.parametrize("width", [100, 56, 40, 24])
+def test_a_narrow_terminal_cuts_no_number(width, tmp_path, capsys, monkeypatch):
+    """rich shortened the summary's numbers to '-0.2…' below about 60 columns, and folded
+    the theory table's across lines: a value read off a narrow terminal was wrong."""
+    from gradscope import cli
+    from gradscope.summary import summary_row
+    out = tmp_path / "r"
+    assert _main(["run", "--cell", "lstm", *FAST, "--out", str(out)], capsys)[0] == 0
+    result = gradscope.RunResult.load(out)
+    monkeypatch.setattr(cli.out_console, "width", width)
+    cli.print_result(result)
+    text = capsys.readouterr().out
+    assert "…" not in text
+    words = set(text.split())
+    for name, s in result.summary.items():
+        assert set(summary_row(name, s, result.profiles[name])[:5]) - {"> 20"} <= words, text
+    for p in result.theory["predictions"]:
+        assert cli.number_text(p["predicted"], "+.4f") in words, text
+    assert max(map(len, text.splitlines())) <= width
