@@ -89,7 +89,7 @@ def rule_min_slope(slope: float | None, exactly_zero: bool, limit: float) -> Rul
         return RuleResult("min-slope", False, measured, f">= {limit:+.4f} log10/step",
                           "the gradient is " + measured, measured)
     ok = slope >= limit
-    return RuleResult("min-slope", ok, f"{slope:+.4f} log10/step", f">= {limit:+.4f}",
+    return RuleResult("min-slope", ok, f"{slope:+.4f} log10/step", f">= {limit:+.4f} log10/step",
                       "" if ok else f"slope {slope:+.4f} is {limit - slope:.4f} log10/step "
                                     f"below the minimum {limit:+.4f}",
                       "" if ok else f"{limit - slope:.4f} log10/step")
