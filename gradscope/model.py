@@ -250,7 +250,7 @@ class Idle:
                 f"{self.remedy} or leave it out")
 
     def note(self) -> str:
-        return f"{self.option} applies to {self.applies_to}: ran the others without"
+        return f"{self.option} applies to {self.applies_to} only: dropped from the other runs"
 
 
 def idle_options(config: RunConfig) -> list[Idle]:

@@ -44,7 +44,8 @@ def test_chrono_tmax_goes_with_chrono_alone():
         "cell": ["rnn", "lstm"], "gate_init": ["none", "chrono"]})
     runs = {(c.cell, c.gate_init, c.chrono_tmax) for c in spec.runs}
     assert runs == {("rnn", "none", None), ("lstm", "none", None), ("lstm", "chrono", 5)}
-    assert "--chrono-tmax applies to --gate-init chrono: ran the others without" in spec.notes
+    assert ("--chrono-tmax applies to --gate-init chrono only: dropped from the other runs"
+            in spec.notes)
     assert any("do not apply to rnn" in n for n in spec.notes)
 
 
@@ -81,9 +82,9 @@ def test_a_sweep_drops_what_its_runs_do_not_read_with_a_note():
                     for s in (0, 10)
                     for probes in (("adjoint",), ("grad_h0",), ("grad_h0", "adjoint"))}
     assert set(spec.notes) == {
-        "--profile-every applies to training: ran the others without",
-        "--projections applies to the forward probes: ran the others without",
-        "--checkpoint applies to the adjoint probe: ran the others without"}
+        "--profile-every applies to training only: dropped from the other runs",
+        "--projections applies to the forward probes only: dropped from the other runs",
+        "--checkpoint applies to the adjoint probe only: dropped from the other runs"}
 
 
 def test_toml_file_with_base_grid_and_runs(tmp_path):
