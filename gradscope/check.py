@@ -123,7 +123,9 @@ def rule_baseline(profile: np.ndarray, baseline: np.ndarray, tolerance: float,
     named."""
     if len(baseline) != len(profile):
         raise ConfigError(f"the baseline has {len(baseline)} steps and the profile "
-                          f"{len(profile)}: run `gradscope check --update-baseline`")
+                          f"{len(profile)}: measure as many steps as the baseline, or record "
+                          "it again at this length (`gradscope check --update-baseline` with "
+                          "the same options)")
     diff = _clip_zero(profile) - _clip_zero(baseline)
     worst, where = math.inf, ""
     for k, chunk in enumerate(np.array_split(np.arange(len(profile)), windows), start=1):
