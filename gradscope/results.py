@@ -149,6 +149,7 @@ class Profiled:
     axes: dict[str, str]
     summary: dict[str, Summary]
     nonfinite: dict | None
+    meta: dict  # versions, device, dtype, time, command
 
     def title(self) -> str:
         raise NotImplementedError
@@ -167,7 +168,8 @@ class Profiled:
         """Where the measurement left float range, if it did."""
         if self.nonfinite is None:
             return None
-        return f"{left_range(self.nonfinite)}; later steps are not computed"
+        further = "; float64 reaches further" if self.meta.get("dtype") == "float32" else ""
+        return f"{left_range(self.nonfinite)}; later steps are not computed{further}"
 
     def notes(self) -> list[str]:
         """What a summary table does not say, a line each."""

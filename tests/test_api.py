@@ -119,7 +119,10 @@ def test_a_result_shows_itself_in_one_line_and_in_a_notebook_as_its_summary_tabl
                              dtype="float32", hidden=4, batch=2, seq_len=300)
     assert "adjoint exploding>" in repr(exploded)  # no slope: nothing computed
     assert exploded.notes() == [f"the forward pass left float range (state not finite) at "
-                                f"step {exploded.nonfinite['step']}; later steps are not computed"]
+                                f"step {exploded.nonfinite['step']}; later steps are not computed"
+                                "; float64 reaches further"]
+    exploded64 = gradscope.run(exploded.config.replace(dtype="float64"))
+    assert exploded64.nonfinite is None and exploded64.notes() == []  # 2**300 fits float64
     foreign = replace(gradscope.profile(torch.nn.RNN(2, 4), seq_len=20), model="<b>x</b> & y")
     assert "&lt;b&gt;x&lt;/b&gt; &amp; y" in foreign._repr_html_()
     assert repr(foreign).startswith("<ModelProfile <b>x</b> & y, T=20, B=8: grad_h0 ")
