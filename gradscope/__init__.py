@@ -17,8 +17,8 @@ from .version import __version__
 
 _LAZY = {  # name -> the module that defines it
     **dict.fromkeys(("assert_gradient_health", "check", "compare", "cost_note", "export",
-                     "load", "profile", "ranking", "registries", "run", "sweep",
-                     "sweep_spec"), "api"),
+                     "load", "profile", "ranking", "registries", "report_probe", "run",
+                     "sweep", "sweep_spec"), "api"),
     "write_report": "report",
     "RunResult": "results",
     "ModelProfile": "results",
@@ -27,7 +27,7 @@ _LAZY = {  # name -> the module that defines it
 __all__ = [
     "ConfigError", "GradscopeError", "ModelProfile", "RunConfig", "RunResult", "__version__",
     "assert_gradient_health", "check", "compare", "cost_note", "export", "load", "profile",
-    "ranking", "registries", "run", "sweep", "sweep_spec", "write_report",
+    "ranking", "registries", "report_probe", "run", "sweep", "sweep_spec", "write_report",
 ]
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         profile,
         ranking,
         registries,
+        report_probe,
         run,
         sweep,
         sweep_spec,

@@ -30,9 +30,9 @@ from .plots import (
     write_check_figures,
 )
 from .registry import ALL
+from .report import data as report_data
 from .report import write_report
 from .report.data import Row
-from .report.data import ranking as report_ranking
 from .results import ModelProfile, RunResult, load_result
 from .runner import check_config, execute, forward_cost_note
 from .store import Store, run_id
@@ -240,15 +240,27 @@ def load(folder: str | Path) -> pd.DataFrame:
         return store.frame()
 
 
-def ranking(folder: str | Path, probe: str = "grad_h0") -> list[Row]:
+def ranking(folder: str | Path, probe: str | None = None) -> list[Row]:
     """The sweep's configurations, best first by the median slope of ``probe`` at
     initialisation: the report's ranking table as plain data (medians over seeds).
+    ``probe``: default grad_h0, else the first measured (``report_probe``).
 
     >>> [(r.label, r.slope) for r in ranking("reports")][:2]
     [('rnn/relu identity', -0.0024...), ('lstm pytorch forget-bias 3', -0.0036...)]
     """
     with Store(Path(folder), create=False) as store:
-        return report_ranking(store, probe)
+        return report_data.ranking(store, probe)
+
+
+def report_probe(folder: str | Path, probe: str | None = None) -> str:
+    """The probe that the report and ranking of ``folder`` show: ``probe``, checked against
+    what its runs measured, or by default grad_h0, else the first measured.
+
+    >>> report_probe("reports")
+    'grad_h0'
+    """
+    with Store(Path(folder), create=False) as store:
+        return report_data.report_probe(store, probe)
 
 
 EXPORT_FORMATS = ("csv", "parquet")

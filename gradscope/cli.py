@@ -351,7 +351,7 @@ def sweep_command(
             progress.stop()
     out_console.print(f"{result.finished} runs finished, {result.skipped} already done, "
                       f"{len(result.failed)} failed, in {out / 'gradscope.sqlite'}")
-    print_ranking(_api().ranking(out), "grad_h0")
+    print_ranking(_api().ranking(out), _api().report_probe(out))
     if index is not None:
         out_console.print(f"report: {index}")
 
@@ -359,10 +359,12 @@ def sweep_command(
 @app.command("report", epilog="Example:  gradscope report reports")
 def report_command(
     folder: Path = typer.Argument(..., help="A folder written by `gradscope sweep`."),
-    probe: str = typer.Option("grad_h0", help="The probe that the comparisons show."),
+    probe: str = typer.Option(None, help="The probe that the comparisons show [default: "
+                                         "grad_h0, or the first the runs measured]."),
 ) -> None:
     """Write FOLDER/report/index.html (self-contained) and one PNG per figure beside it, and
     print the ranking of its configurations."""
+    probe = _api().report_probe(folder, probe)
     index = _api().write_report(folder, probe=probe)
     print_ranking(_api().ranking(folder, probe), probe)
     out_console.print(f"report: {index}")

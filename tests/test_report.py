@@ -169,6 +169,28 @@ def test_a_probe_no_run_measured_is_refused_and_the_report_kept(sweep_folder):
     assert [r.label for r in gradscope.ranking(sweep_folder, probe="jacobian")]
 
 
+def test_a_sweep_without_grad_h0_reports_the_probe_it_measured(tmp_path, capsys):
+    """A sweep of probes = ["adjoint"] ran every run, then ended in 'no run measured probe
+    grad_h0' (exit 2) instead of its report."""
+    from gradscope.cli import main
+    config = tmp_path / "s.toml"
+    config.write_text('seeds = 2\n[base]\nseq-len = 12\nhidden = 3\nbatch = 2\n'
+                      'probes = ["adjoint", "jacobian"]\n[grid]\ncell = ["rnn", "gru"]\n')
+    out = tmp_path / "sw"
+    with pytest.raises(SystemExit) as info:
+        main(["sweep", "--config", str(config), "--out", str(out), "--workers", "1"])
+    text = capsys.readouterr().out
+    assert info.value.code == 0, text
+    assert "ranking by the median slope of adjoint" in text
+    assert gradscope.report_probe(out) == "adjoint"
+    assert gradscope.report_probe(out, "jacobian") == "jacobian"
+    rows = gradscope.ranking(out)
+    assert {r.label for r in rows} == {"gru pytorch", "rnn/tanh pytorch"}
+    assert [r.slope for r in rows] == [r.slope for r in gradscope.ranking(out, "adjoint")]
+    page = (out / "report" / "index.html").read_text()
+    assert "adjoint" in page
+
+
 def test_the_ranking_alone_is_the_reports_ranking(sweep_folder):
     from gradscope.report.data import build
     from gradscope.store import Store

@@ -12,16 +12,17 @@ from pathlib import Path
 from ..files import atomic_write, atomic_write_text, ensure_writable_dir
 from ..store import Store
 from . import figures
-from .data import ReportData, build
+from .data import ReportData, build, report_probe
 from .html import render
 
-__all__ = ["ReportData", "build", "write_report"]
+__all__ = ["ReportData", "build", "report_probe", "write_report"]
 
 
-def write_report(folder: str | Path, *, probe: str = "grad_h0", title: str | None = None
+def write_report(folder: str | Path, *, probe: str | None = None, title: str | None = None
                  ) -> Path:
     """Write ``folder/report/index.html`` (self-contained) and a PNG per figure beside it, from
-    the results store in ``folder``; returns the path of index.html.
+    the results store in ``folder``; returns the path of index.html. ``probe``: the one the
+    comparisons, heatmap and ranking show (default: grad_h0, else the first measured).
 
     >>> write_report("reports")
     PosixPath('reports/report/index.html')

@@ -106,14 +106,26 @@ class _Labelled(NamedTuple):
     summaries: pd.DataFrame
 
 
-def _labelled(store: Store, probe: str) -> _Labelled:
-    """The store's runs named by configuration, after checking that some run measured
-    ``probe``: what the ranking and the rest of the report start from."""
-    summaries = store.summaries()
-    measured = sorted(set(summaries.probe))
+DEFAULT_PROBE = "grad_h0"
+
+
+def report_probe(store: Store, probe: str | None = None) -> str:
+    """The probe a report of ``store`` shows: ``probe``, which some run must have measured;
+    by default grad_h0, or where no run measured it (a sweep of ``probes = ["adjoint"]``),
+    the first by name of those measured."""
+    measured = sorted(set(store.summaries().probe))
+    if probe is None:
+        return DEFAULT_PROBE if DEFAULT_PROBE in measured or not measured else measured[0]
     if measured and probe not in measured:  # a typo would otherwise replace a report by a blank
         raise ConfigError(f"no run in {store.path.parent} measured probe {probe!r} for --probe; "
                           "choose from: " + ", ".join(measured))
+    return probe
+
+
+def _labelled(store: Store) -> _Labelled:
+    """The store's runs named by configuration: what the ranking and the rest of the report
+    start from."""
+    summaries = store.summaries()
     runs = store.runs()
     ok = runs[runs.status == "ok"].copy()
     configs = [json.loads(c) for c in ok.config]
@@ -123,14 +135,18 @@ def _labelled(store: Store, probe: str) -> _Labelled:
     return _Labelled(runs, ok, varying, groups, summaries)
 
 
-def ranking(store: Store, probe: str = "grad_h0") -> list[Row]:
-    """The report's ranking alone (``build(...).ranking``), without reading any profile."""
-    labelled = _labelled(store, probe)
+def ranking(store: Store, probe: str | None = None) -> list[Row]:
+    """The report's ranking alone (``build(...).ranking``), without reading any profile;
+    ``probe``: see ``report_probe``."""
+    probe = report_probe(store, probe)
+    labelled = _labelled(store)
     return _ranking(labelled.ok, labelled.summaries, probe, labelled.groups)
 
 
-def build(store: Store, probe: str = "grad_h0") -> ReportData:
-    runs, ok, varying, groups, summaries = _labelled(store, probe)
+def build(store: Store, probe: str | None = None) -> ReportData:
+    """Everything the report shows, as plain data; ``probe``: see ``report_probe``."""
+    probe = report_probe(store, probe)
+    runs, ok, varying, groups, summaries = _labelled(store)
     profiles = _profiles(store, set(ok.run_id))
 
     theories = {rid: json.loads(t) for rid, t in zip(ok.run_id, ok.theory, strict=True)
