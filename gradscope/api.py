@@ -34,7 +34,7 @@ from .report import data as report_data
 from .report import write_report
 from .report.data import Row
 from .results import ModelProfile, RunResult, load_result
-from .runner import check_config, execute, forward_cost_note
+from .runner import check_config, execute, forward_cost_note, resolve_device
 from .store import Store, run_id
 from .sweep import PRESETS, SweepReport, SweepSpec, from_mapping, load_toml, run_sweep
 from .usermodel import importable_from
@@ -321,7 +321,9 @@ def check(config: str | Path | None = None, *, only: list[str] | None = None,
     <Exit.PASSED: 0>
     """
     path = Path(config) if config is not None else checkconfig.find(Path.cwd())
-    checks = checkconfig.load(path, overrides)
+    checks = checkconfig.load(path, overrides)  # a flag's bad value is refused first
+    if overrides and overrides.get("device") is not None:
+        resolve_device(overrides["device"])  # a flag's device is the flag's fault, not a check's
     if plots is not None:
         check_writable_dir(Path(plots), "--plots")
     with importable_from(path.parent):  # a factory beside the file, wherever CI runs

@@ -230,8 +230,9 @@ def validate(config: RunConfig) -> None:
     cell.check_activation(config.activation)
     check_schemes(cell, init=config.init, input_init=config.input_init,
                   forget_bias=config.forget_bias, gate_init=config.gate_init)
-    for idle in idle_options(config)[:1]:
-        raise ConfigError(idle.error())
+    idle = idle_options(config)
+    if idle:
+        raise ConfigError(idle[0].error())
 
 
 @dataclass(frozen=True)

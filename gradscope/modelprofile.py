@@ -106,10 +106,11 @@ def profile(spec: CheckSpec, module: object | None = None,
             raise ConfigError(f"{spec.where('probes')}: {wanted!r} does not apply to this "
                               "model; it offers: " + ", ".join(by_name))
     chosen = ready.probes if probes is None else [by_name[n] for n in probes]
-    for name in unread(chosen, {"projections": projections, "checkpoint": checkpoint})[:1]:
-        applies_to, add = unread_applies_to(name)
-        raise ConfigError(Idle(name, spec.where(name), applies_to, "probes " + ",".join(probes),
-                               f"add {add} to the probes").error())
+    idle = unread(chosen, {"projections": projections, "checkpoint": checkpoint})
+    if idle:
+        applies_to, add = unread_applies_to(idle[0])
+        raise ConfigError(Idle(idle[0], spec.where(idle[0]), applies_to,
+                               "probes " + ",".join(probes), f"add {add} to the probes").error())
     measured = measure(unrolled, chosen, projections=projections, seed=spec.seed,
                        checkpoint=checkpoint)
     left = measured.nonfinite

@@ -452,6 +452,9 @@ def test_assert_gradient_health_refuses_bad_options_by_name(options, message):
     (["--seed", "-1"], "--seed must be from 0 to 4294967295 (torch's generator keeps 32 bits "
                        "of it), got -1"),
     (["--junit-xml", "pyproject.toml"], "--junit-xml pyproject.toml is not a .xml file"),
+    pytest.param(["--device", "cuda"], "--device cuda was asked for, but torch sees no CUDA "
+                                       "device", marks=pytest.mark.skipif(
+                                           torch.cuda.is_available(), reason="a CUDA device")),
 ])
 def test_bad_flags_are_one_line_not_a_traceback(project, capsys, flags, message):
     """A bad flag is named as the flag, not as a key of the file's first check (which it
