@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.box import SIMPLE
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
@@ -74,7 +75,8 @@ def _phases() -> Iterator[Callable[[str], None]]:
     if not err_console.is_terminal:
         yield lambda phase: None
         return
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+    with Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False),
+                  TimeElapsedColumn(),
                   console=err_console, transient=True) as progress:
         task = progress.add_task("starting")
         yield lambda phase: progress.update(task, description=phase)
@@ -149,7 +151,8 @@ def run_command(
                             on_phase=on_phase, on_note=lambda note: err_console.print(
                                 f"gradscope: note: {note}", markup=False, soft_wrap=True))
     print_result(result)
-    out_console.print(f"wrote {out / 'result.json'} and {out / 'profile.png'}")
+    out_console.print(f"wrote {escape(str(out / 'result.json'))} and "
+                      f"{escape(str(out / 'profile.png'))}")
 
 
 @app.command("profile", epilog="Example:  gradscope profile mypkg.models:make_encoder "
@@ -205,7 +208,8 @@ def profile_command(
     if result.theory is not None:
         print_theory(result.theory)
     print_left_range(result)
-    out_console.print(f"wrote {out / 'result.json'} and {out / 'profile.png'}")
+    out_console.print(f"wrote {escape(str(out / 'result.json'))} and "
+                      f"{escape(str(out / 'profile.png'))}")
 
 
 def _json_object(text: str, option: str) -> dict:
@@ -240,7 +244,7 @@ def compare_command(
 ) -> None:
     """Compare saved runs on one probe: a table of summaries and an overlay figure."""
     results = _api().compare(list(runs), probe, out)
-    table = Table(title=f"{probe}: which configuration keeps its gradient longest")
+    table = Table(title=f"{escape(probe)}: which configuration keeps its gradient longest")
     table.caption = "slope: log10 per step; half-life, horizon: steps"
     table.add_column("run", overflow="fold")
     table.add_column("configuration", overflow="fold")
@@ -249,10 +253,11 @@ def compare_command(
     for path, result in zip(runs, results, strict=True):
         _, slope, half_life, horizon, _, verdict = summary_row(
             probe, result.summary[probe], result.profiles[probe])
-        table.add_row(str(path), result.label(), slope, half_life, horizon, verdict)
+        table.add_row(escape(str(path)), escape(result.label()), slope, half_life, horizon,
+                      verdict)
     print_table(table)
     if out is not None:
-        out_console.print(f"wrote {out}")
+        out_console.print(f"wrote {escape(str(out))}")
 
 
 # Sweep options: each takes a comma list; (RunConfig field, parser of one value).
@@ -315,7 +320,7 @@ def sweep_command(
     options = {k: _parse_list(k, v) for k, v in given.items() if v is not None}
     spec = _api().sweep_spec(preset=preset, config_file=config, options=options, seeds=seeds)
     for note in spec.notes:
-        out_console.print(f"note: {note}")
+        out_console.print(f"note: {escape(note)}")
     progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[failed]}"), TimeElapsedColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), console=out_console)
@@ -324,7 +329,8 @@ def sweep_command(
     def on_start(todo: int, skipped: int) -> None:
         nonlocal bar
         if skipped:
-            out_console.print(f"resuming: {skipped} finished runs in {out} are kept")
+            out_console.print(f"resuming: {skipped} finished runs in {escape(str(out))} are "
+                              "kept")
         bar = progress.add_task("runs", total=todo, failed="")
         progress.start()
 
@@ -353,7 +359,7 @@ def sweep_command(
                       f"{len(result.failed)} failed, in {out / 'gradscope.sqlite'}")
     print_ranking(_api().ranking(out), _api().report_probe(out))
     if index is not None:
-        out_console.print(f"report: {index}")
+        out_console.print(f"report: {escape(str(index))}")
 
 
 @app.command("report", epilog="Example:  gradscope report reports")
@@ -367,7 +373,7 @@ def report_command(
     probe = _api().report_probe(folder, probe)
     index = _api().write_report(folder, probe=probe)
     print_ranking(_api().ranking(folder, probe), probe)
-    out_console.print(f"report: {index}")
+    out_console.print(f"report: {escape(str(index))}")
 
 
 RANKED = 20  # rows of the ranking printed after a sweep; the report has them all
@@ -402,7 +408,7 @@ def print_ranking(rows, probe: str) -> None:
                  "horizon": "never" if r.horizon == math.inf else number_text(r.horizon, ".0f"),
                  "verdict": f"[{VERDICT_COLOUR[r.verdict]}]{r.verdict}[/]",
                  "learned": r.learned}
-        table.add_row(r.label, *(cells[c] for c in columns))
+        table.add_row(escape(r.label), *(cells[c] for c in columns))
     print_table(table)
 
 
@@ -413,7 +419,7 @@ def export_command(
 ) -> None:
     """Export the results store as tables: runs (with summaries), profiles, curves."""
     for path in _api().export(folder, format):
-        out_console.print(f"wrote {path}")
+        out_console.print(f"wrote {escape(str(path))}")
 
 
 @app.command("check", epilog="Example:  gradscope check --plots gradscope-plots --junit-xml "
@@ -458,10 +464,11 @@ def check_command(
     else:
         print_checks(results)
         if update_baseline:
-            out_console.print(f"baseline written: {checks.baseline}")
+            out_console.print(f"baseline written: {escape(str(checks.baseline))}")
         if plots is not None:
             files = figure_files([r.name for r in results])
-            out_console.print("plots written: " + ", ".join(str(plots / f) for f in files))
+            out_console.print("plots written: " + ", ".join(escape(str(plots / f))
+                                                            for f in files))
     if junit_xml is not None:
         atomic_write_text(junit_xml, to_junit(results))
     summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
@@ -480,13 +487,14 @@ def print_checks(results) -> None:
     for r in results:
         for x in r.rules:
             verdict = "[green]pass[/]" if x.passed else f"[red]FAIL[/] by {x.shortfall}"
-            table.add_row(f"{r.name} ({r.probe})", x.rule, x.measured, x.limit, verdict)
+            table.add_row(escape(f"{r.name} ({r.probe})"), x.rule, escape(x.measured),
+                          escape(x.limit), verdict)
     print_table(table)
     for r in results:
         for note in r.notes:
-            out_console.print(f"{r.name}: {note}")
+            out_console.print(escape(f"{r.name}: {note}"))
     failed = [r.name for r in results if not r.passed]
-    out_console.print(f"[red]failed: {', '.join(failed)}[/]" if failed else
+    out_console.print(f"[red]failed: {escape(', '.join(failed))}[/]" if failed else
                       f"[green]{len(results)} check{'s' if len(results) != 1 else ''} passed[/]")
 
 
@@ -512,7 +520,7 @@ VERDICT_COLOUR = {"vanishing": "red", "stable": "green", "exploding": "magenta"}
 
 def print_summary(title: str, result) -> None:
     """A result's summary per probe (a run's or a module's)."""
-    table = Table(title=title, caption=SUMMARY_CAPTION)
+    table = Table(title=escape(title), caption=SUMMARY_CAPTION)
     for col in SUMMARY_COLUMNS:
         table.add_column(col, justify="left" if col in ("probe", "verdict") else "right",
                          no_wrap=True)
@@ -559,7 +567,7 @@ def print_left_range(result) -> None:
     """Where a result's forward pass left float range, if it did."""
     note = result.range_note()
     if note:
-        out_console.print(f"[magenta]{note}[/]")
+        out_console.print(f"[magenta]{escape(note)}[/]")
 
 
 def print_result(result: RunResult) -> None:

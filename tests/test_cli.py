@@ -252,3 +252,26 @@ def test_a_narrow_terminal_cuts_no_number(width, tmp_path, capsys, monkeypatch):
     for p in result.theory["predictions"]:
         assert cli.number_text(p["predicted"], "+.4f") in words, text
     assert max(map(len, text.splitlines())) <= width
+
+
+@pytest.mark.parametrize("width", [100, 30])
+def test_users_text_is_printed_as_it_is_not_as_markup(width, tmp_path, capsys, monkeypatch):
+    """rich read a folder named 'w[/x]' as a closing tag: `gradscope compare` ended in a
+    MarkupError traceback, and '[bold]' in a name would have vanished into a style."""
+    from gradscope import cli
+    monkeypatch.setattr(cli.out_console, "width", width)
+    a, b = tmp_path / "w[/x]", tmp_path / "[bold]b"
+    for out in (a, b):
+        code, stdout, _ = _main(["run", *FAST, "--out", str(out)], capsys)
+        assert code == 0 and "wrote " in stdout
+        assert str(out / "result.json") in "".join(stdout.split())
+    code, stdout, err = _main(["compare", str(a), str(b)], capsys)
+    assert code == 0, err
+    flat = "".join(stdout.split())
+    assert "w[/x]" in flat and "[bold]b" in flat
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gradscope.toml").write_text(
+        '[checks."enc[/x]"]\ncell = "rnn"\nhidden = 4\nseq-len = 20\nmin-slope = -0.01\n')
+    code, stdout, err = _main(["check"], capsys)
+    assert code == 1, err
+    assert "failed: enc[/x]" in stdout and stdout.count("enc[/x]") >= 2  # its rule's row too
