@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -16,6 +19,17 @@ from .summary import DEFAULT_DROP, zeros_from_start
 AXIS_LABEL = {"t": "t steps after h_0", "k": "k steps back from T"}
 
 
+def plain_text(draw: Callable[..., Figure]) -> Callable[..., Figure]:
+    """A figure function whose texts are shown as they are: a check's name or a model's repr
+    may hold '$', which matplotlib would parse as math, and fail on ('$\\q$')."""
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs) -> Figure:
+        with matplotlib.rc_context({"text.parse_math": False}):  # each Text keeps it
+            return draw(*args, **kwargs)
+    return drawn
+
+
+@plain_text
 def profile_figure(result: RunResult | ModelProfile) -> Figure:
     """Every probe's log10 magnitude against time distance (log10 values: no float floor);
     a run's theory beside them."""
@@ -95,6 +109,7 @@ def save_figure(fig: Figure, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
+@plain_text
 def comparison_figure(results: list[RunResult | ModelProfile], probe: str) -> Figure:
     """One probe of several runs on one axis: which configuration keeps its gradient longest."""
     fig, ax = new_figure((8, 4.8), 110)
@@ -111,6 +126,7 @@ def comparison_figure(results: list[RunResult | ModelProfile], probe: str) -> Fi
     return fig
 
 
+@plain_text
 def check_figure(result: CheckResult) -> Figure:
     """One check's profile against its rules, each drawn where the check has it: the
     least-squares fit beside the ``min-slope`` limit (both through the fit's centre), the

@@ -3,6 +3,7 @@ against autograd through the module itself; results that load, compare and refus
 
 import json
 
+import matplotlib.text
 import numpy as np
 import pytest
 import torch
@@ -168,3 +169,18 @@ def test_a_modules_lyapunov_exponents_and_slope_are_exact_for_a_scaled_rotation(
     np.testing.assert_allclose(got.profiles["jacobian"],
                                np.log10(g) * np.arange(1, 61) + 0.5 * np.log10(6), atol=1e-10)
     assert gradscope.profile(ScaledRotation(g), seq_len=5, theory_k=0).theory is None
+
+
+def test_a_name_with_dollars_is_drawn_as_text_not_as_math(tmp_path):
+    """A check named 'a$\\q$' (or a model's repr with '$...$') ended `gradscope check --plots`
+    in matplotlib's ParseFatalException: matplotlib read the '$...$' as math."""
+    from dataclasses import replace
+
+    from gradscope.plots import comparison_figure, profile_figure, save_figure
+    name = "enc $\\q$ <x>"
+    profile = replace(gradscope.profile(torch.nn.RNN(2, 3), seq_len=10), model=name)
+    for i, fig in enumerate([profile_figure(profile), comparison_figure([profile], "grad_h0")]):
+        save_figure(fig, tmp_path / f"{i}.png")  # drawing parses the texts
+        texts = [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+        assert any(name in text for text in texts), texts
+    assert matplotlib.rcParams["text.parse_math"]  # the user's own figures are as they were

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ..plots import draw_measured, new_figure
+from ..plots import draw_measured, new_figure, plain_text
 from .data import Comparison, Line
 
 AXIS = {"grad_h0": "t (steps after h_0)", "jacobian": "t (steps after h_0)",
@@ -35,6 +35,7 @@ def _lines(ax: Axes, lines: list[Line], bands: bool = True) -> None:
             ax.plot(xs, y0 + line.theory_slope * (xs - x0), color=colour, lw=1, ls=":")
 
 
+@plain_text
 def comparison(c: Comparison) -> Figure:
     """One probe against time distance, one line per configuration, min-max band over seeds."""
     fig, ax = new_figure((8.5, 4.8), 100)
@@ -49,6 +50,7 @@ def comparison(c: Comparison) -> Figure:
     return fig
 
 
+@plain_text
 def heatmap(labels: list[str], matrix: np.ndarray, probe: str, first: int = 1) -> Figure:
     """Configuration x timestep, colour = log10 magnitude (median over seeds); ``first``: the
     step of the first column."""
@@ -65,6 +67,7 @@ def heatmap(labels: list[str], matrix: np.ndarray, probe: str, first: int = 1) -
     return fig
 
 
+@plain_text
 def training_curves(lines: list[Line]) -> Figure:
     """Training loss relative to chance (1 = a model that learned nothing)."""
     fig, ax = new_figure((8.5, 4.5), 100)
@@ -83,6 +86,7 @@ def training_curves(lines: list[Line]) -> Figure:
     return fig
 
 
+@plain_text
 def over_training(panels: dict[str, list[Line]], probe: str) -> Figure:
     """Small multiples: each configuration's profile at each measured training step."""
     n = len(panels)
