@@ -151,8 +151,7 @@ def run_command(
                             on_phase=on_phase, on_note=lambda note: err_console.print(
                                 f"gradscope: note: {note}", markup=False, soft_wrap=True))
     print_result(result)
-    out_console.print(f"wrote {escape(str(out / 'result.json'))} and "
-                      f"{escape(str(out / 'profile.png'))}")
+    print_wrote(out)
 
 
 @app.command("profile", epilog="Example:  gradscope profile mypkg.models:make_encoder "
@@ -208,8 +207,7 @@ def profile_command(
     if result.theory is not None:
         print_theory(result.theory)
     print_left_range(result)
-    out_console.print(f"wrote {escape(str(out / 'result.json'))} and "
-                      f"{escape(str(out / 'profile.png'))}")
+    print_wrote(out)
 
 
 def _json_object(text: str, option: str) -> dict:
@@ -561,6 +559,12 @@ def _least_width(table: Table) -> int:
     """The narrowest the table renders without cutting a value or splitting a word."""
     options = out_console.options.update_width(10**4)
     return Measurement.get(out_console, options, table).minimum
+
+
+def print_wrote(out: Path) -> None:
+    """The files a run or a profile wrote."""
+    out_console.print(f"wrote {escape(str(out / 'result.json'))} and "
+                      f"{escape(str(out / 'profile.png'))}")
 
 
 def print_left_range(result) -> None:
