@@ -235,6 +235,9 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(idle[0].error())
 
 
+TRAINING_OPTIONS = ("optimizer", "lr", "clip", "profile_every")  # read by training alone
+
+
 @dataclass(frozen=True)
 class Idle:
     """An option of a run given a value that nothing reads (``--checkpoint`` with no adjoint
@@ -260,9 +263,11 @@ def idle_options(config: RunConfig) -> list[Idle]:
     if config.chrono_tmax is not None and config.gate_init != "chrono":
         idle.append(Idle("chrono_tmax", "--chrono-tmax", "--gate-init chrono",
                          f"--gate-init {config.gate_init}", "add --gate-init chrono"))
-    if config.profile_every and not config.steps:
-        idle.append(Idle("profile_every", "--profile-every", "training", "a run with --steps 0",
-                         "add --steps N"))
+    if not config.steps:  # the training options, where they are not the defaults
+        for name in TRAINING_OPTIONS:
+            if getattr(config, name) != RunConfig.__dataclass_fields__[name].default:
+                idle.append(Idle(name, "--" + name.replace("_", "-"), "training",
+                                 "a run with --steps 0", "add --steps N"))
     if config.probes is not None and all(name in PROBES for name in config.probes):
         chosen = [PROBES.get(name) for name in config.probes]
         for name in unread(chosen, {f: getattr(config, f) for f in READ_BY}):

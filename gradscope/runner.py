@@ -31,10 +31,10 @@ from .version import __version__
 
 def check_config(config: RunConfig) -> tuple[torch.device, list[Probe]]:
     """Every check of a configuration, before any work: raises ConfigError."""
+    OPTIMIZERS.get(config.optimizer)  # an unknown name before an option that does not apply
     validate(config)
     device = resolve_device(config.device)
     probes = resolve_probes(config)
-    OPTIMIZERS.get(config.optimizer)
     check_memory(config, probes, device)
     return device, probes
 

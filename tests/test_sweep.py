@@ -52,6 +52,12 @@ def test_chrono_tmax_goes_with_chrono_alone():
 @pytest.mark.parametrize("options, message", [
     ({"profile_every": 5}, "--profile-every applies to training, not to a run with --steps 0; "
                            "add --steps N or leave it out"),
+    ({"lr": 0.01}, "--lr applies to training, not to a run with --steps 0; add --steps N or "
+                   "leave it out"),
+    ({"optimizer": "sgd"}, "--optimizer applies to training, not to a run with --steps 0; add "
+                           "--steps N or leave it out"),
+    ({"clip": 0}, "--clip applies to training, not to a run with --steps 0; add --steps N or "
+                  "leave it out"),
     ({"probes": "adjoint", "projections": 4},
      "--projections applies to the forward probes, not to --probes adjoint; add grad_h0 or "
      "jacobian to --probes or leave it out"),
@@ -71,17 +77,19 @@ def test_an_option_that_nothing_reads_is_refused(options, message, tmp_path):
 
 
 def test_a_sweep_drops_what_its_runs_do_not_read_with_a_note():
-    spec = from_mapping({"base": {"profile_every": 5, "probes": ["grad_h0", "adjoint"],
+    spec = from_mapping({"base": {"profile_every": 5, "lr": 0.01, "probes": ["grad_h0",
+                                                                          "adjoint"],
                                   "projections": 4, "checkpoint": True}}, "options",
                         overrides={"steps": [0, 10], "probes": [["adjoint"], ["grad_h0"],
                                                                 ["grad_h0", "adjoint"]]})
-    runs = {(c.steps, c.profile_every, c.probes, c.projections, c.checkpoint)
+    runs = {(c.steps, c.profile_every, c.lr, c.probes, c.projections, c.checkpoint)
             for c in spec.runs}
-    assert runs == {(s, s and 5, probes, None if probes == ("adjoint",) else 4,
-                     probes != ("grad_h0",))
+    assert runs == {(s, s and 5, 0.01 if s else 0.001, probes,
+                     None if probes == ("adjoint",) else 4, probes != ("grad_h0",))
                     for s in (0, 10)
                     for probes in (("adjoint",), ("grad_h0",), ("grad_h0", "adjoint"))}
     assert set(spec.notes) == {
+        "--lr applies to training only: dropped from the other runs",
         "--profile-every applies to training only: dropped from the other runs",
         "--projections applies to the forward probes only: dropped from the other runs",
         "--checkpoint applies to the adjoint probe only: dropped from the other runs"}

@@ -94,7 +94,7 @@ def test_bad_training_options(options, message):
 
 def test_clip_0_turns_clipping_off_wherever_it_is_given(tmp_path):
     assert RunConfig(clip=0).clip is None and RunConfig(clip=0) == RunConfig(clip=None)
-    (tmp_path / "sweep.toml").write_text("[base]\nclip = 0\n[grid]\nlr = [0.1]\n")
+    (tmp_path / "sweep.toml").write_text("[base]\nclip = 0\nsteps = 5\n[grid]\nlr = [0.1]\n")
     spec = gradscope.sweep_spec(config_file=tmp_path / "sweep.toml")
     assert [c.clip for c in spec.runs] == [None]
 
