@@ -14,6 +14,7 @@ Rules (each optional but ``finite``), on one probe's log10 profile:
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -239,13 +240,20 @@ def to_markdown(results: list[CheckResult]) -> str:
     for r in results:
         for x in r.rules:
             cell = "pass" if x.passed else f"**fail**: {x.detail}"
-            lines.append(f"| {_md(r.name)} | {r.probe} | {x.rule} | {_md(x.measured)} | "
+            lines.append(f"| {_md_text(r.name)} | {r.probe} | {x.rule} | {_md(x.measured)} | "
                          f"{_md(x.limit)} | {_md(cell)} |")
     return "\n".join(lines) + "\n"
 
 
 def _md(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+def _md_text(text: str) -> str:
+    """A user's text (a check's name) in a markdown cell, shown as it is: HTML and markdown's
+    own marks escaped ('<b>x</b>' or '*x*' would be rendered, not shown)."""
+    text = html.escape(text, quote=False)
+    return _md(re.sub(r"([\\`*_\[\]#~])", r"\\\1", text))
 
 
 def to_text(results: list[CheckResult]) -> str:

@@ -97,7 +97,7 @@ def _check_results() -> list[CheckResult]:
          rule_min_horizon(None, 40, 30)],
         falls / 5, Summary(-0.01, half_life_of(-0.01), None, "stable", -0.01, -0.4))
     failed = CheckResult(
-        "decoder|2", "adjoint",
+        "decoder|<b>2</b>*", "adjoint",
         [rule_finite({"step": 31, "where": "state"}), rule_min_slope(-0.05, False, -0.02),
          rule_min_horizon(12, 40, 30), rule_max_growth(np.array([0.0, 2.5, 1.0]), 2.0),
          rule_baseline(falls, falls + 1.5, 1.0, 4, first_step=0),
