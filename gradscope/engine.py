@@ -357,7 +357,10 @@ def push(u: Unrolled, t: int, s_prev: Tensor, tangent: Tensor) -> Tensor:
     with fwAD.dual_level():
         primal = s_prev.expand(K, B, S).contiguous()
         stepped = u.step_at(t)(fwAD.make_dual(primal, tangent.transpose(0, 1).contiguous()))
-        return fwAD.unpack_dual(stepped).tangent.transpose(0, 1).contiguous()
+        pushed = fwAD.unpack_dual(stepped).tangent
+    if pushed is None:  # the step does not read its state (or detaches it): J_t = 0
+        return torch.zeros_like(tangent)
+    return pushed.transpose(0, 1).contiguous()
 
 
 def trajectory(u: Unrolled) -> tuple[Tensor, int | None]:
@@ -748,8 +751,11 @@ def _step_back(u: Unrolled, states: Tensor, t: int, adj: Tensor, cache: list) ->
     if u.linearize is None:
         with torch.enable_grad():
             s_prev = states[t - 1].detach().requires_grad_(True)
-            (back,) = torch.autograd.grad(u.step_at(t)(s_prev), s_prev, adj)
-        return back
+            stepped = u.step_at(t)(s_prev)
+            if not stepped.requires_grad:  # the step does not read its state: J_t = 0
+                return torch.zeros_like(adj)
+            (back,) = torch.autograd.grad(stepped, s_prev, adj, allow_unused=True)
+        return torch.zeros_like(adj) if back is None else back
     ops, i = _ops_at(u, states, t, cache)
     return ops.vjp(i, adj)
 

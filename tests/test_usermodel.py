@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from twins import assert_log10_close
 
+import gradscope
 from gradscope.engine import measure
 from gradscope.errors import ConfigError
 from gradscope.probes import PROBES, layer_probes, probes_for
@@ -281,6 +282,32 @@ def test_the_step_protocol_is_measured():
     u = unroll(a, seq_len=30, batch=2, seed=0, input_size=3, device=torch.device("cpu"))
     p = measure(u, [PROBES.get("jacobian")]).log10["jacobian"]
     assert np.isfinite(p).all() and p[-1] < p[0]
+
+
+class Forgetful(Leaky):
+    """A step that does not read its state (``ignore``) or cuts it from autograd."""
+
+    def __init__(self, ignore: bool):
+        super().__init__()
+        self.ignore = ignore
+
+    def step(self, x, state):
+        h = torch.zeros_like(state[0]) if self.ignore else state[0].detach()
+        return (0.9 * h + 0.1 * torch.tanh(x @ self.u.T),)
+
+
+@pytest.mark.parametrize("ignore", [True, False], ids=["ignores its state", "detaches it"])
+def test_a_step_that_does_not_carry_its_state_has_exactly_zero_gradients(ignore):
+    """Such a step was an AttributeError traceback (forward-mode AD returns no tangent); its
+    step Jacobian is exactly zero, as autograd says: every profile is zero from step 1."""
+    module = Forgetful(ignore).double()
+    p = gradscope.profile(module, seq_len=12, batch=2, theory_k=2)
+    for name in ("grad_h0", "jacobian"):
+        assert np.isneginf(p.profiles[name]).all(), name
+    assert np.isfinite(p.profiles["adjoint"][0]) and np.isneginf(p.profiles["adjoint"][1:]).all()
+    h0 = module.initial_state(2)[0].requires_grad_(True)  # autograd's word: zero, too
+    h1 = module.step(torch.randn(2, 3, dtype=torch.float64), (h0,))[0]
+    assert not h1.requires_grad or torch.autograd.grad(h1.sum(), h0, allow_unused=True)[0] is None
 
 
 @pytest.mark.parametrize("module, message", [
