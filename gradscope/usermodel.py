@@ -252,9 +252,15 @@ def _protocol(m: nn.Module, where: str, dtype: torch.dtype | None) -> Adapted:
     float64 they were cast to), and an error inside ``step`` is one line that names it."""
     dtype = dtype or next((p.dtype for p in m.parameters()), None)
     try:
-        state = _cast(m.initial_state(2), dtype)
+        state = m.initial_state(2)
     except Exception as e:
         raise ConfigError(f"{where}: initial_state(2) raised {_raised(e)}") from None
+    if isinstance(state, Tensor):  # iterating it would give its rows as the parts
+        raise ConfigError(f"{where}: initial_state(batch) must return a tuple of tensors, one "
+                          f"per part of the state; it returned one tensor of shape "
+                          f"{tuple(state.shape)}: return (h,), and take and return the state "
+                          "as a tuple in step")
+    state = _cast(state, dtype)
     shapes = [tuple(t.shape) for t in state]
     if not state or any(len(shape) != 2 or shape[0] != 2 for shape in shapes):
         raise ConfigError(f"{where}: initial_state(batch) must return tensors of shape "

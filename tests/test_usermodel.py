@@ -314,6 +314,10 @@ def test_a_step_that_does_not_carry_its_state_has_exactly_zero_gradients(ignore)
     (nn.Linear(3, 3), "the model is a Linear; expected torch.nn.RNN, LSTM or GRU"),
     ("not a module", "the model is a str"),
     (nn.LSTM(3, 4, bidirectional=True), "bidirectional LSTM reads time both ways"),
+    # a bare tensor as the state was read as its rows, two states of shape (4,)
+    (type("Bare", (Leaky,), {"initial_state": lambda self, b: torch.zeros(b, 5)})(),
+     r"must return a tuple of tensors, one per part of the state; it returned one tensor of "
+     r"shape \(2, 5\): return \(h,\)"),
 ])
 def test_unsupported_models_are_config_errors(module, message):
     with pytest.raises(ConfigError, match=message):
