@@ -134,13 +134,22 @@ def from_mapping(data: dict, source: str, *, overrides: dict[str, list] | None =
 
 def _expand_data(data: dict, source: str, seeds: int,
                  overrides: dict[str, list] | None) -> SweepSpec:
-    base = _config(RunConfig(), {_key(k): v for k, v in _table(data, "base", source).items()})
+    base, axes, runs = _table(data, "base", source), _table(data, "grid", source), \
+        data.get("runs", [])
+    if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
+        raise ConfigError(f"runs must be tables of options ([[runs]]), got {runs!r}")
+    for name, tables in (("base", [base]), ("grid", [axes]), ("runs", runs)):
+        if any("seed" in table for table in tables):  # each seed of the sweep would replace it
+            raise ConfigError(f"{name} sets seed, but a sweep's runs take the seeds 0 to N-1 "
+                              "of `seeds = N` (--seeds); leave seed out (one seed of your "
+                              "own: gradscope run --seed S)")
+    base = _config(RunConfig(), {_key(k): v for k, v in base.items()})
     grid = {}
-    for k, v in _table(data, "grid", source).items():
+    for k, v in axes.items():
         if not isinstance(v, list) or not v:
             raise ConfigError(f"grid.{k} must be a non-empty list, got {v!r}")
         grid[_key(k)] = v
-    runs = [{_key(k): v for k, v in run.items()} for run in data.get("runs", [])]
+    runs = [{_key(k): v for k, v in run.items()} for run in runs]
     if not grid and not runs:
         runs = [{}]
     return expand(base, grid, range(seeds), runs, overrides or {})

@@ -127,6 +127,12 @@ forget-bias = 3.0
     ("[base]\ninit = {a = 1}", r"--init must be a name, got \{'a': 1\}"),
     ("[base]\nprobes = [1, 2]", r"--probes must be probe names \(a comma list\), got \(1, 2\)"),
     ("[base\n", "is not valid TOML"),
+    # a seed in base or runs was replaced by the sweep's seeds 0..N-1 without a word
+    ("[base]\nseed = 5", "base sets seed, but a sweep's runs take the seeds 0 to N-1 of "
+                         r"`seeds = N` \(--seeds\)"),
+    ("[[runs]]\ncell = 'rnn'\n[[runs]]\nseed = 5", "runs sets seed"),
+    ("[grid]\nseed = [1, 2]", "grid sets seed"),
+    ("runs = 5", r"runs must be tables of options \(\[\[runs\]\]\), got 5"),
 ])
 def test_bad_sweep_files_name_the_file_and_the_key(tmp_path, text, message):
     path = tmp_path / "bad.toml"
