@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +44,7 @@ from .summary import (
     slope_text,
     summary_row,
 )
+from .version import __version__
 
 if TYPE_CHECKING:
     from .results import RunResult
@@ -55,6 +58,28 @@ app = typer.Typer(
 )
 out_console = Console()
 err_console = Console(stderr=True, highlight=False)
+
+
+def _print_version(asked: bool) -> None:
+    if asked:  # torch's version from its metadata: importing it takes seconds
+        out_console.print(f"gradscope {__version__} (torch {_installed('torch')}, python "
+                          f"{platform.python_version()})", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+def _installed(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@app.callback()
+def _gradscope(version: bool = typer.Option(False, "--version", is_eager=True,
+                                            callback=_print_version,
+                                            help="Print the versions of gradscope, torch "
+                                                 "and python, and exit.")) -> None:
+    """Measure how gradients vanish or explode with time distance in recurrent networks."""
 
 DEFAULTS = RunConfig()
 _ARGV: list[str] = []  # the arguments of this invocation, set by main()
@@ -666,7 +691,9 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, prog_name="gradscope", standalone_mode=False)
     except (ConfigError, typer.TyperException) as e:
         message = e.format_message() if isinstance(e, typer.TyperException) else str(e)
-        if not message:  # `gradscope` alone: the help was printed, nothing to add
+        ctx = getattr(e, "ctx", None)
+        if ctx is not None and message == ctx.get_help():  # `gradscope` alone: its help
+            err_console.print(message, markup=False, highlight=False)
             sys.exit(2)
         err_console.print(f"gradscope: error: {message}", markup=False, soft_wrap=True)
         sys.exit(2)

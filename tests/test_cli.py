@@ -150,6 +150,28 @@ def test_every_command_has_help_ending_in_an_example_and_is_in_the_readme(comman
     assert f"gradscope {command}" in readme
 
 
+def test_version_and_the_bare_command():
+    """`gradscope --version` did not exist; `gradscope` alone printed its help as an error
+    ("gradscope: error: Usage: ...")."""
+    import platform
+
+    import torch
+
+    import gradscope
+    code = ("import sys; sys.argv = ['gradscope', '--version'];"
+            "from gradscope.cli import main\ntry: main()\nexcept SystemExit as e: "
+            "print('exit', e.code, [m for m in ('torch', 'pandas') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.splitlines() == [
+        f"gradscope {gradscope.__version__} (torch {torch.__version__}, python "
+        f"{platform.python_version()})", "exit 0 []"], done.stderr  # torch not imported
+    done = subprocess.run([sys.executable, "-m", "gradscope"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("Usage: gradscope [OPTIONS] COMMAND") and "run" in done.stderr
+
+
 def test_python_dash_m_and_the_console_script_run():
     done = subprocess.run([sys.executable, "-m", "gradscope", "list"], capture_output=True,
                           text=True, timeout=120)
