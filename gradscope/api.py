@@ -88,13 +88,15 @@ def _config(config: RunConfig | None, options: dict) -> RunConfig:
     return config.replace(**options) if options else config
 
 
-def compare(runs: list[str | Path], probe: str, out: str | Path | None = None
+def compare(runs: list[str | Path] | str | Path, probe: str, out: str | Path | None = None
             ) -> list[RunResult | ModelProfile]:
-    """Load saved runs (of `gradscope run` or `gradscope profile`) and, with ``out``, draw
-    ``probe`` of each on one axis into a PNG.
+    """Load saved runs (of `gradscope run` or `gradscope profile`; one folder or a list) and,
+    with ``out``, draw ``probe`` of each on one axis into a PNG.
 
     >>> compare(["reports/rnn-tanh", "reports/lstm-fb3"], "jacobian", "reports/jacobian.png")
     """
+    if isinstance(runs, (str, Path)):  # one folder, not the characters of its name
+        runs = [runs]
     if not runs:
         raise ConfigError("give at least one result folder to compare")
     if out is not None:

@@ -166,6 +166,8 @@ def test_compare_loads_runs_and_checks_the_probe(tmp_path):
     results = gradscope.compare([tmp_path / "a", tmp_path / "b"], "jacobian",
                                 tmp_path / "c.png")
     assert len(results) == 2 and (tmp_path / "c.png").stat().st_size > 1000
+    for one in (tmp_path / "a", str(tmp_path / "a")):  # was read as the name's characters
+        assert [r.config.cell for r in gradscope.compare(one, "jacobian")] == ["lstm"]
     with pytest.raises(gradscope.ConfigError, match="has no 'jacobian_c' profile"):
         gradscope.compare([tmp_path / "a", tmp_path / "b"], "jacobian_c")
     with pytest.raises(gradscope.ConfigError, match="holds no readable gradscope result"):
