@@ -177,12 +177,16 @@ def registries() -> dict[str, list[tuple[str, str]]]:
 
 
 def sweep_spec(*, preset: str | None = None, config_file: str | Path | None = None,
-               options: dict[str, list] | None = None, seeds: int | None = None) -> SweepSpec:
+               options: dict[str, object] | None = None, seeds: int | None = None
+               ) -> SweepSpec:
     """The runs of a sweep: a preset or a TOML file (or neither: the defaults), crossed with
-    ``options`` (RunConfig field -> list of values), which override them.
+    ``options`` (RunConfig field -> list of values, or one value), which override them.
 
-    >>> spec = sweep_spec(options={"cell": ["rnn", "lstm"], "init": ["orthogonal"]}, seeds=3)
+    >>> spec = sweep_spec(options={"cell": ["rnn", "lstm"], "init": "orthogonal"}, seeds=3)
     """
+    if options is not None:  # one value is a list of one, a name is not its characters
+        options = {k: list(v) if isinstance(v, (list, tuple)) else [v]
+                   for k, v in options.items()}
     if preset is not None and config_file is not None:
         raise ConfigError("give --preset or --config, not both")
     if preset is not None:
@@ -306,7 +310,7 @@ def export(folder: str | Path, fmt: str = "csv") -> list[Path]:
     return paths
 
 
-def check(config: str | Path | None = None, *, only: list[str] | None = None,
+def check(config: str | Path | None = None, *, only: list[str] | str | None = None,
           update_baseline: bool = False, overrides: dict | None = None,
           plots: str | Path | None = None, on_phase: Callable[[str], None] = lambda phase: None,
           ) -> tuple[list[CheckResult], Exit, CheckFile]:
@@ -322,6 +326,8 @@ def check(config: str | Path | None = None, *, only: list[str] | None = None,
     >>> code
     <Exit.PASSED: 0>
     """
+    if isinstance(only, str):  # one check's name, not its characters
+        only = [only]
     path = Path(config) if config is not None else checkconfig.find(Path.cwd())
     checks = checkconfig.load(path, overrides)  # a flag's bad value is refused first
     if overrides and overrides.get("device") is not None:

@@ -285,6 +285,8 @@ def test_builtin_configurations_can_be_checked(tmp_path, monkeypatch, capsys):
     results, _, _ = gradscope.check(only=["default-tanh", "irnn"], on_phase=phases.append)
     assert phases == ["check irnn, 1 of 2", "check default-tanh, 2 of 2"]  # the file's order
     assert [r.name for r in results] == ["irnn", "default-tanh"]
+    results, _, _ = gradscope.check(only="irnn")  # one name, not the letters i, r, n, n
+    assert [r.name for r in results] == ["irnn"]
 
 
 def test_assert_gradient_health_raises_with_the_table():

@@ -34,6 +34,15 @@ def test_grid_product_with_collapsed_nonsense_and_notes():
     assert any("do not apply to rnn" in n for n in spec.notes)
 
 
+def test_options_take_one_value_as_a_list_of_one():
+    """sweep_spec(options={"cell": "rnn", "seq_len": 10}) was a TypeError ('int' object is not
+    iterable), and a name would have been read letter by letter."""
+    spec = gradscope.sweep_spec(options={"cell": "gru", "seq_len": 10,
+                                         "init": ("orthogonal", "identity")})
+    assert [(c.cell, c.seq_len, c.init) for c in spec.runs] == [
+        ("gru", 10, "orthogonal"), ("gru", 10, "identity")]
+
+
 def test_chrono_tmax_goes_with_chrono_alone():
     """--chrono-tmax without --gate-init chrono was silently ignored by `gradscope run`; a
     sweep over gate-init none and chrono drops it from the others, with a note."""
