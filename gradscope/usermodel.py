@@ -260,6 +260,9 @@ def _protocol(m: nn.Module, where: str, dtype: torch.dtype | None) -> Adapted:
                           f"per part of the state; it returned one tensor of shape "
                           f"{tuple(state.shape)}: return (h,), and take and return the state "
                           "as a tuple in step")
+    if not isinstance(state, (tuple, list)) or not all(isinstance(t, Tensor) for t in state):
+        raise ConfigError(f"{where}: initial_state(batch) must return a tuple of tensors, one "
+                          f"per part of the state; it returned {_kinds(state)}")
     state = _cast(state, dtype)
     shapes = [tuple(t.shape) for t in state]
     if not state or any(len(shape) != 2 or shape[0] != 2 for shape in shapes):
@@ -335,6 +338,15 @@ def _check_steps_alone(step: Callable[[Tensor, Tensor], Tensor], s: Tensor, inpu
                           "first one's next state changed when only the second one's input "
                           "did (as batch norm would); gradscope pushes its directions through "
                           "as more sequences of the batch, so each must step on its own")
+
+
+def _kinds(value: object) -> str:
+    """What a value holds, in one line: 'tuple (Tensor (2, 4), int)'."""
+    def one(v: object) -> str:
+        return f"Tensor {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} ({', '.join(one(v) for v in value)})"
+    return one(value)
 
 
 def _cast(tensors: tuple[Tensor, ...], dtype: torch.dtype | None) -> tuple[Tensor, ...]:

@@ -318,6 +318,11 @@ def test_a_step_that_does_not_carry_its_state_has_exactly_zero_gradients(ignore)
     (type("Bare", (Leaky,), {"initial_state": lambda self, b: torch.zeros(b, 5)})(),
      r"must return a tuple of tensors, one per part of the state; it returned one tensor of "
      r"shape \(2, 5\): return \(h,\)"),
+    (type("Mixed", (Leaky,), {"initial_state": lambda self, b: (torch.zeros(b, 5), 3)})(),
+     r"must return a tuple of tensors, one per part of the state; it returned tuple "
+     r"\(Tensor \(2, 5\), int\)"),
+    (type("Named", (Leaky,), {"initial_state": lambda self, b: {"h": torch.zeros(b, 5)}})(),
+     "must return a tuple of tensors, one per part of the state; it returned dict$"),
 ])
 def test_unsupported_models_are_config_errors(module, message):
     with pytest.raises(ConfigError, match=message):
