@@ -555,7 +555,8 @@ def print_summary(title: str, result) -> None:
 
 def print_table(table: Table) -> None:
     """Print ``table`` with every value whole: on a terminal too narrow for its frame, without
-    the frame; too narrow even for that, each row as one "column: value" line."""
+    the frame; too narrow even for that, each row as "column: value" pairs, its lines broken
+    between pairs."""
     width = out_console.width
     if _least_width(table) > width:
         table.box, table.show_edge, table.pad_edge = None, False, False
