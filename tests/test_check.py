@@ -66,8 +66,10 @@ def test_baseline_windows_name_the_worst_window():
     r = rule_baseline(worse, base, 1.0, 4)
     assert not r.passed and "window 4/4 (steps 76-100) is 3.00 decades below" in r.detail
     assert rule_baseline(worse, base, 3.0, 4).passed
-    with pytest.raises(ConfigError, match="the baseline has 100 steps and the profile 50"):
-        rule_baseline(base[:50], base, 1.0, 4)
+    with pytest.raises(ConfigError, match="the baseline has 100 steps and the profile 50: "
+                                          "measure as many steps as the baseline, or record "
+                                          "it again at this length"):
+        rule_baseline(base[:50], base, 1.0, 4)  # not just --update-baseline: at which length?
 
 
 # --- the story of the issue, in a fresh folder --------------------------------------------------
