@@ -84,14 +84,14 @@ def lyapunov(u: Unrolled, k: int, seed: int = 0) -> np.ndarray:
     gen = torch.Generator().manual_seed(seed)
     q = torch.linalg.qr(torch.randn(S, k, generator=gen, dtype=torch.float64))[0]
     tangent = q.T.to(u.s0).expand(B, k, S).contiguous()  # (B, k, S)
-    sums = torch.zeros(B, k, dtype=torch.float64)
+    sums = torch.zeros(B, k, dtype=torch.float64, device=states.device)  # read once, at the end
     cache: list = []
     for t in range(1, T + 1):
         v = step_forward(u, states, t, tangent, cache)  # (B, k, S)
         q, r = torch.linalg.qr(v.mT)  # (B, S, k), (B, k, k)
-        sums += torch.log(torch.diagonal(r, dim1=-2, dim2=-1).abs().double()).cpu()
+        sums += torch.log(torch.diagonal(r, dim1=-2, dim2=-1).abs().double())
         tangent = q.mT.contiguous()
-    exponents = (sums / T).unflatten(0, (u.groups, -1)).mean(dim=1).numpy()  # (groups, k)
+    exponents = (sums.cpu() / T).unflatten(0, (u.groups, -1)).mean(dim=1).numpy()  # (groups, k)
     exponents = np.sort(exponents, axis=-1)[:, ::-1]
     return exponents[0] if u.groups == 1 else exponents
 
