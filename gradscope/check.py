@@ -152,13 +152,16 @@ def _clip_zero(values: np.ndarray) -> np.ndarray:
     return np.where(np.isneginf(values), -1e4, values)
 
 
+FILE_STEM = 120  # characters of a check's name kept in its figure's file name
+
+
 def figure_files(names: list[str]) -> list[str]:
     """The file of each check's figure (``--plots``): its name with anything but letters,
-    digits, ``.``, ``_`` and ``-`` replaced by ``_``, and a number added where two names would
-    give the same file."""
+    digits, ``.``, ``_`` and ``-`` replaced by ``_``, cut to FILE_STEM characters (a file
+    name holds 255 bytes), and a number added where two names would give the same file."""
     files: list[str] = []
     for name in names:
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "check"
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".")[:FILE_STEM] or "check"
         file, n = f"{stem}.png", 2
         while file in files:
             file, n = f"{stem}-{n}.png", n + 1

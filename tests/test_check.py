@@ -396,6 +396,11 @@ def test_check_plots_one_png_per_check_even_when_a_rule_fails(project, capsys):
     profile = -0.1 * np.arange(20.0)
     results = [_judged(profile, CheckSpec(name=n, source="t", seq_len=20)) for n in ("a/b", "a b")]
     assert [p.name for p in write_check_figures(results, folder)] == ["a_b.png", "a_b-2.png"]
+    # a name longer than a file name may be ("File name too long", after every measurement)
+    long = [_judged(profile, CheckSpec(name="x" * 300 + s, source="t", seq_len=20))
+            for s in ("1", "2")]
+    assert [p.name for p in write_check_figures(long, folder)] == [
+        "x" * 120 + ".png", "x" * 120 + "-2.png"]
 
 
 def test_an_unusable_plots_folder_is_refused_before_measuring(project, capsys):
