@@ -171,8 +171,12 @@ def _read(path: Path) -> dict:
 
 def _check_flags(overrides: dict) -> None:
     values = {}
+    allowed = set(CHECK_OPTIONS) | BUILTIN_OPTIONS
     for key, value in overrides.items():
-        if key.replace("_", "-") in CHECK_OPTIONS:  # the rest: _check's message
+        if key.replace("_", "-") not in allowed:  # the caller's slip, not the file's
+            raise ConfigError(f"unknown check option {key!r} among the overrides; allowed: "
+                              + ", ".join(sorted(allowed)))
+        if key.replace("_", "-") in CHECK_OPTIONS:  # a built-in's: _check's message
             values[key.replace("-", "_")] = value
     replace(CheckSpec("", "flags", flags=True), **values)  # CheckSpec validates the values
 

@@ -476,6 +476,17 @@ def test_bad_flags_are_one_line_not_a_traceback(project, capsys, flags, message)
     assert {p: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
 
 
+def test_an_unknown_override_from_python_is_the_callers_not_the_files(project):
+    """gradscope.check(overrides={"bogus": 1}) blamed the file's first check ("gradscope.toml:
+    check 'encoder': unknown key 'bogus'")."""
+    with pytest.raises(ConfigError) as info:
+        gradscope.check(overrides={"bogus": 1})
+    assert str(info.value).startswith("unknown check option 'bogus' among the overrides; "
+                                      "allowed: activation, batch, cell")
+    results, _, _ = gradscope.check(overrides={"min_slope": -5.0})
+    assert {r.spec.min_slope for r in results} == {-5.0}  # an override of a rule still works
+
+
 def test_a_factory_beside_a_config_in_another_folder_is_imported(tmp_path, monkeypatch, capsys):
     """`gradscope check --config services/enc/pyproject.toml` from the repository's root: the
     factory's module lies beside the file, as the baseline does, and could not be imported."""
