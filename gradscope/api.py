@@ -216,6 +216,10 @@ def sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local",
 
     >>> outcome, index = sweep(sweep_spec(preset="smoke"), "runs/smoke")
     """
+    if not isinstance(spec, SweepSpec):  # a preset's name, say: the spec is made first
+        raise ConfigError(f"gradscope.sweep takes a SweepSpec, got {type(spec).__name__} "
+                          f"{spec!r:.60}: make one with gradscope.sweep_spec(preset=...), "
+                          "(config_file=...) or (options=...)")
     if not isinstance(seed_stack, int) or seed_stack < 1:
         raise ConfigError(f"--seed-stack must be a positive integer, got {seed_stack!r}")
     for config in spec.runs:

@@ -43,6 +43,14 @@ def test_options_take_one_value_as_a_list_of_one():
         ("gru", 10, "orthogonal"), ("gru", 10, "identity")]
 
 
+def test_sweep_takes_a_spec_and_says_how_to_make_one(tmp_path):
+    """gradscope.sweep("smoke", out), a preset's name for the spec, was an AttributeError."""
+    with pytest.raises(ConfigError, match=r"gradscope.sweep takes a SweepSpec, got str 'smoke': "
+                                          r"make one with gradscope.sweep_spec\(preset=...\)"):
+        gradscope.sweep("smoke", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_chrono_tmax_goes_with_chrono_alone():
     """--chrono-tmax without --gate-init chrono was silently ignored by `gradscope run`; a
     sweep over gate-init none and chrono drops it from the others, with a note."""
