@@ -40,14 +40,15 @@ from .sweep import PRESETS, SweepReport, SweepSpec, from_mapping, load_toml, run
 from .usermodel import importable_from
 
 
-def run(config: RunConfig | None = None, *, out: str | Path | None = None,
+def run(config: RunConfig | dict | None = None, *, out: str | Path | None = None,
         command: str | None = None, on_phase: Callable[[str], None] = lambda phase: None,
         on_note: Callable[[str], None] = lambda note: None, **options) -> RunResult:
     """Measure one configuration's per-step gradient-flow profiles; with ``steps``, also train
     it by BPTT and measure again every ``profile_every`` steps and at the end.
 
-    ``options`` are RunConfig fields (``cell="gru", seq_len=500``); they override ``config``.
-    With ``out``, writes ``out/result.json`` and ``out/profile.png`` (each atomically).
+    ``options`` are RunConfig fields (``cell="gru", seq_len=500``); they override ``config``
+    (a RunConfig, or a dict of its fields such as a result's ``config.to_dict()``). With
+    ``out``, writes ``out/result.json`` and ``out/profile.png`` (each atomically).
     ``on_phase(text)`` is told what the run does next, for a display of its progress;
     ``on_note(line)``, once its checks have passed, that it will take long (``cost_note``).
 
@@ -69,7 +70,7 @@ def run(config: RunConfig | None = None, *, out: str | Path | None = None,
     return result
 
 
-def cost_note(config: RunConfig | None = None, **options) -> str | None:
+def cost_note(config: RunConfig | dict | None = None, **options) -> str | None:
     """A line to tell the user before a run whose forward probes will take long on a CPU,
     with the options that cut their cost; None where they will not. Raises ConfigError for
     bad input, as ``run`` does.
@@ -82,8 +83,15 @@ def cost_note(config: RunConfig | None = None, **options) -> str | None:
     return forward_cost_note(config, probes, device)
 
 
-def _config(config: RunConfig | None, options: dict) -> RunConfig:
-    """``config`` (the defaults where None) with ``options``, RunConfig fields, in its place."""
+def _config(config: RunConfig | dict | None, options: dict) -> RunConfig:
+    """``config`` (the defaults where None; a dict of RunConfig fields is one) with
+    ``options``, RunConfig fields, in its place."""
+    if isinstance(config, dict):
+        config, options = RunConfig(), {**config, **options}
+    if config is not None and not isinstance(config, RunConfig):
+        raise ConfigError(f"the config must be a gradscope.RunConfig (or a dict of its "
+                          f"fields), got {type(config).__name__} {config!r:.40}; options go "
+                          "as keywords: gradscope.run(cell='lstm', seq_len=500)")
     config = config or RunConfig()
     return config.replace(**options) if options else config
 

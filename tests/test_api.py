@@ -40,6 +40,13 @@ def test_config_and_options_combine():
     with pytest.raises(gradscope.ConfigError, match=r"^unknown run option\(s\) hiden; "
                                                     r"allowed: activation, batch, "):
         gradscope.run(hiden=8)  # a typo: named, with every option allowed, before any work
+    # a dict of fields is a config (a result's config.to_dict(), say); a name is not
+    again = gradscope.run(r.config.to_dict(), forget_bias=1.0)
+    assert again.config == r.config.replace(forget_bias=1.0)
+    for wrong in ("lstm", 5):  # were AttributeError or TypeError from deep inside
+        with pytest.raises(gradscope.ConfigError, match="the config must be a gradscope."
+                                                        "RunConfig .or a dict of its fields."):
+            gradscope.run(wrong)
 
 
 def test_a_run_tells_its_phases_in_order():
