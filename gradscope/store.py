@@ -227,6 +227,11 @@ class Store:
         frame = pd.read_sql_query("SELECT * FROM summaries", self.db)
         return frame.rename(columns={"end_": "end"})
 
+    def probes(self) -> list[str]:
+        """The probes some run measured, by name."""
+        return [p for (p,) in self.db.execute(
+            "SELECT DISTINCT probe FROM summaries ORDER BY probe")]
+
     def curves(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM curves ORDER BY run_id, step", self.db)
 

@@ -113,11 +113,7 @@ def report_probe(store: Store, probe: str | None = None) -> str:
     """The probe a report of ``store`` shows: ``probe``, which some run must have measured;
     by default grad_h0, or where no run measured it (a sweep of ``probes = ["adjoint"]``),
     the first by name of those measured."""
-    return _chosen(store, store.summaries(), probe)
-
-
-def _chosen(store: Store, summaries: pd.DataFrame, probe: str | None) -> str:
-    measured = sorted(set(summaries.probe))
+    measured = store.probes()
     if probe is None:
         return DEFAULT_PROBE if DEFAULT_PROBE in measured or not measured else measured[0]
     if measured and probe not in measured:  # a typo would otherwise replace a report by a blank
@@ -142,15 +138,15 @@ def _labelled(store: Store) -> _Labelled:
 def ranking(store: Store, probe: str | None = None) -> list[Row]:
     """The report's ranking alone (``build(...).ranking``), without reading any profile;
     ``probe``: see ``report_probe``."""
+    probe = report_probe(store, probe)
     labelled = _labelled(store)
-    probe = _chosen(store, labelled.summaries, probe)
     return _ranking(labelled.ok, labelled.summaries, probe, labelled.groups)
 
 
 def build(store: Store, probe: str | None = None) -> ReportData:
     """Everything the report shows, as plain data; ``probe``: see ``report_probe``."""
+    probe = report_probe(store, probe)
     runs, ok, varying, groups, summaries = _labelled(store)
-    probe = _chosen(store, summaries, probe)
     profiles = _profiles(store, set(ok.run_id))
 
     theories = {rid: json.loads(t) for rid, t in zip(ok.run_id, ok.theory, strict=True)
