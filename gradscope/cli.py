@@ -33,7 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .check import figure_files, to_json, to_junit, to_markdown
-from .config import MAX_SEEDS, RunConfig
+from .config import MAX_SEEDS, RunConfig, flag
 from .errors import ConfigError, GradscopeError
 from .files import atomic_write_text, check_output_file
 from .summary import (
@@ -530,11 +530,11 @@ def _parse_list(name: str, text: str) -> list:
         try:
             value = parse(item)
         except ValueError:
-            raise ConfigError(f"--{name.replace('_', '-')}: {item!r} is not "
+            raise ConfigError(f"{flag(name)}: {item!r} is not "
                               f"{'an integer' if parse is int else 'a number'}") from None
         values.append(value)
     if not values:
-        raise ConfigError(f"--{name.replace('_', '-')} needs at least one value")
+        raise ConfigError(f"{flag(name)} needs at least one value")
     return values
 
 

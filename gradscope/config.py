@@ -60,15 +60,15 @@ class RunConfig:
                      "optimizer"):  # registry names (a sweep file may hold anything)
             value = getattr(self, name)
             if not isinstance(value, str) and not (name == "activation" and value is None):
-                raise ConfigError(f"{_flag(name)} must be a name, got {value!r}")
+                raise ConfigError(f"{flag(name)} must be a name, got {value!r}")
         for name in ("seq_len", "hidden", "batch"):
             value = getattr(self, name)
             if not is_count(value, 1):
-                raise ConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{flag(name)} must be a positive integer, got {value!r}")
         for name in ("steps", "profile_every", "theory_k"):
             value = getattr(self, name)
             if not is_count(value, 0):
-                raise ConfigError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
+                raise ConfigError(f"{flag(name)} must be a non-negative integer, got {value!r}")
         _finite("lr", self.lr)
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr!r}")
@@ -182,10 +182,11 @@ def is_count(value: object, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
-def _flag(field_name: str) -> str:
+def flag(field_name: str) -> str:
+    """The option that sets a RunConfig field: seq_len -> --seq-len."""
     return "--" + field_name.replace("_", "-")
 
 
 def _finite(name: str, value: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ConfigError(f"{_flag(name)} must be a finite number, got {value!r}")
+        raise ConfigError(f"{flag(name)} must be a finite number, got {value!r}")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cells import CELLS, Cell, affine
-from .config import RunConfig
+from .config import RunConfig, flag
 from .engine import Unrolled
 from .errors import ConfigError
 from .inits import check_schemes, initialise
@@ -266,13 +266,13 @@ def idle_options(config: RunConfig) -> list[Idle]:
     if not config.steps:  # the training options, where they are not the defaults
         for name in TRAINING_OPTIONS:
             if getattr(config, name) != RunConfig.__dataclass_fields__[name].default:
-                idle.append(Idle(name, "--" + name.replace("_", "-"), "training",
+                idle.append(Idle(name, flag(name), "training",
                                  "a run with --steps 0", "add --steps N"))
     if config.probes is not None and all(name in PROBES for name in config.probes):
         chosen = [PROBES.get(name) for name in config.probes]
         for name in unread(chosen, {f: getattr(config, f) for f in READ_BY}):
             applies_to, add = unread_applies_to(name)
-            idle.append(Idle(name, "--" + name.replace("_", "-"), applies_to,
+            idle.append(Idle(name, flag(name), applies_to,
                              "--probes " + ",".join(config.probes), f"add {add} to --probes"))
     return idle
 
