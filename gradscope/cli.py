@@ -54,8 +54,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help text: option help may contain [brackets]
-    help="Measure how gradients vanish or explode with time distance in recurrent networks.",
-)
+)  # the app's help is its callback's docstring (_gradscope)
 out_console = Console()
 err_console = Console(stderr=True, highlight=False)
 
@@ -80,6 +79,7 @@ def _gradscope(version: bool = typer.Option(False, "--version", is_eager=True,
                                             help="Print the versions of gradscope, torch "
                                                  "and python, and exit.")) -> None:
     """Measure how gradients vanish or explode with time distance in recurrent networks."""
+
 
 DEFAULTS = RunConfig()
 _ARGV: list[str] = []  # the arguments of this invocation, set by main()
